@@ -1,0 +1,13 @@
+"""subjax.optim — optax GradientTransformations built on subjax primitives.
+
+Each family re-exports its names in its own block below (one block per family
+keeps concurrent edits apart); ``__all__`` is the union of the blocks.
+"""
+
+__all__: list[str] = []
+
+# --- Riemannian optimizers (subjax.manifolds) -------------------------------
+
+# --- Natural gradient / K-FAC / FISMO (subjax.fisher) -----------------------
+
+# --- Low-rank projected optimizers (GaLore family) --------------------------

@@ -1,0 +1,3 @@
+"""subjax.parallel — public API. Implementation lives in private modules (`_*.py`)."""
+
+__all__: list[str] = []
