@@ -1,0 +1,594 @@
+"""The experiment harness: seeded configs, checkpointed + resumable runs, reports.
+
+An experiment is a subclass of :class:`Experiment` whose instance is exported as
+``EXPERIMENT`` from ``experiments/<dir>/experiment.py``. The harness gives every
+experiment:
+
+- ``--quick`` / ``--full`` modes (config overrides declared by the experiment) and
+  ``--set key=value`` overrides, validated against the config dataclass *before*
+  anything is written;
+- a progress bar over the steps;
+- orbax ``CheckpointManager`` checkpoints every ``checkpoint_every`` steps. A run
+  killed mid-way and restarted with the same command resumes from the last
+  checkpoint and ends with the same results as an uninterrupted run (``step`` is a
+  deterministic function of ``(cfg, state, i)``). Each checkpoint carries a
+  SHA-256 manifest of its files; a corrupted or partial latest checkpoint is
+  detected, reported, discarded, and the previous one is used;
+- results as JSON (``results.json``), a markdown report (``report.md``) and PNG
+  plots under ``results/<name>/<mode>/``; ``results/REPORT.md`` collects them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = ROOT / "experiments"
+DEFAULT_RESULTS = ROOT / "results"
+MODES = ("quick", "full")
+_MANIFEST = "subjax_manifest.json"
+
+
+class ConfigError(ValueError):
+    """A bad experiment name or configuration value given on the command line."""
+
+
+class Experiment:
+    """Base class of a reproducible experiment. See ``docs/CONTRIBUTING.md``.
+
+    Subclasses set ``name``, ``title``, ``config_cls`` (a frozen dataclass with a
+    ``seed`` field), ``quick`` / ``full`` overrides and ``checkpoint_every``, and
+    implement :meth:`num_steps`, :meth:`init_state`, :meth:`step`,
+    :meth:`summarize` and :meth:`report`.
+    """
+
+    name: str = ""
+    title: str = ""
+    config_cls: type = None  # type: ignore[assignment]
+    quick: Mapping[str, Any] = {}
+    full: Mapping[str, Any] = {}
+    checkpoint_every: int = 1
+
+    def num_steps(self, cfg) -> int:
+        raise NotImplementedError
+
+    def init_state(self, cfg):
+        """Pytree of arrays carried from step to step (checkpointed)."""
+        return {}
+
+    def step(self, cfg, state, i: int):
+        """Run step ``i``; return ``(new_state, metrics)`` with JSON-able metrics."""
+        raise NotImplementedError
+
+    def summarize(self, cfg, state, history: list[dict]) -> dict:
+        """Final results (JSON-able) from the last state and every step's metrics."""
+        return {"final": history[-1] if history else {}}
+
+    def report(self, cfg, results: dict, history: list[dict], outdir: pathlib.Path) -> str:
+        """Write plots into ``outdir``; return markdown that links them by file name."""
+        return markdown_table([results]) if results else ""
+
+    @property
+    def readme(self) -> pathlib.Path | None:
+        mod = sys.modules.get(type(self).__module__)
+        if mod is None or getattr(mod, "__file__", None) is None:
+            return None
+        path = pathlib.Path(mod.__file__).parent / "README.md"
+        return path if path.exists() else None
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def discover() -> dict[str, Experiment]:
+    """Import every ``experiments/*/experiment.py`` and return ``{name: EXPERIMENT}``."""
+    found: dict[str, Experiment] = {}
+    for path in sorted(EXPERIMENTS_DIR.glob("*/experiment.py")):
+        modname = f"experiments.{path.parent.name}.experiment"
+        mod = importlib.import_module(modname)
+        exp = getattr(mod, "EXPERIMENT", None)
+        if not isinstance(exp, Experiment):
+            raise TypeError(f"{modname} must define EXPERIMENT, an Experiment instance")
+        if not exp.name:
+            raise TypeError(f"{modname}: EXPERIMENT.name is empty")
+        if exp.name in found:
+            raise TypeError(f"duplicate experiment name {exp.name!r} in {modname}")
+        found[exp.name] = exp
+    return found
+
+
+def get_experiment(name: str) -> Experiment:
+    registry = discover()
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "(none)"
+        raise ConfigError(f"unknown experiment {name!r}; known experiments: {known}")
+    return registry[name]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _parse_value(raw: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        typ = args[0]
+        origin = typing.get_origin(typ)
+    if origin in (tuple, list):
+        args = typing.get_args(typ)
+        elem = args[0] if args else str
+        parts = [p for p in raw.split(",") if p.strip()]
+        vals = tuple(_parse_value(p.strip(), elem, key) for p in parts)
+        return vals if origin is tuple else list(vals)
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            val = float(raw)
+            if not math.isfinite(val):
+                raise ValueError(raw)
+            return val
+        if typ is str:
+            return raw
+    except ValueError:
+        raise ConfigError(
+            f"bad value {raw!r} for config key {key!r}: expected {getattr(typ, '__name__', typ)}"
+        ) from None
+    raise ConfigError(f"config key {key!r} has unsupported type {typ!r} for --set")
+
+
+def make_config(exp: Experiment, mode: str = "quick", overrides: Mapping[str, str] | None = None):
+    """Build the config of ``exp`` for ``mode`` with string ``overrides`` applied.
+
+    Raises :class:`ConfigError` naming the offending key on an unknown key, an
+    unparsable value, or a value the config itself rejects (``__post_init__``).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    cls = exp.config_cls
+    if cls is None or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"experiment {exp.name!r}: config_cls must be a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = dict(exp.quick if mode == "quick" else exp.full)
+    for key in values:
+        if key not in fields:
+            raise TypeError(
+                f"experiment {exp.name!r}: {mode} override {key!r} is not a config field"
+            )
+    for key, raw in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {key!r} for experiment {exp.name!r}; "
+                f"known keys: {', '.join(sorted(fields))}"
+            )
+        values[key] = _parse_value(str(raw), hints[key], key)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid config for experiment {exp.name!r}: {err}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def config_dict(cfg) -> dict:
+    return jsonable(dataclasses.asdict(cfg))
+
+
+def config_hash(exp: Experiment, cfg) -> str:
+    blob = json.dumps({"name": exp.name, "config": config_dict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- utilities
+
+
+def jsonable(x):
+    """Convert numpy / jax scalars and arrays, tuples and dataclasses to JSON types."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return jsonable(dataclasses.asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else str(v)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        arr = np.asarray(x)
+        return jsonable(arr.item() if arr.ndim == 0 else arr.tolist())
+    if x is None or isinstance(x, str):
+        return x
+    return str(x)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    """Machine and library versions, recorded with every result."""
+    import jax
+
+    versions = {}
+    for mod in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "scipy"):
+        try:
+            m = importlib.import_module(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception:  # pragma: no cover - optional
+            versions[mod] = "missing"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None,
+                   floatfmt: str = ".4g") -> str:
+    """Render a list of dicts as a markdown table."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        if isinstance(v, (list, tuple)):
+            return ", ".join(fmt(x) for x in v)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(step_dir.rglob("*")):
+        if p.is_file() and p.name != _MANIFEST:
+            out[str(p.relative_to(step_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class _Checkpoints:
+    """Orbax CheckpointManager plus a SHA-256 manifest per step for integrity."""
+
+    def __init__(self, directory: pathlib.Path, max_to_keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=False,
+                create=True,
+            ),
+            item_names=("state", "meta"),
+        )
+
+    def save(self, step: int, state, meta: dict) -> None:
+        ocp = self._ocp
+        payload = {"completed": np.asarray(step, np.int64), "state": state}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(jsonable(meta))
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+        step_dir = self._step_dir(step)
+        _atomic_write(step_dir / _MANIFEST, json.dumps(_file_digests(step_dir), indent=0))
+
+    def _step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
+    def _verify(self, step: int) -> str | None:
+        step_dir = self._step_dir(step)
+        manifest = step_dir / _MANIFEST
+        if not manifest.exists():
+            return "its integrity manifest is missing (the save did not finish)"
+        try:
+            expected = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return "its integrity manifest is unreadable"
+        actual = _file_digests(step_dir)
+        if actual != expected:
+            bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+            return f"{len(bad)} file(s) differ from the manifest (e.g. {bad[0]})"
+        return None
+
+    def restore_latest(self, template_state, log) -> tuple[int, Any, dict] | None:
+        """Restore the newest readable checkpoint, discarding corrupt ones."""
+        ocp = self._ocp
+        self.manager.reload()
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = self._verify(step)
+            if problem is None:
+                try:
+                    template = {"completed": np.asarray(0, np.int64), "state": template_state}
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
+                        ),
+                    )
+                    payload, meta = restored["state"], restored["meta"]
+                    if int(payload["completed"]) != step:
+                        raise ValueError("step counter inside the checkpoint does not match")
+                    return step, payload["state"], dict(meta)
+                except Exception as err:  # orbax raises many types on damaged files
+                    problem = f"restoring it failed ({type(err).__name__}: {str(err)[:200]})"
+            log(f"checkpoint at step {step} is corrupt or partial: {problem}; discarding it "
+                "and trying the previous one")
+            shutil.rmtree(self._step_dir(step), ignore_errors=True)
+            self.manager.reload()
+        return None
+
+    def close(self):
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    name: str
+    mode: str
+    outdir: pathlib.Path
+    results: dict
+    history: list
+    resumed_from: int
+    elapsed_s: float
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
+                mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+
+
+def run_experiment(
+    exp: Experiment,
+    cfg,
+    mode: str,
+    results_root: pathlib.Path = DEFAULT_RESULTS,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    throttle: float = 0.0,
+    keep_checkpoints: bool = False,
+    log=None,
+) -> RunOutcome | None:
+    """Run (or resume) ``exp`` with config ``cfg``; write results and report.
+
+    Args:
+      exp, cfg, mode: the experiment, its config and the mode label.
+      results_root: ``results/``; output goes to ``results_root/<name>/<mode>/``.
+      fresh: ignore (and delete) existing checkpoints of this config.
+      progress: show a progress bar.
+      stop_after: stop after this many completed steps without writing results
+        (a clean interruption; the checkpoints stay, the next run resumes).
+      throttle: seconds to sleep after each step (testing aid).
+      keep_checkpoints: keep checkpoints after a completed run.
+      log: callable for messages (default: print to stderr).
+
+    Returns:
+      the outcome, or ``None`` when stopped early by ``stop_after``.
+    """
+    import jax
+
+    log = log or (lambda msg: print(f"[{exp.name}] {msg}", file=sys.stderr, flush=True))
+    outdir = pathlib.Path(results_root) / exp.name / mode
+    ckpt_dir = outdir / f"checkpoints-{config_hash(exp, cfg)}"
+    every = int(getattr(cfg, "checkpoint_every", exp.checkpoint_every))
+    if every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1, got {every}")
+    n_steps = int(exp.num_steps(cfg))
+    if fresh and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+
+    t0 = time.perf_counter()
+    state = exp.init_state(cfg)
+    history: list[dict] = []
+    start = 0
+    ckpts = _Checkpoints(ckpt_dir)
+    restored = ckpts.restore_latest(state, log)
+    if restored is not None:
+        start, state, meta = restored
+        history = list(meta.get("history", []))
+        if len(history) != start:
+            raise RuntimeError(f"checkpoint history has {len(history)} rows for step {start}")
+        log(f"resumed from checkpoint at step {start}/{n_steps} ({ckpt_dir})")
+
+    bar = _progress(n_steps, start, exp.name, progress)
+    try:
+        for i in range(start, n_steps):
+            state, metrics = exp.step(cfg, state, i)
+            state = jax.block_until_ready(state)
+            history.append(jsonable(metrics))
+            bar.update(1)
+            if throttle:
+                time.sleep(throttle)
+            done = i + 1
+            if done % every == 0 or done == n_steps:
+                ckpts.save(done, state, {"history": history, "config": config_dict(cfg)})
+            if stop_after is not None and done >= stop_after and done < n_steps:
+                log(f"stopping after step {done} as asked (--stop-after); run again to resume")
+                return None
+    finally:
+        bar.close()
+        ckpts.close()
+
+    results = jsonable(exp.summarize(cfg, state, history))
+    elapsed = time.perf_counter() - t0
+    payload = {
+        "experiment": exp.name,
+        "title": exp.title,
+        "mode": mode,
+        "config": config_dict(cfg),
+        "results": results,
+        "history": history,
+        "resumed_from": start,
+        "elapsed_s": elapsed,
+        "environment": environment(),
+    }
+    _atomic_write(outdir / "results.json", json.dumps(payload, indent=1))
+    md = exp.report(cfg, results, history, outdir)
+    _atomic_write(outdir / "report.md", md)
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    log(f"done in {elapsed:.1f}s -> {outdir}")
+    return RunOutcome(exp.name, mode, outdir, results, history, start, elapsed)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _rel_images(md: str, prefix: str) -> str:
+    """Rewrite ``![alt](file.png)`` links of a per-experiment report under ``prefix``."""
+    import re
+
+    def sub(m):
+        target = m.group(2)
+        if "://" in target or target.startswith("/"):
+            return m.group(0)
+        return f"![{m.group(1)}]({prefix}/{target})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", sub, md)
+
+
+def write_report(results_root: pathlib.Path = DEFAULT_RESULTS, mode: str = "quick",
+                 failures: Mapping[str, str] | None = None) -> pathlib.Path:
+    """Collect every experiment's ``report.md`` into ``results/REPORT.md``."""
+    results_root = pathlib.Path(results_root)
+    registry = discover()
+    failures = dict(failures or {})
+    rows, sections = [], []
+    for name, exp in sorted(registry.items()):
+        outdir = results_root / name / mode
+        res_path, md_path = outdir / "results.json", outdir / "report.md"
+        readme = exp.readme
+        readme_link = os.path.relpath(readme, results_root) if readme else ""
+        if name in failures:
+            rows.append({"experiment": name, "status": "FAILED", "wall time (s)": None,
+                         "paper": exp.title})
+            sections.append(f"## {name} — FAILED\n\n```\n{failures[name]}\n```\n")
+            continue
+        if not res_path.exists() or not md_path.exists():
+            rows.append({"experiment": name, "status": "not run", "wall time (s)": None,
+                         "paper": exp.title})
+            continue
+        payload = json.loads(res_path.read_text())
+        rows.append({"experiment": name, "status": "ok",
+                     "wall time (s)": round(float(payload.get("elapsed_s", 0.0)), 1),
+                     "paper": exp.title})
+        body = _rel_images(md_path.read_text(), f"{name}/{mode}")
+        head = f"## {name}: {exp.title}\n\n"
+        if readme_link:
+            head += f"Claim, protocol and discussion: [{readme_link}]({readme_link}).\n\n"
+        sections.append(head + body.strip() + "\n")
+    env = environment()
+    text = [
+        "# subjax reproduction report",
+        "",
+        f"Mode: `{mode}`. Generated {env['date']} on {env['platform']} "
+        f"({env['cpu_count']} cpus, JAX {env['versions'].get('jax')} on {env['jax_backend']}).",
+        "Regenerate with `make reproduce` (quick) or `make reproduce-<name> FULL=1`.",
+        "",
+        markdown_table(rows, ["experiment", "status", "wall time (s)", "paper"]),
+        "",
+    ]
+    bench = results_root / "bench" / "BENCH.md"
+    if bench.exists():
+        text += ["Benchmarks: see [bench/BENCH.md](bench/BENCH.md) (`make bench`).", ""]
+    text += sections
+    results_root.mkdir(parents=True, exist_ok=True)
+    out = results_root / "REPORT.md"
+    _atomic_write(out, "\n".join(text))
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def new_figure(*args, **kwargs):
+    """``plt.subplots`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, outdir: pathlib.Path, filename: str, alt: str = "") -> str:
+    """Save ``fig`` as ``outdir/filename`` (PNG), close it, return a markdown image link."""
+    import matplotlib.pyplot as plt
+
+    outdir = pathlib.Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(outdir / filename, dpi=110)
+    plt.close(fig)
+    return f"![{alt or filename}]({filename})"
