@@ -1,3 +1,26 @@
-"""subjax.parallel — public API. Implementation lives in private modules (`_*.py`)."""
+"""subjax.parallel — multi-device and multi-host versions of subjax, on ``jax.shard_map``.
 
-__all__: list[str] = []
+- :func:`data_parallel`, :func:`train_step`: a data-parallel training step
+  (batch split over a mesh axis, gradients averaged with ``pmean``).
+- :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
+
+Multi-host: ``python -m subjax.parallel.launch`` (see ``docs/readme/parallel.md``).
+"""
+
+from subjax.parallel._data import (
+    axis_size,
+    check_axis,
+    data_parallel,
+    replicate,
+    shard_batch,
+    train_step,
+)
+
+__all__ = [
+    "axis_size",
+    "check_axis",
+    "data_parallel",
+    "replicate",
+    "shard_batch",
+    "train_step",
+]
