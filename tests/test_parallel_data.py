@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from subjax.parallel import data_parallel, replicate, shard_batch, train_step
 
@@ -17,7 +18,9 @@ N_DEV = 8
 
 @pytest.fixture(scope="module")
 def mesh():
-    assert jax.device_count() == N_DEV, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    assert jax.device_count() == N_DEV, (
+        "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    )
     return Mesh(np.array(jax.devices()), ("data",))
 
 
@@ -79,12 +82,13 @@ def test_flax_adam_8_devices_equals_1(mesh):
     flat1, tree1 = jax.tree_util.tree_flatten(p1)
     flat8, tree8 = jax.tree_util.tree_flatten(p8)
     assert tree1 == tree8
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(flat1, jax.tree.leaves(params)))
+    p0 = jax.tree.leaves(params)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(flat1, p0, strict=True))
     assert moved > 1e-2
-    for a, b in zip(flat8, flat1):
+    for a, b in zip(flat8, flat1, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # optimizer state (Adam moments) agrees too
-    for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)):
+    for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     # the step really is sharded: one shard of the batch per device
     sharded = shard_batch(batch, mesh)
@@ -104,7 +108,7 @@ def test_gradient_is_mean_not_sum(mesh):
 
     g8 = data_parallel(grad_step, mesh)(params, batch)
     g1 = jax.grad(loss_fn)(params, batch)
-    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
     # sgd with train_step: one step moves params by exactly -lr * full-batch grad
@@ -112,7 +116,8 @@ def test_gradient_is_mean_not_sum(mesh):
     p8, _, _ = data_parallel(train_step(loss_fn, opt, axis_name="data"), mesh)(
         params, opt.init(params), batch
     )
-    for new, old, g in zip(jax.tree.leaves(p8), jax.tree.leaves(params), jax.tree.leaves(g1)):
+    leaves = (jax.tree.leaves(p8), jax.tree.leaves(params), jax.tree.leaves(g1))
+    for new, old, g in zip(*leaves, strict=True):
         np.testing.assert_allclose(new, old - 0.5 * g, rtol=1e-5, atol=1e-6)
 
 
@@ -136,7 +141,7 @@ def test_two_axis_mesh_and_aux(mesh):
         loss_fn(params, jax.tree.map(lambda x, i=i: x[8 * i: 8 * (i + 1)], batch)) ** 2
         for i in range(4)])), rtol=1e-5)
     assert int(aux4["count"]) == 8 and int(aux1["count"]) == 32
-    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -151,7 +156,7 @@ def test_pmap_pattern_matches_shard_map(mesh):
     pp, _, pl = pstep(params, opt.init(params), per_device)
     sp, _, sl = data_parallel(step_fn, mesh)(params, opt.init(params), batch)
     np.testing.assert_allclose(pl, sl, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(pp), jax.tree.leaves(sp)):
+    for a, b in zip(jax.tree.leaves(pp), jax.tree.leaves(sp), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
