@@ -1,0 +1,230 @@
+"""Manifold base class and small shared helpers (symmetric parts, matrix functions).
+
+Every manifold is a frozen, hashable dataclass holding only static configuration
+(sizes, metric, default retraction). Points and tangent vectors are plain arrays
+whose trailing axes are the point shape (``(n,)`` for the sphere, ``(n, p)`` for
+Stiefel / Grassmann, ``(n, n)`` for SPD); any leading axes are a batch of
+independent points (a ``(C, n, p)`` stack is ``C`` points). Reductions such as
+``inner`` / ``norm`` / ``dist`` / ``check`` return one value per point, shape
+``batch``. Because a manifold is static, it can be closed over by ``jax.jit`` and
+used as a leaf of a "which parameter lives where" pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def work_dtype(dtype) -> jnp.dtype:
+    """The dtype linear algebra runs in: at least float32 (bf16/f16 are upcast)."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"expected a floating-point array, got dtype {dtype}")
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def as_work(x: Array) -> Array:
+    x = jnp.asarray(x)
+    return x.astype(work_dtype(x.dtype))
+
+
+def sym(a: Array) -> Array:
+    """Symmetric part ``(a + a^T) / 2`` of the trailing square matrices."""
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def skew(a: Array) -> Array:
+    """Skew-symmetric part ``(a - a^T) / 2``."""
+    return 0.5 * (a - jnp.swapaxes(a, -1, -2))
+
+
+def mT(a: Array) -> Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+def eye_like(a: Array, k: int | None = None) -> Array:
+    k = a.shape[-1] if k is None else k
+    return jnp.eye(k, dtype=a.dtype)
+
+
+def eigh_fn(x: Array, fn) -> Array:
+    """``U fn(lambda) U^T`` for symmetric ``x`` (batched), computed in >= float32."""
+    w, u = jnp.linalg.eigh(sym(x))
+    return (u * fn(w)[..., None, :]) @ mT(u)
+
+
+def randn(key: Array, shape, dtype) -> Array:
+    return jax.random.normal(key, shape, dtype=work_dtype(dtype)).astype(dtype)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifold:
+    """Base class: a Riemannian manifold embedded in a space of arrays.
+
+    Subclasses define ``point_shape`` and the geometric operations. Methods take
+    arrays with shape ``batch + point_shape``; the batch may be empty.
+    """
+
+    #: names accepted by :meth:`retract` (first is the default unless overridden)
+    retractions: ClassVar[tuple[str, ...]] = ("exp",)
+
+    # -- static description -------------------------------------------------
+    @property
+    def point_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        """Intrinsic dimension."""
+        raise NotImplementedError
+
+    @property
+    def default_retraction(self) -> str:
+        return self.retractions[0]
+
+    # -- validation ----------------------------------------------------------
+    def validate_shape(self, x, name: str = "x") -> None:
+        """Raise ``ValueError`` naming ``name`` if the trailing axes do not fit."""
+        shape = tuple(jnp.shape(x))
+        k = len(self.point_shape)
+        if len(shape) < k or shape[len(shape) - k:] != self.point_shape:
+            raise ValueError(
+                f"argument `{name}` has shape {shape}; {self!r} expects trailing axes "
+                f"{self.point_shape} (any leading axes are a batch of points)"
+            )
+
+    def batch_shape(self, x) -> tuple[int, ...]:
+        shape = tuple(jnp.shape(x))
+        return shape[: len(shape) - len(self.point_shape)]
+
+    def _reduce(self, a: Array) -> Array:
+        """Sum over the point axes, keeping the batch axes."""
+        k = len(self.point_shape)
+        return jnp.sum(a, axis=tuple(range(a.ndim - k, a.ndim))) if k else a
+
+    # -- metric ----------------------------------------------------------------
+    def inner(self, x: Array, u: Array, v: Array) -> Array:
+        """Riemannian inner product ``<u, v>_x``, one value per point."""
+        return self._reduce(u * v)
+
+    def norm(self, x: Array, u: Array) -> Array:
+        return jnp.sqrt(jnp.maximum(self.inner(x, u, u), 0))
+
+    def proj(self, x: Array, u: Array) -> Array:
+        """Orthogonal projection of an ambient vector onto ``T_x M``."""
+        raise NotImplementedError
+
+    def egrad2rgrad(self, x: Array, g: Array) -> Array:
+        """Riemannian gradient from the Euclidean gradient ``g`` of the ambient extension."""
+        return self.proj(x, g)
+
+    # -- maps ------------------------------------------------------------------
+    def exp(self, x: Array, u: Array) -> Array:
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form exponential map")
+
+    def log(self, x: Array, y: Array) -> Array:
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form logarithm")
+
+    def retract(self, x: Array, u: Array, method: str | None = None) -> Array:
+        """Retraction ``R_x(u)``; ``method`` is one of :attr:`retractions`."""
+        method = self._check_method(method)
+        if method == "exp":
+            return self.exp(x, u)
+        raise NotImplementedError(method)
+
+    def inverse_retract(self, x: Array, y: Array, method: str | None = None) -> Array:
+        method = self._check_method(method)
+        if method == "exp":
+            return self.log(x, y)
+        raise NotImplementedError(
+            f"{type(self).__name__}: no inverse of the {method!r} retraction"
+        )
+
+    def transport(self, x: Array, y: Array, v: Array) -> Array:
+        """Vector transport of ``v`` in ``T_x M`` to ``T_y M`` (projection by default)."""
+        return self.proj(y, v)
+
+    def dist(self, x: Array, y: Array) -> Array:
+        raise NotImplementedError
+
+    # -- points ----------------------------------------------------------------
+    def random_point(self, key: Array, batch_shape=(), dtype=jnp.float32) -> Array:
+        raise NotImplementedError
+
+    def random_tangent(self, key: Array, x: Array) -> Array:
+        """A standard-normal ambient vector projected onto ``T_x M``."""
+        return self.proj(x, randn(key, jnp.shape(x), x.dtype))
+
+    def project_point(self, x: Array) -> Array:
+        """The closest point (or a canonical nearby point) on the manifold."""
+        raise NotImplementedError
+
+    def check(self, x: Array) -> Array:
+        """Constraint error of ``x``, one non-negative value per point (0 on the manifold)."""
+        raise NotImplementedError
+
+    def default_tol(self, dtype) -> float:
+        """Tolerance for :meth:`check` used by the optimizers' init validation."""
+        eps = float(jnp.finfo(jnp.dtype(dtype)).eps)
+        return max(eps ** 0.5, 1e-12)
+
+    def assert_on_manifold(self, x, name: str = "x", tol: float | None = None) -> None:
+        """Raise ``ValueError`` (naming ``name``) if a concrete ``x`` is off the manifold.
+
+        Traced values (inside ``jit`` / ``eval_shape``) are only shape-checked.
+        """
+        self.validate_shape(x, name)
+        if not _is_concrete(x):
+            return
+        tol = self.default_tol(jnp.result_type(x)) if tol is None else tol
+        err = float(jnp.max(self.check(jnp.asarray(x)))) if jnp.size(x) else 0.0
+        if not err <= tol:
+            raise ValueError(
+                f"argument `{name}` is not on {self!r}: constraint error {err:.3g} > "
+                f"tolerance {tol:.3g} (use `{type(self).__name__}.project_point` or "
+                f"`random_point` to obtain a valid point)"
+            )
+
+    # -- fused optimizer kernels -------------------------------------------
+    def momentum_step(
+        self, x: Array, g: Array, m: Array, lr: Array, beta: Array,
+        nesterov: bool, retraction: str | None,
+    ) -> tuple[Array, Array]:
+        """One Riemannian heavy-ball step; returns ``(R_x(-lr d) - x, m_new)``.
+
+        ``m`` is the momentum, a tangent vector at the previous iterate; it is
+        transported to ``T_x M`` (projection), ``m_new = beta * T(m) + grad f(x)``
+        and ``d = m_new`` (or ``grad f(x) + beta * m_new`` with Nesterov).
+        Computed in the working dtype; subclasses override with fused kernels.
+        """
+        xw, gw, mw = as_work(x), as_work(g), as_work(m)
+        rg = self.egrad2rgrad(xw, gw)
+        m_new = self.proj(xw, beta * mw) + rg
+        d = rg + beta * m_new if nesterov else m_new
+        x_new = self.retract(xw, -lr * d, retraction)
+        return x_new - xw, m_new
+
+    def _check_method(self, method: str | None) -> str:
+        method = self.default_retraction if method is None else method
+        if method not in self.retractions:
+            raise ValueError(
+                f"argument `method`={method!r} is not a retraction of {type(self).__name__}; "
+                f"expected one of {self.retractions}"
+            )
+        return method
+
+
+def is_manifold(x) -> bool:
+    return isinstance(x, Manifold)
