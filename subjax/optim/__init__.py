@@ -11,3 +11,11 @@ __all__: list[str] = []
 # --- Natural gradient / K-FAC / FISMO (subjax.fisher) -----------------------
 
 # --- Low-rank projected optimizers (GaLore family) --------------------------
+from subjax.optim._projected import ProjectedState, galore, projected  # noqa: E402
+from subjax.optim._projectors import (  # noqa: E402
+    Projector,
+    dct_basis,
+    make_projector,
+)
+
+__all__ += ["ProjectedState", "Projector", "dct_basis", "galore", "make_projector", "projected"]
