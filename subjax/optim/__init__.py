@@ -7,6 +7,21 @@ keeps concurrent edits apart); ``__all__`` is the union of the blocks.
 __all__: list[str] = []
 
 # --- Riemannian optimizers (subjax.manifolds) -------------------------------
+from subjax.optim._riemannian import (  # noqa: E402
+    RiemannianAdamState,
+    RiemannianSGDState,
+    manifold_labels,
+    riemannian_adam,
+    riemannian_sgd,
+)
+
+__all__ += [
+    "RiemannianAdamState",
+    "RiemannianSGDState",
+    "manifold_labels",
+    "riemannian_adam",
+    "riemannian_sgd",
+]
 
 # --- Natural gradient / K-FAC / FISMO (subjax.fisher) -----------------------
 
