@@ -4,7 +4,8 @@
   (batch split over a mesh axis, gradients averaged with ``pmean``).
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
 
-Multi-host: ``python -m subjax.parallel.launch`` (see ``docs/readme/parallel.md``).
+Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.distributed``
+from ``SUBJAX_*`` environment variables; see ``docs/readme/parallel.md``).
 """
 
 from subjax.parallel._data import (
@@ -15,11 +16,13 @@ from subjax.parallel._data import (
     shard_batch,
     train_step,
 )
+from subjax.parallel.launch import initialize
 
 __all__ = [
     "axis_size",
     "check_axis",
     "data_parallel",
+    "initialize",
     "replicate",
     "shard_batch",
     "train_step",
