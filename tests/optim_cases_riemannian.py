@@ -1,0 +1,73 @@
+"""Conformance cases for the Riemannian optimizers (subjax.optim._riemannian).
+
+The parameters mix a Stiefel leaf, a Grassmann stack (3 points) and an ordinary
+bias; the loss is a Brockett / trace cost on the manifold leaves plus a regression
+term on the bias, shifted so that it is positive with minimum 0.
+"""
+
+import jax
+import jax.numpy as jnp
+from optim_conformance import OptimCase
+
+from subjax.manifolds import Grassmann, Stiefel
+from subjax.optim import riemannian_adam, riemannian_sgd
+
+_ST = Stiefel(6, 3)
+_GR = Grassmann(5, 2)
+_MANIFOLDS = {"w": _ST, "v": _GR, "b": None}
+_N = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+
+
+def _init_params(key, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "w": _ST.random_point(k1, (), jnp.float32).astype(dtype),
+        "v": _GR.random_point(k2, (3,), jnp.float32).astype(dtype),
+        "b": (0.1 * jax.random.normal(k3, (4,))).astype(dtype),
+    }
+
+
+def _batch(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    a = jax.random.normal(k1, (6, 6))
+    c = jax.random.normal(k2, (3, 5, 5))
+    a = a @ a.T / 6.0
+    c = c @ jnp.swapaxes(c, -1, -2) / 5.0
+    target = jax.random.normal(k3, (4,))
+    wa, va = jnp.linalg.eigh(a)[0], jnp.linalg.eigh(c)[0]
+    # minimum of the Brockett cost -tr(W^T A W N) and of -tr(V^T C V) per point
+    fmin = -jnp.sum(wa[::-1][:3] * jnp.diag(_N)) - jnp.sum(va[:, ::-1][:, :2])
+    return {"a": a, "c": c, "target": target, "fmin": fmin}
+
+
+def _loss(params, batch):
+    w = params["w"].astype(jnp.float32)
+    v = params["v"].astype(jnp.float32)
+    b = params["b"].astype(jnp.float32)
+    brockett = -jnp.trace(w.T @ batch["a"] @ w @ _N)
+    pca = -jnp.sum(jnp.swapaxes(v, -1, -2) @ batch["c"] * jnp.swapaxes(v, -1, -2))
+    return brockett + pca - batch["fmin"] + jnp.sum((b - batch["target"]) ** 2)
+
+
+def _sgd(learning_rate, momentum=0.9, nesterov=False):
+    return riemannian_sgd(learning_rate, momentum, nesterov, manifolds=_MANIFOLDS)
+
+
+def _sgd_nesterov_cayley(learning_rate, momentum=0.9):
+    return riemannian_sgd(learning_rate, momentum, True, manifolds=_MANIFOLDS,
+                          retraction="cayley")
+
+
+def _adam(learning_rate, b1=0.9, b2=0.999):
+    return riemannian_adam(learning_rate, b1, b2, manifolds=_MANIFOLDS)
+
+
+_common = dict(init_params=_init_params, make_batch=_batch, loss=_loss, decrease_steps=150,
+               decrease_factor=0.5)
+
+CASES = [
+    OptimCase("riemannian_sgd_momentum", _sgd, {"learning_rate": 0.05}, **_common),
+    OptimCase("riemannian_sgd_nesterov_cayley", _sgd_nesterov_cayley, {"learning_rate": 0.05},
+              **_common),
+    OptimCase("riemannian_adam", _adam, {"learning_rate": 0.03}, **_common),
+]
