@@ -73,7 +73,7 @@ def _leaf_specs(params, mask, rank: int) -> list[_Spec | None]:
 
 
 def _tall(g: jax.Array, spec: _Spec) -> jax.Array:
-    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    g = g.astype(jnp.float64 if g.dtype == jnp.float64 else jnp.float32)
     return g.T if spec.transpose else g
 
 

@@ -57,7 +57,7 @@ class Projector(NamedTuple):
 
 def _orth(y: jax.Array) -> jax.Array:
     """Orthonormal basis of the columns of ``y`` (reduced QR, float32 at least)."""
-    dtype = jnp.promote_types(y.dtype, jnp.float32)
+    dtype = jnp.float64 if y.dtype == jnp.float64 else jnp.float32
     q, _ = jnp.linalg.qr(y.astype(dtype), mode="reduced")
     return q
 
