@@ -1,3 +1,52 @@
-"""subjax.fisher — public API. Implementation lives in private modules (`_*.py`)."""
+"""subjax.fisher — Fisher information, curvature products, EWC and model merging.
 
-__all__: list[str] = []
+Pure functions over a model function ``apply_fn(params, inputs) -> outputs`` and a
+batch; K-FAC statistics capture for Flax NNX dense layers. Implementation lives
+in private modules (`_*.py`).
+"""
+
+from subjax.fisher._core import (
+    LowRankFisher,
+    diag_empirical,
+    diag_true,
+    empirical_fvp,
+    fvp,
+    ggn_vp,
+    low_rank_fvp,
+    make_empirical_fvp,
+    make_fvp,
+    per_example_grads,
+)
+from subjax.fisher._kfac_capture import (
+    KFACStats,
+    kfac_grads_and_stats,
+    register_dense,
+    tag_dense,
+)
+from subjax.fisher._lowrank import fisher_operator, low_rank, rank_one
+from subjax.fisher._merge import average, ewc_loss, ewc_penalty, fisher_merge, task_arithmetic
+
+__all__: list[str] = [
+    "KFACStats",
+    "LowRankFisher",
+    "average",
+    "diag_empirical",
+    "diag_true",
+    "empirical_fvp",
+    "ewc_loss",
+    "ewc_penalty",
+    "fisher_merge",
+    "fisher_operator",
+    "fvp",
+    "ggn_vp",
+    "kfac_grads_and_stats",
+    "low_rank",
+    "low_rank_fvp",
+    "make_empirical_fvp",
+    "make_fvp",
+    "per_example_grads",
+    "rank_one",
+    "register_dense",
+    "tag_dense",
+    "task_arithmetic",
+]

@@ -1,0 +1,279 @@
+"""Capture of K-FAC statistics from dense layers, without rewriting the model.
+
+How it works. A *registered* dense layer computes ``y = x @ kernel + bias`` as
+usual; while a capture is active (only inside :func:`kfac_grads_and_stats`) it
+additionally records its input rows ``a = [x, 1]`` and adds a zero "tap" ``e``
+to its output, ``y + e``. Differentiating with respect to ``e`` gives the
+gradient of the loss with respect to the layer's pre-activations, so one forward
+and one (or two) backward passes give the parameter gradients *and* the
+Kronecker factors::
+
+    A = (1/R) sum_rows a a^T                  (d_in + 1, d_in + 1)
+    G = (1/N) sum_rows delta delta^T          (d_out, d_out)
+
+where ``delta`` is the per-example gradient of the NLL with respect to the
+layer's outputs, with targets *sampled* from the model (``fisher="true"``, the
+K-FAC Fisher) or the observed labels (``fisher="empirical"``); ``N`` is the
+batch size and ``R`` the number of rows the layer saw (``R = N`` for an MLP;
+for inputs with extra axes or a layer applied several times the rows are pooled,
+K-FAC-expand style).
+
+Registering layers:
+
+- Flax NNX: :func:`register_dense(model)` turns every ``nnx.Linear`` of the
+  model (in place) into a recording layer named by its path (``"encoder/0"``).
+  Parameters, shapes and outputs are unchanged; outside a capture the layer is
+  exactly ``nnx.Linear``.
+- Pure JAX: call :func:`tag_dense(name, x, kernel, bias)` in place of
+  ``x @ kernel + bias``, with ``name`` the path of the layer's parameters in the
+  params pytree (``params["enc"]["kernel"]`` -> ``"enc"``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from subjax.fisher import _likelihood as lk
+from subjax.fisher._core import _batch_size
+
+Params = Any
+
+
+class KFACStats(NamedTuple):
+    """Kronecker factors of one dense layer from one batch (float32).
+
+    Attributes:
+      a: ``(d_in + 1, d_in + 1)`` (``d_in`` without bias) second moment of inputs.
+      g: ``(d_out, d_out)`` second moment of the per-example output gradients.
+    """
+
+    a: jax.Array
+    g: jax.Array
+
+
+_LOCAL = threading.local()
+
+
+def _current():
+    stack = getattr(_LOCAL, "stack", None)
+    return stack[-1] if stack else None
+
+
+class _Capture:
+    def __init__(self, eps=None):
+        self.eps = eps
+        self.counts: dict[str, int] = {}
+        self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
+        self.acts: dict[str, jax.Array] = {}
+        self.meta: dict[str, tuple[int, int, bool]] = {}
+
+    def __enter__(self):
+        if not hasattr(_LOCAL, "stack"):
+            _LOCAL.stack = []
+        _LOCAL.stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _LOCAL.stack.pop()
+
+    def record(self, name: str, x, y, has_bias: bool):
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                "a K-FAC-registered dense layer has no name: call "
+                "subjax.fisher.register_dense(model) on the whole model"
+            )
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        prev = self.meta.get(name)
+        if prev is not None and prev != (d_in, d_out, has_bias):
+            raise ValueError(f"dense layer {name!r} was called with inconsistent shapes")
+        self.meta[name] = (d_in, d_out, has_bias)
+        i = self.counts.get(name, 0)
+        self.counts[name] = i + 1
+        key = f"{name}#{i}"
+        if self.eps is None:  # shape pass
+            self.shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+            return y
+        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(jnp.float32)
+        if has_bias:
+            a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+        self.acts[key] = a
+        return y + self.eps[key].astype(y.dtype)
+
+
+def tag_dense(name: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None):
+    """``x @ kernel + bias``, recorded for K-FAC when a capture is active.
+
+    Args:
+      name: path of this layer's parameters in the params pytree, ``/``-joined
+        (``params["enc"][0]["kernel"]`` -> ``"enc/0"``).
+      x: inputs ``(..., d_in)``.
+      kernel: ``(d_in, d_out)``.
+      bias: ``(d_out,)`` or None.
+
+    Returns:
+      ``x @ kernel (+ bias)``.
+    """
+    if jnp.ndim(kernel) != 2:
+        raise ValueError(f"`kernel` must be 2-D (d_in, d_out), got shape {jnp.shape(kernel)}")
+    y = x @ kernel
+    if bias is not None:
+        y = y + bias
+    cap = _current()
+    if cap is None:
+        return y
+    return cap.record(name, x, y, bias is not None)
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def _recording_class(base: type) -> type:
+    cls = _RECORDING_CLASSES.get(base)
+    if cls is not None:
+        return cls
+
+    def __call__(self, inputs, *args, **kwargs):
+        y = base.__call__(self, inputs, *args, **kwargs)
+        cap = _current()
+        if cap is None:
+            return y
+        return cap.record(self.kfac_name, inputs, y, getattr(self, "bias", None) is not None)
+
+    cls = type(
+        f"KFAC{base.__name__}",
+        (base,),
+        {"__call__": __call__, "__module__": __name__, "__qualname__": f"KFAC{base.__name__}",
+         "_kfac_recording": True},
+    )
+    _RECORDING_CLASSES[base] = cls
+    return cls
+
+
+def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -> tuple[str, ...]:
+    """Make every ``nnx.Linear`` of an NNX model record K-FAC statistics (in place).
+
+    Each selected layer's class becomes a recording subclass (same parameters,
+    same outputs) and it gets a static ``kfac_name`` attribute: its path in the
+    model (``"encoder/layers/0"``), which is also the path of its ``kernel`` in
+    ``nnx.split(model, nnx.Param)``. Call it once, before ``nnx.split``.
+
+    Args:
+      model: a Flax NNX module.
+      include: optional ``(path, layer) -> bool`` to register only some layers.
+
+    Returns:
+      The registered layer names, in traversal order.
+
+    Raises:
+      ValueError: if the model has no ``nnx.Linear`` layer (to select).
+    """
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}")
+    names = []
+    for path, mod in nnx.iter_modules(model):
+        if not isinstance(mod, nnx.Linear):
+            continue
+        if include is not None and not include(path, mod):
+            continue
+        name = "/".join(str(p) for p in path)
+        if not getattr(type(mod), "_kfac_recording", False):
+            mod.__class__ = _recording_class(type(mod))
+        mod.kfac_name = name
+        names.append(name)
+    if not names:
+        raise ValueError(
+            "`model` has no nnx.Linear layer to register for K-FAC (only nnx.Linear and "
+            "its subclasses are supported; use subjax.fisher.tag_dense in custom layers)"
+        )
+    return tuple(names)
+
+
+def kfac_grads_and_stats(
+    apply_fn: Callable,
+    params: Params,
+    inputs,
+    labels,
+    *,
+    likelihood: str = "categorical",
+    fisher: str = "true",
+    key: jax.Array | None = None,
+):
+    """Loss, gradient and per-layer K-FAC factors in one forward pass.
+
+    The loss is the mean NLL ``(1/N) sum_i nll(apply_fn(params, inputs)_i, labels_i)``
+    of ``likelihood``. The backward pass for the gradient uses ``labels``; the
+    ``G`` factors use targets sampled from the model (``fisher="true"``, an extra
+    backward pass through the same linearisation) or the labels
+    (``fisher="empirical"``, no extra pass).
+
+    Args:
+      apply_fn: ``(params, inputs) -> outputs``; must run at least one registered
+        dense layer (:func:`register_dense` / :func:`tag_dense`).
+      params: parameters (e.g. ``nnx.split(model, nnx.Param)[1]`` merged back
+        inside ``apply_fn``).
+      inputs: model inputs with a leading batch axis ``N``.
+      labels: observed targets.
+      likelihood: ``"categorical" | "bernoulli" | "gaussian"``.
+      fisher: ``"true"`` (sampled targets; ``key`` required) or ``"empirical"``.
+      key: PRNG key for the sampled targets.
+
+    Returns:
+      ``(loss, grads, stats)`` with ``stats`` a dict ``layer name -> KFACStats``,
+      to be passed to :func:`subjax.optim.kfac`'s ``update`` as ``kfac_stats=``.
+    """
+    lk.check_likelihood(likelihood)
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"`fisher` must be 'true' or 'empirical', got {fisher!r}")
+    if fisher == "true" and key is None:
+        raise ValueError("`key` is required for fisher='true' (targets are sampled)")
+    if labels is None:
+        raise ValueError("`labels` is None: the training loss and its gradient need labels")
+    n = _batch_size(inputs)
+
+    shape_cap = _Capture()
+    with shape_cap:
+        out_shape = jax.eval_shape(lambda p: apply_fn(p, inputs), params)
+    if not shape_cap.shapes:
+        raise ValueError(
+            "no K-FAC-registered dense layer ran in `apply_fn`: call "
+            "subjax.fisher.register_dense(model) on the NNX model before nnx.split, "
+            "or compute dense layers with subjax.fisher.tag_dense(name, x, kernel, bias)"
+        )
+    lk.check_outputs(likelihood, out_shape)
+    lk.check_labels(likelihood, out_shape, labels)
+    meta = dict(shape_cap.meta)
+    eps0 = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_cap.shapes.items()}
+
+    def tapped(p, eps):
+        cap = _Capture(eps)
+        with cap:
+            out = apply_fn(p, inputs)
+        return out, cap.acts
+
+    out, vjp_fn, acts = jax.vjp(tapped, params, eps0, has_aux=True)
+    loss, cot = jax.value_and_grad(lambda z: lk.mean_nll(likelihood, z, labels))(out)
+    grads, eps_grads = vjp_fn(cot.astype(out.dtype))
+    if fisher == "true":
+        y_s = lk.sample(likelihood, key, out)
+        cot_s = jax.grad(lambda z: lk.mean_nll(likelihood, z, y_s))(out)
+        _, eps_grads = vjp_fn(cot_s.astype(out.dtype))
+
+    stats = {}
+    for name, (_, d_out, _) in meta.items():
+        keys = [f"{name}#{i}" for i in range(shape_cap.counts[name])]
+        a = jnp.concatenate([acts[k] for k in keys], axis=0)
+        d = jnp.concatenate(
+            [eps_grads[k].reshape(-1, d_out).astype(jnp.float32) for k in keys], axis=0
+        )
+        a_f = (a.T @ a) / a.shape[0]
+        g_f = (d.T @ d) * n  # delta = n * d  ->  (1/n) sum delta delta^T
+        stats[name] = KFACStats(a=a_f, g=g_f)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, grads, stats

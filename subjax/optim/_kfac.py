@@ -1,0 +1,409 @@
+"""K-FAC as an optax transform (Martens & Grosse 2015).
+
+For every dense layer (a 2-D ``kernel`` leaf and its optional ``bias``) the
+Fisher block is approximated by ``A (x) G`` with ``A = E[a a^T]`` (inputs with a
+1 appended for the bias) and ``G = E[delta delta^T]`` (gradients at the layer's
+outputs). The statistics are computed by the caller, together with the gradient,
+by :func:`subjax.fisher.kfac_grads_and_stats`, and passed to ``update`` as the
+extra keyword argument ``kfac_stats``; this transform keeps their moving
+averages, refreshes an eigendecomposition of each factor every
+``inverse_every`` steps (under ``lax.cond``) and preconditions::
+
+    damping="kronecker":  Delta = Q_A [ (Q_A^T Gr Q_G) / (d_A d_G^T + lambda) ] Q_G^T
+    damping="factored":   Delta = (A + pi sqrt(lambda) I)^-1 Gr (G + sqrt(lambda)/pi I)^-1
+
+(``Gr = [dW; db]``), i.e. the exact inverse of the damped Kronecker product, or
+Martens & Grosse's factored Tikhonov damping. Leaves that are not dense layers
+get the identity preconditioner. The step is ``-lr (mu v + Delta)`` (heavy-ball
+momentum ``mu``), optionally rescaled so the predicted KL change
+``lr^2 Delta . Gr`` stays below ``norm_constraint``; the damping can follow
+Levenberg-Marquardt adaptation from the observed vs predicted loss change
+(``adaptive_damping=True``, needs ``loss=`` in ``update``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+
+
+def key_name(key) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def leaf_paths(tree) -> list[tuple[str, ...]]:
+    """Path of every leaf as a tuple of strings (a trailing ``.value`` dropped)."""
+    paths = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [key_name(k) for k in path]
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] in (
+            "value",
+            "raw_value",
+        ):
+            parts = parts[:-1]
+        paths.append(tuple(parts))
+    return paths
+
+
+class DenseLayer(NamedTuple):
+    name: str
+    kernel: int  # index of the kernel leaf in the flattened params
+    bias: int | None  # index of the bias leaf, or None
+    d_in: int
+    d_out: int
+
+
+def find_dense_layers(params, layers=None) -> tuple[DenseLayer, ...]:
+    """Dense layers of ``params``: 2-D ``kernel`` leaves with an optional 1-D ``bias``."""
+    leaves = jax.tree.leaves(params)
+    paths = leaf_paths(params)
+    index = {p: i for i, p in enumerate(paths)}
+    found = []
+    for i, p in enumerate(paths):
+        if not p or p[-1] != "kernel" or jnp.ndim(leaves[i]) != 2:
+            continue
+        name = "/".join(p[:-1])
+        if layers is not None and name not in layers:
+            continue
+        b = index.get(p[:-1] + ("bias",))
+        if b is not None and (jnp.ndim(leaves[b]) != 1 or leaves[b].shape[0] != leaves[i].shape[1]):
+            b = None
+        found.append(DenseLayer(name, i, b, int(leaves[i].shape[0]), int(leaves[i].shape[1])))
+    if layers is not None:
+        missing = sorted(set(layers) - {d.name for d in found})
+        if missing:
+            raise ValueError(
+                f"`layers` names {missing} that are not dense layers of `params` "
+                "(a 2-D 'kernel' leaf under that path)"
+            )
+    if not found:
+        raise ValueError(
+            "`params` has no dense layer for K-FAC (a 2-D 'kernel' leaf, optionally with a "
+            "'bias' beside it): build the model from nnx.Linear layers and call "
+            "subjax.fisher.register_dense(model), or name pure-JAX layers "
+            "{'kernel': ..., 'bias': ...} and compute them with subjax.fisher.tag_dense"
+        )
+    return tuple(found)
+
+
+def check_stats(stats, dense: tuple[DenseLayer, ...], arg="kfac_stats"):
+    if not isinstance(stats, dict):
+        raise TypeError(
+            f"`{arg}` must be the dict returned by subjax.fisher.kfac_grads_and_stats, "
+            f"got {type(stats).__name__}"
+        )
+    for d in dense:
+        if d.name not in stats:
+            raise ValueError(
+                f"`{arg}` has no entry for dense layer {d.name!r}: register it "
+                "(subjax.fisher.register_dense / tag_dense) or leave it out with layers=..."
+            )
+        a_dim = d.d_in + (d.bias is not None)
+        s = stats[d.name]
+        if s.a.shape != (a_dim, a_dim) or s.g.shape != (d.d_out, d.d_out):
+            raise ValueError(
+                f"`{arg}`[{d.name!r}] has factors {s.a.shape}, {s.g.shape}; expected "
+                f"({a_dim}, {a_dim}) and ({d.d_out}, {d.d_out})"
+            )
+
+
+def positive(value, name):
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value}")
+
+
+def in_unit(value, name):
+    if isinstance(value, (int, float)) and not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+
+
+def pmean(tree, axis_name):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+class KFACState(NamedTuple):
+    """State of :func:`scale_by_kfac`.
+
+    Attributes:
+      count: int32 scalar, number of updates so far.
+      factor_a: dict layer -> float32 ``(d_in+1, d_in+1)`` moving average of ``A``.
+      factor_g: dict layer -> float32 ``(d_out, d_out)`` moving average of ``G``.
+      eig_a: dict layer -> (float32 ``(d_in+1,)`` eigenvalues, ``(d_in+1, d_in+1)``
+        eigenvectors) of ``factor_a`` at the last refresh.
+      eig_g: same for ``factor_g``.
+      momentum: pytree like params (float32), the previous step direction ``v``.
+      damping: float32 scalar, the current damping ``lambda``.
+      prev_loss: float32 scalar, loss passed at the previous update (adaptive damping).
+      prev_pred: float32 scalar, predicted change of the previous step (adaptive damping).
+    """
+
+    count: jax.Array
+    factor_a: dict
+    factor_g: dict
+    eig_a: dict
+    eig_g: dict
+    momentum: Any
+    damping: jax.Array
+    prev_loss: jax.Array
+    prev_pred: jax.Array
+
+
+def _eigh(m):
+    w, v = jnp.linalg.eigh(m.astype(jnp.float32))
+    return jnp.maximum(w, 0.0), v
+
+
+def scale_by_kfac(
+    damping: float = 1e-3,
+    *,
+    momentum: float = 0.9,
+    decay: float = 0.95,
+    inverse_every: int = 10,
+    damping_mode: str = "kronecker",
+    norm_constraint: float | None = None,
+    adaptive_damping: bool = False,
+    damping_bounds: tuple[float, float] = (1e-8, 1e2),
+    damping_factor: float = 0.95,
+    layers: tuple[str, ...] | None = None,
+    axis_name: str | None = None,
+    learning_rate_for_constraint=None,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC preconditioning (see the module docstring); returns the direction ``v``.
+
+    The output is the *descent direction* ``mu v_prev + Delta`` (not yet scaled by
+    ``-learning_rate``); :func:`kfac` chains the learning rate.
+    """
+    positive(damping, "damping")
+    in_unit(momentum, "momentum")
+    in_unit(decay, "decay")
+    if not isinstance(inverse_every, int) or inverse_every < 1:
+        raise ValueError(f"`inverse_every` must be an int >= 1, got {inverse_every!r}")
+    if damping_mode not in ("kronecker", "factored"):
+        raise ValueError(f"`damping_mode` must be 'kronecker' or 'factored', got {damping_mode!r}")
+    if norm_constraint is not None:
+        positive(norm_constraint, "norm_constraint")
+    if not 0 < damping_factor < 1:
+        raise ValueError(f"`damping_factor` must be in (0, 1), got {damping_factor}")
+    layers = None if layers is None else tuple(layers)
+
+    def init_fn(params):
+        dense = find_dense_layers(params, layers)
+        fa, fg, ea, eg = {}, {}, {}, {}
+        for d in dense:
+            na = d.d_in + (d.bias is not None)
+            fa[d.name] = jnp.zeros((na, na), jnp.float32)
+            fg[d.name] = jnp.zeros((d.d_out, d.d_out), jnp.float32)
+            ea[d.name] = (jnp.zeros((na,), jnp.float32), jnp.eye(na, dtype=jnp.float32))
+            eg[d.name] = (jnp.zeros((d.d_out,), jnp.float32), jnp.eye(d.d_out, dtype=jnp.float32))
+        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        return KFACState(
+            count=jnp.zeros((), jnp.int32),
+            factor_a=fa,
+            factor_g=fg,
+            eig_a=ea,
+            eig_g=eg,
+            momentum=mom,
+            damping=jnp.asarray(damping, jnp.float32),
+            prev_loss=jnp.zeros((), jnp.float32),
+            prev_pred=jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("K-FAC needs `params` in update (to find the dense layers)")
+        if kfac_stats is None:
+            raise ValueError(
+                "K-FAC needs the keyword argument `kfac_stats` in update: compute it with "
+                "`loss, grads, stats = subjax.fisher.kfac_grads_and_stats(...)` and call "
+                "`opt.update(grads, state, params, kfac_stats=stats)`"
+            )
+        if adaptive_damping and loss is None:
+            raise ValueError("adaptive_damping=True needs the current `loss=` in update")
+        dense = find_dense_layers(params, layers)
+        check_stats(kfac_stats, dense)
+        stats = pmean({d.name: kfac_stats[d.name] for d in dense}, axis_name)
+
+        count = state.count
+        rho = jnp.maximum(1.0 - decay, 1.0 / (count.astype(jnp.float32) + 1.0))
+        fa = {k: (1 - rho) * state.factor_a[k] + rho * stats[k].a.astype(jnp.float32)
+              for k in state.factor_a}
+        fg = {k: (1 - rho) * state.factor_g[k] + rho * stats[k].g.astype(jnp.float32)
+              for k in state.factor_g}
+
+        def refresh(_):
+            return ({k: _eigh(v) for k, v in fa.items()}, {k: _eigh(v) for k, v in fg.items()})
+
+        ea, eg = jax.lax.cond(
+            count % inverse_every == 0, refresh, lambda _: (state.eig_a, state.eig_g), None
+        )
+
+        # Damping: adaptive (Levenberg-Marquardt on the lagged reduction ratio).
+        lam = state.damping
+        if adaptive_damping:
+            cur = jnp.asarray(loss, jnp.float32)
+            ratio = (cur - state.prev_loss) / jnp.minimum(state.prev_pred, -1e-30)
+            lam_new = jnp.where(ratio > 0.75, lam * damping_factor,
+                                jnp.where(ratio < 0.25, lam / damping_factor, lam))
+            lam = jnp.where(count > 0, lam_new, lam)
+            lam = jnp.clip(lam, damping_bounds[0], damping_bounds[1])
+
+        leaves = jax.tree.leaves(updates)
+        treedef = jax.tree.structure(updates)
+        g32 = [x.astype(jnp.float32) for x in leaves]
+        out = list(g32)  # identity preconditioner for non-dense leaves
+        for d in dense:
+            gr = g32[d.kernel]
+            if d.bias is not None:
+                gr = jnp.concatenate([gr, g32[d.bias][None, :]], axis=0)
+            wa, qa = ea[d.name]
+            wg, qg = eg[d.name]
+            if damping_mode == "kronecker":
+                t = qa.T @ gr @ qg
+                t = t / (wa[:, None] * wg[None, :] + lam)
+            else:
+                ta = jnp.mean(wa) + 1e-30
+                tg = jnp.mean(wg) + 1e-30
+                pi = jnp.sqrt(ta / tg)
+                sl = jnp.sqrt(lam)
+                t = qa.T @ gr @ qg
+                t = t / ((wa + pi * sl)[:, None] * (wg + sl / pi)[None, :])
+            delta = qa @ t @ qg.T
+            out[d.kernel] = delta[: d.d_in]
+            if d.bias is not None:
+                out[d.bias] = delta[d.d_in]
+        if norm_constraint is not None:
+            lr = learning_rate_for_constraint
+            lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+            vg = sum(jnp.vdot(o, g) for o, g in zip(out, g32, strict=True))
+            nu = jnp.minimum(1.0, jnp.sqrt(norm_constraint / (lr**2 * jnp.abs(vg) + 1e-30)))
+            out = [o * nu for o in out]
+        mom_leaves = jax.tree.leaves(state.momentum)
+        v = [momentum * m + o for m, o in zip(mom_leaves, out, strict=True)]
+
+        pred = jnp.zeros((), jnp.float32)
+        if adaptive_damping:
+            # Quadratic model of the step -v (scaled by the learning rate outside; the
+            # alias passes it in): M = -lr g.v + lr^2/2 (v.Fv + lam |v|^2), F from factors.
+            lr = learning_rate_for_constraint
+            lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+            quad = sum(jnp.vdot(x, x) for x in v) * lam
+            for d in dense:
+                vr = v[d.kernel]
+                if d.bias is not None:
+                    vr = jnp.concatenate([vr, v[d.bias][None, :]], axis=0)
+                quad = quad + jnp.vdot(vr, fa[d.name] @ vr @ fg[d.name])
+            lin = sum(jnp.vdot(g, x) for g, x in zip(g32, v, strict=True))
+            pred = -lr * lin + 0.5 * lr**2 * quad
+
+        new_state = KFACState(
+            count=optax.safe_int32_increment(count),
+            factor_a=fa,
+            factor_g=fg,
+            eig_a=ea,
+            eig_g=eg,
+            momentum=jax.tree.unflatten(treedef, v),
+            damping=jnp.asarray(lam, jnp.float32),
+            prev_loss=(jnp.asarray(loss, jnp.float32) if loss is not None else state.prev_loss),
+            prev_pred=pred,
+        )
+        result = [x.astype(leaf.dtype) for x, leaf in zip(v, leaves, strict=True)]
+        return jax.tree.unflatten(treedef, result), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 1e-3,
+    *,
+    momentum: float = 0.9,
+    decay: float = 0.95,
+    inverse_every: int = 10,
+    damping_mode: str = "kronecker",
+    norm_constraint: float | None = None,
+    adaptive_damping: bool = False,
+    damping_bounds: tuple[float, float] = (1e-8, 1e2),
+    damping_factor: float = 0.95,
+    layers: tuple[str, ...] | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC for the dense layers of a model, as an optax transform.
+
+    Usage (``kfac_stats`` is an extra keyword argument of ``update``)::
+
+        fisher.register_dense(model)                    # NNX: record nnx.Linear stats
+        graphdef, params = nnx.split(model, nnx.Param)
+        apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        opt = subjax.optim.kfac(learning_rate=0.1, damping=1e-3)
+        state = opt.init(params)
+
+        @jax.jit
+        def step(params, state, x, y, key):
+            loss, grads, stats = fisher.kfac_grads_and_stats(
+                apply_fn, params, x, y, likelihood="categorical", key=key)
+            updates, state = opt.update(grads, state, params, kfac_stats=stats)
+            return optax.apply_updates(params, updates), state, loss
+
+    Args:
+      learning_rate: step size ``alpha`` (float or schedule).
+      damping: Tikhonov damping ``lambda`` > 0 (initial value when adaptive).
+      momentum: heavy-ball coefficient ``mu`` in [0, 1).
+      decay: moving-average decay of the factors in [0, 1) (the first steps use a
+        plain running mean).
+      inverse_every: refresh the eigendecompositions every ``T`` steps (static).
+      damping_mode: ``"kronecker"`` (exact inverse of ``A (x) G + lambda I`` in the
+        factors' eigenbasis) or ``"factored"`` (Martens & Grosse's pi-adjusted
+        factored Tikhonov damping).
+      norm_constraint: if set, rescale the step so ``alpha^2 |Delta . g| <= c``
+        (KL clipping, Ba et al. 2017).
+      adaptive_damping: Levenberg-Marquardt adaptation of ``lambda`` from the ratio
+        of the observed loss change (``loss=`` passed to every ``update``) to the
+        change predicted by the K-FAC quadratic model at the previous step.
+      damping_bounds: ``(min, max)`` of the adaptive damping.
+      damping_factor: multiplicative adaptation factor ``omega`` in (0, 1).
+      layers: names of the dense layers to precondition (default: every 2-D
+        ``kernel`` of the params; others get the identity).
+      axis_name: if set, the statistics in ``kfac_stats`` are ``lax.pmean``-ed over
+        this mapped axis inside ``update`` (data-parallel ``shard_map`` / ``pmap``);
+        the gradient itself must already be averaged by the caller.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
+      *, kfac_stats, loss=None)``.
+
+    References:
+      Martens, Grosse, "Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature", ICML 2015. Ba, Grosse, Martens, "Distributed
+      second-order optimization using Kronecker-factored approximations", ICLR 2017.
+    """
+    return optax.chain(
+        scale_by_kfac(
+            damping,
+            momentum=momentum,
+            decay=decay,
+            inverse_every=inverse_every,
+            damping_mode=damping_mode,
+            norm_constraint=norm_constraint,
+            adaptive_damping=adaptive_damping,
+            damping_bounds=damping_bounds,
+            damping_factor=damping_factor,
+            layers=layers,
+            axis_name=axis_name,
+            learning_rate_for_constraint=learning_rate,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
