@@ -24,6 +24,26 @@ __all__ += [
 ]
 
 # --- Natural gradient / K-FAC / FISMO (subjax.fisher) -----------------------
+from subjax.optim._fismo import FISMOState, fismo, newton_schulz, scale_by_fismo  # noqa: E402
+from subjax.optim._kfac import KFACState, kfac, scale_by_kfac  # noqa: E402
+from subjax.optim._natural import (  # noqa: E402
+    NaturalGradientState,
+    natural_gradient,
+    scale_by_natural_gradient,
+)
+
+__all__ += [
+    "FISMOState",
+    "KFACState",
+    "NaturalGradientState",
+    "fismo",
+    "kfac",
+    "natural_gradient",
+    "newton_schulz",
+    "scale_by_fismo",
+    "scale_by_kfac",
+    "scale_by_natural_gradient",
+]
 
 # --- Low-rank projected optimizers (GaLore family) --------------------------
 from subjax.optim._projected import ProjectedState, galore, projected  # noqa: E402
