@@ -1,3 +1,59 @@
-"""subjax.linalg — public API. Implementation lives in private modules (`_*.py`)."""
+"""subjax.linalg — randomized and Krylov linear algebra on matrix-free operators.
 
-__all__: list[str] = []
+Every function accepts a dense ``(m, n)`` array, a ``jax.experimental.sparse.BCOO``
+matrix or a :class:`LinearOperator`, works under ``jax.jit`` / ``jax.vmap``, in
+float32 and float64. See ``docs/notes/linalg_api.md`` for the signatures.
+"""
+
+from subjax.linalg._cg import CGResult, cg
+from subjax.linalg._geometry import (
+    principal_angles,
+    project,
+    project_complement,
+    residual_norms,
+    subspace_distance,
+)
+from subjax.linalg._lanczos import lanczos_eigh
+from subjax.linalg._operator import LinearOperator, aslinearoperator
+from subjax.linalg._orth import ORTH_METHODS, orthonormalize
+from subjax.linalg._randomized import (
+    EighResult,
+    RandomizedSVDResult,
+    SubspaceIterationResult,
+    randomized_eigh,
+    randomized_range_finder,
+    randomized_svd,
+    subspace_iteration,
+)
+from subjax.linalg._rank import (
+    energy_rank,
+    marchenko_pastur_median,
+    marchenko_pastur_rank,
+    normalized_spectrum_rank,
+)
+
+__all__ = [
+    "CGResult",
+    "EighResult",
+    "LinearOperator",
+    "ORTH_METHODS",
+    "RandomizedSVDResult",
+    "SubspaceIterationResult",
+    "aslinearoperator",
+    "cg",
+    "energy_rank",
+    "lanczos_eigh",
+    "marchenko_pastur_median",
+    "marchenko_pastur_rank",
+    "normalized_spectrum_rank",
+    "orthonormalize",
+    "principal_angles",
+    "project",
+    "project_complement",
+    "randomized_eigh",
+    "randomized_range_finder",
+    "randomized_svd",
+    "residual_norms",
+    "subspace_distance",
+    "subspace_iteration",
+]

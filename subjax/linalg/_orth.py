@@ -1,0 +1,238 @@
+"""Orthonormalization of tall matrices: Householder QR, Cholesky-QR2, polar factors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["orthonormalize", "ORTH_METHODS"]
+
+ORTH_METHODS = ("householder", "cholesky_qr2", "shifted_cholesky_qr3", "polar_eigh", "polar_ns")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """At least float32: the dtype QR / Cholesky / eigh run in."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def _mT(x):  # noqa: N802
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _gram(x):
+    return _mT(x) @ x
+
+
+def _eps(dtype):
+    return jnp.finfo(dtype).eps
+
+
+def _tri_inv(r):
+    """Inverse of an upper-triangular ``(k, k)`` matrix (tiny; makes ``x @ inv`` a GEMM)."""
+    eye = jnp.eye(r.shape[-1], dtype=r.dtype)
+    return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
+
+
+def householder(x):
+    """Sign-fixed Householder QR: ``x = q r`` with ``diag(r) >= 0``."""
+    q, r = jnp.linalg.qr(x, mode="reduced")
+    d = jnp.diagonal(r, axis1=-2, axis2=-1)
+    sgn = jnp.where(d < 0, -jnp.ones_like(d), jnp.ones_like(d))
+    return q * sgn[..., None, :], r * sgn[..., :, None]
+
+
+def _chol_step(x, shift=None):
+    g = _gram(x)
+    if shift is not None:
+        g = g + shift * jnp.eye(g.shape[-1], dtype=g.dtype)
+    r = _mT(jnp.linalg.cholesky(g))  # upper
+    return x @ _tri_inv(r), r
+
+
+def cholesky_qr2(x):
+    """CholeskyQR2 (Yamamoto et al. 2015). Returns ``(q, r, ok)``.
+
+    Two Cholesky passes; stable for ``cond(x) <~ u^{-1/2}``. ``ok`` is False when
+    a Cholesky factor is not finite or the second pass reveals that the first
+    one lost orthogonality badly (``cond(q1) > 1e2``), i.e. the caller should
+    fall back to a more robust method.
+    """
+    q1, r1 = _chol_step(x)
+    q, r2 = _chol_step(q1)
+    d = jnp.abs(jnp.diagonal(r2, axis1=-2, axis2=-1))
+    ok = jnp.all(jnp.isfinite(r1)) & jnp.all(jnp.isfinite(r2)) & jnp.all(jnp.isfinite(q))
+    ok = ok & (jnp.max(d) <= 1e2 * jnp.min(d))
+    return q, r2 @ r1, ok
+
+
+def shifted_cholesky_qr3(x):
+    """Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020).
+
+    A shifted first pass ``chol(x^T x + s I)`` with ``s = 11 (m k + k (k + 1)) u
+    ||x||_F^2`` always succeeds for ``cond(x) <~ u^{-1}`` and leaves a factor with
+    ``cond <~ u^{-1/2}``, which CholeskyQR2 then finishes. Returns ``(q, r, ok)``.
+    """
+    m, k = x.shape[-2:]
+    u = _eps(x.dtype)
+    nrm2 = jnp.sum(jnp.square(x))
+    shift = jnp.asarray(11.0 * (m * k + k * (k + 1)), x.dtype) * u * nrm2
+    q0, r0 = _chol_step(x, shift)
+    q, r, ok = cholesky_qr2(q0)
+    return q, r @ r0, ok
+
+
+def _with_fallback(x, fast):
+    q, r, ok = fast(x)
+
+    def fallback(x):
+        return householder(x)
+
+    q, r = lax.cond(ok, lambda x: (q, r), fallback, x)
+    return q, r
+
+
+def polar_eigh(x):
+    """Polar factor ``x (x^T x)^{-1/2}`` from the eigendecomposition of the Gram matrix.
+
+    Done twice (the second pass on an almost orthonormal matrix restores
+    orthogonality lost to the squared condition number). Directions with a
+    Gram eigenvalue below ``k u ||x||^2`` are treated as null and get zero weight,
+    so a rank-deficient ``x`` gives a finite (partial) isometry.
+    """
+
+    def once(y):
+        g = _gram(y)
+        w, v = jnp.linalg.eigh(g)
+        floor = jnp.max(w) * _eps(y.dtype) * y.shape[-1]
+        inv_sqrt = jnp.where(w > floor, lax.rsqrt(jnp.maximum(w, floor)), jnp.zeros_like(w))
+        return y @ ((v * inv_sqrt[None, :]) @ v.T)
+
+    return once(once(x))
+
+
+def polar_newton_schulz(x, steps: int = 40):
+    """Polar factor by the cubic Newton–Schulz iteration run on the small Gram matrix.
+
+    With ``y = x z``, ``y^T y = z^T g z`` (``g = x^T x``), so the iteration
+    ``y <- y (3 I - y^T y) / 2`` becomes ``z <- z (3 I - z^T g z) / 2`` on ``(k, k)``
+    matrices; ``x`` is touched twice (Gram and final product). Starts from
+    ``x / ||x||_F`` (inside the convergence region ``||y||_2 < sqrt 3``); small
+    singular values grow by 1.5x per step, so ``steps ~ log_{1.5}(||x||_F /
+    sigma_min) + 5`` are needed.
+    """
+    g = _gram(x)
+    k = g.shape[-1]
+    eye = jnp.eye(k, dtype=x.dtype)
+    nrm2 = jnp.trace(g)
+    z0 = eye * lax.rsqrt(jnp.maximum(nrm2, jnp.finfo(x.dtype).tiny))
+
+    def body(_, z):
+        m = z.T @ g @ z
+        return z @ (jnp.asarray(1.5, x.dtype) * eye - jnp.asarray(0.5, x.dtype) * m)
+
+    z = lax.fori_loop(0, steps, body, z0)
+    return x @ z
+
+
+def _orth_single(x, method, ns_steps):
+    if method == "householder":
+        return householder(x)[0]
+    if method == "cholesky_qr2":
+        return _with_fallback(x, cholesky_qr2)[0]
+    if method == "shifted_cholesky_qr3":
+        return _with_fallback(x, shifted_cholesky_qr3)[0]
+    if method == "polar_eigh":
+        return polar_eigh(x)
+    if method == "polar_ns":
+        return polar_newton_schulz(x, ns_steps)
+    raise AssertionError(method)
+
+
+def orthonormalize(x: jax.Array, method: str = "householder", *, ns_steps: int = 40) -> jax.Array:
+    r"""Orthonormal basis of the column space of ``x`` (batched over leading dims).
+
+    For ``x`` of shape ``(..., m, k)`` with ``m >= k`` returns ``q`` of the same
+    shape with ``q^T q = I_k`` and ``span(q) = span(x)`` (for full column rank):
+
+    - ``"householder"``: Householder QR with the sign fix ``diag(r) >= 0``, so the
+      result is the unique QR factor (deterministic across methods and backends).
+    - ``"cholesky_qr2"``: ``r = chol(x^T x)``, ``q = x r^{-1}``, twice. Only GEMMs on
+      ``x``; several times faster than Householder on CPU; equal to the sign-fixed
+      Householder factor in exact arithmetic. Falls back to Householder (via
+      ``lax.cond``) when the Gram matrix is too ill-conditioned.
+    - ``"shifted_cholesky_qr3"``: a shifted first Cholesky pass makes it robust up to
+      ``cond(x) ~ 1/u``; still GEMM-only; Householder fallback.
+    - ``"polar_eigh"``: the polar factor ``x (x^T x)^{-1/2}`` (the orthonormal matrix
+      closest to ``x``) via ``eigh`` of the ``(k, k)`` Gram matrix.
+    - ``"polar_ns"``: the same polar factor by ``ns_steps`` Newton–Schulz steps (GEMM
+      only; accuracy depends on ``cond(x)`` and ``ns_steps``).
+
+    QR-type methods return the same ``q`` (up to rounding); polar methods return a
+    different basis of the same span.
+
+    Computation runs in at least float32 and is cast back to ``x.dtype``.
+
+    Args:
+      x: ``(..., m, k)`` floating array, ``m >= k``.
+      method: one of ``ORTH_METHODS``.
+      ns_steps: Newton–Schulz steps for ``"polar_ns"``.
+
+    Returns:
+      ``q`` with the shape and dtype of ``x``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from subjax.linalg import orthonormalize
+      >>> x = jax.random.normal(jax.random.key(0), (100, 5))
+      >>> q = orthonormalize(x, method="cholesky_qr2")
+      >>> bool(jnp.allclose(q.T @ q, jnp.eye(5), atol=1e-5))
+      True
+
+    References:
+      Yamamoto, Nakatsukasa, Yanagisawa, Fukaya, "Roundoff error analysis of the
+      CholeskyQR2 algorithm", 2015. Fukaya, Kannan, Nakatsukasa, Yamamoto,
+      Yanagisawa, "Shifted Cholesky QR for computing the QR factorization of
+      ill-conditioned matrices", 2020. Higham, "Functions of Matrices", 2008 (ch. 8).
+    """
+    if method not in ORTH_METHODS:
+        raise ValueError(f"`method` must be one of {ORTH_METHODS}, got {method!r}")
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"`x` must have shape (..., m, k), got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`x` must have a real floating dtype, got {x.dtype}")
+    m, k = x.shape[-2:]
+    if k > m:
+        raise ValueError(f"`x` has k={k} columns > m={m} rows; cannot orthonormalize")
+    if k == 0:
+        return x
+    ct = compute_dtype(x.dtype)
+    xc = x.astype(ct)
+    f = functools.partial(_orth_single, method=method, ns_steps=int(ns_steps))
+    batch = x.shape[:-2]
+    if batch:
+        flat = xc.reshape((-1, m, k))
+        q = jax.vmap(f)(flat).reshape(x.shape)
+    else:
+        q = f(xc)
+    return q.astype(x.dtype)
+
+
+def qr_fast(x):
+    """Internal: CholeskyQR2 with a shifted-CholeskyQR3 then Householder fallback.
+
+    Returns ``q`` only; used inside the randomized algorithms.
+    """
+    q, r, ok = cholesky_qr2(x)
+
+    def robust(x):
+        q3, r3, ok3 = shifted_cholesky_qr3(x)
+        return lax.cond(ok3, lambda x: q3, lambda x: householder(x)[0], x)
+
+    return lax.cond(ok, lambda x: q, robust, x)
