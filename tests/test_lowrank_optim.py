@@ -29,7 +29,9 @@ def _grads_seq(key, shapes, n):
 
 
 @pytest.mark.standard_promotion
-@pytest.mark.parametrize("projector", ["svd", "subspace"])
+@pytest.mark.parametrize(
+    "projector", ["svd", pytest.param("subspace", marks=pytest.mark.slow)]
+)
 def test_full_rank_exact_projector_matches_adam(key, projector):
     # rank = the smaller side of both matrices; the refreshed basis spans
     # everything and the Procrustes alignment maps it back to the identity, so
@@ -248,9 +250,12 @@ def test_galore_projectors_train(key):
     assert finals["random"] > finals["subspace"], finals
 
 
-def test_projected_is_strict_promotion_clean_and_vmaps(key):
+@pytest.mark.parametrize(
+    "projector", ["dct", "svd", pytest.param("subspace", marks=pytest.mark.slow)]
+)
+def test_projected_is_strict_promotion_clean_and_vmaps(key, projector):
     # runs under the autouse strict dtype promotion; identity inner is strict-clean
-    opt = so.projected(optax.identity(), rank=3, update_gap=2, projector="subspace")
+    opt = so.projected(optax.identity(), rank=3, update_gap=2, projector=projector)
     g = {"w": jax.random.normal(key, (5, 10, 6)), "b": jnp.ones((5, 6))}
     # vmap over a batch of 5 independent (10, 6) problems
     st = jax.vmap(lambda gi: opt.init(gi))(g)

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from subjax.linalg import orthonormalize, subspace_iteration
+
 PROJECTOR_NAMES = ("svd", "subspace", "dct", "random")
 ALIGN_NAMES = ("rotation", "sign", None)
 
@@ -56,10 +58,9 @@ class Projector(NamedTuple):
 
 
 def _orth(y: jax.Array) -> jax.Array:
-    """Orthonormal basis of the columns of ``y`` (reduced QR, float32 at least)."""
+    """Orthonormal basis of the columns of ``y`` (Householder QR, float32 at least)."""
     dtype = jnp.float64 if y.dtype == jnp.float64 else jnp.float32
-    q, _ = jnp.linalg.qr(y.astype(dtype), mode="reduced")
-    return q
+    return orthonormalize(y.astype(dtype), "householder")
 
 
 def _align(q_new: jax.Array, q_old: jax.Array, align: str | None) -> jax.Array:
@@ -97,14 +98,18 @@ def svd_projector(align: str | None = "rotation") -> Projector:
 
 
 def subspace_projector(
-    iters: int = 1, init_iters: int = 6, align: str | None = "rotation"
+    iters: int = 1,
+    init_iters: int = 6,
+    align: str | None = "rotation",
+    orth_method: str = "cholesky_qr2",
 ) -> Projector:
     """Warm-started subspace iteration on ``g^T g`` from the previous basis.
 
-    Each refresh runs ``iters`` steps of ``Q <- orth(g^T (g Q))`` starting from
-    the stored basis (``init_iters`` steps from a seeded Gaussian start at the
-    first refresh); the cost is ``4 M N r`` flops per step plus a thin QR, versus
-    ``O(M N^2)`` for the SVD.
+    Each refresh runs ``iters`` steps of ``Q <- orth(g^T orth(g Q))``
+    (:func:`subjax.linalg.subspace_iteration` on ``g^T``) starting from the stored
+    basis (``init_iters`` steps from a seeded Gaussian start at the first
+    refresh); the cost is ``4 M N r`` flops per step plus two thin
+    orthonormalizations and a Rayleigh–Ritz step, versus ``O(M N^2)`` for the SVD.
     """
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"`subspace_iters` must be an int >= 1, got {iters!r}")
@@ -112,17 +117,19 @@ def subspace_projector(
         raise ValueError(f"`init_iters` must be an int >= 1, got {init_iters!r}")
 
     def refresh(g, q, key, first):
-        start = jax.lax.cond(
-            first,
-            lambda: _orth(jax.random.normal(key, q.shape, jnp.float32)),
-            lambda: q,
-        )
-        n_iter = jnp.where(first, init_iters, iters)
+        # right singular subspace of the tall g = left singular subspace of g^T
+        a = g.T
 
-        def body(_, y):
-            return _orth(g.T @ (g @ y))
+        # operands go through the cond (not closed over) so that they are traced
+        # inside both branches
+        def from_random(a, q, key):
+            q0 = jax.random.normal(key, q.shape, q.dtype)
+            return subspace_iteration(a, q0, n_iter=init_iters, orth_method=orth_method).u
 
-        q_new = jax.lax.fori_loop(0, n_iter, body, start)
+        def warm(a, q, key):
+            return subspace_iteration(a, q, n_iter=iters, orth_method=orth_method).u
+
+        q_new = jax.lax.cond(first, from_random, warm, a, q, key)
         return _align(q_new, q, align)
 
     return Projector(
