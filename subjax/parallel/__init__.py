@@ -3,6 +3,9 @@
 - :func:`data_parallel`, :func:`train_step`: a data-parallel training step
   (batch split over a mesh axis, gradients averaged with ``pmean``).
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
+- :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
+  :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
+  ``psum`` of the small Gram matrix, TSQR fallback); equal to ``subjax.linalg``.
 
 Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.distributed``
 from ``SUBJAX_*`` environment variables; see ``docs/readme/parallel.md``).
@@ -16,14 +19,24 @@ from subjax.parallel._data import (
     shard_batch,
     train_step,
 )
+from subjax.parallel._linalg import (
+    SHARDED_ORTH_METHODS,
+    sharded_orthonormalize,
+    sharded_randomized_svd,
+    sharded_subspace_iteration,
+)
 from subjax.parallel.launch import initialize
 
 __all__ = [
+    "SHARDED_ORTH_METHODS",
     "axis_size",
     "check_axis",
     "data_parallel",
     "initialize",
     "replicate",
     "shard_batch",
+    "sharded_orthonormalize",
+    "sharded_randomized_svd",
+    "sharded_subspace_iteration",
     "train_step",
 ]

@@ -1,0 +1,122 @@
+"""Row-sharded randomized SVD / subspace iteration on 8 fake devices equal subjax.linalg."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from subjax.linalg import orthonormalize, randomized_svd, subspace_iteration
+from subjax.parallel import (
+    sharded_orthonormalize,
+    sharded_randomized_svd,
+    sharded_subspace_iteration,
+)
+
+pytestmark = pytest.mark.multidevice
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert jax.device_count() == 8
+    return Mesh(np.array(jax.devices()), ("rows",))
+
+
+def decaying(m, n, decay=0.8, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, n)))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, n)))
+    return (u * decay ** jnp.arange(n, dtype=jnp.float32)) @ v.T
+
+
+def assert_same_svd(res, ref, atol=2e-5):
+    """Equal singular values; singular pairs equal up to a joint sign per pair."""
+    np.testing.assert_allclose(res.s, ref.s, rtol=1e-5, atol=1e-7)
+    u, ur = np.asarray(res.u), np.asarray(ref.u)
+    sgn = np.sign(np.sum(u * ur, axis=0))
+    assert np.all(sgn != 0)
+    np.testing.assert_allclose(u * sgn, ur, atol=atol)
+    np.testing.assert_allclose(np.asarray(res.vt) * sgn[:, None], ref.vt, atol=atol)
+
+
+@pytest.mark.parametrize("method,n_iter", [
+    ("block_krylov", 1), pytest.param("subspace", 1, marks=pytest.mark.slow)])
+def test_sharded_randomized_svd_equals_single_device(mesh, method, n_iter):
+    a = decaying(256, 48)
+    key = jax.random.key(3)
+    res = sharded_randomized_svd(a, 6, key=key, mesh=mesh, axis_name="rows", oversample=6,
+                                 n_iter=n_iter, method=method)
+    ref = randomized_svd(a, 6, key=key, oversample=6, n_iter=n_iter, method=method)
+    assert bool(res.converged)
+    assert_same_svd(res, ref)
+    # and it is the SVD: the spectrum used to build `a`
+    np.testing.assert_allclose(res.s, 0.8 ** np.arange(6), rtol=1e-4)
+    # u stays split by rows, one block per device
+    assert res.u.sharding.spec == P("rows")
+    assert res.u.addressable_shards[0].data.shape == (32, 6)
+    # a different key gives a different sketch (the key is really used)
+    other = sharded_randomized_svd(a, 6, key=jax.random.key(4), mesh=mesh, axis_name="rows",
+                                   oversample=6, n_iter=n_iter, method=method)
+    assert float(jnp.max(jnp.abs(jnp.abs(other.u) - jnp.abs(res.u)))) > 0
+
+
+@pytest.mark.parametrize("orth_method,ref_method", [
+    ("cholesky_qr2", "cholesky_qr2"),
+    pytest.param("tsqr", "householder", marks=pytest.mark.slow)])
+def test_sharded_subspace_iteration_equals_single_device(mesh, orth_method, ref_method):
+    a = decaying(128, 32, decay=0.7)
+    q0 = jax.random.normal(jax.random.key(5), (128, 3))
+    res = sharded_subspace_iteration(a, q0, mesh=mesh, axis_name="rows", n_iter=25, tol=1e-4,
+                                     orth_method=orth_method)
+    ref = subspace_iteration(a, q0, n_iter=25, tol=1e-4, orth_method=ref_method)
+    assert int(res.n_iters) == int(ref.n_iters) < 25
+    assert bool(res.converged) and bool(ref.converged)
+    np.testing.assert_allclose(res.errors, ref.errors, rtol=1e-3, atol=1e-6)
+    assert_same_svd(res, ref, atol=1e-4)
+
+
+def test_sharded_orthonormalize_methods(mesh):
+    x = jax.random.normal(jax.random.key(0), (256, 6))
+    # ill-conditioned columns (cond ~ 1e6 in float32): Cholesky-QR2 must fall back
+    scales = jnp.logspace(0, -6, 6, dtype=jnp.float32)
+    x_bad = x @ jnp.linalg.qr(jax.random.normal(jax.random.key(1), (6, 6)))[0] * scales
+    methods = ("cholesky_qr2", "shifted_cholesky_qr3", "tsqr")
+
+    @jax.jit
+    def all_methods(x, x_bad):  # one compilation for the six cases
+        f = jax.shard_map(
+            lambda x, xb: tuple(sharded_orthonormalize(v, "rows", m)
+                                for v in (x, xb) for m in methods),
+            mesh=mesh, in_specs=P("rows"), out_specs=P("rows"))
+        return f(x, x_bad)
+
+    qs = all_methods(x, x_bad)
+    ref = orthonormalize(x, "householder")
+    for i, q in enumerate(qs):
+        np.testing.assert_allclose(q.T @ q, np.eye(6), atol=5e-5)
+        if i < len(methods):  # well conditioned: the unique QR factor, as on one device
+            np.testing.assert_allclose(q, ref, atol=2e-5)
+        else:  # same column space even where the factor itself is ill-determined
+            resid = x_bad - q @ (q.T @ x_bad)
+            assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(x_bad))
+
+
+def test_bad_inputs(mesh):
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"250 rows of `a` are not divisible by the size 8 "
+                                         r"of mesh axis 'rows'"):
+        sharded_randomized_svd(jnp.ones((250, 20)), 3, key=key, mesh=mesh, axis_name="rows")
+    with pytest.raises(ValueError, match=r"axis_name='data' is not an axis of the mesh"):
+        sharded_randomized_svd(jnp.ones((256, 20)), 3, key=key, mesh=mesh, axis_name="data")
+    with pytest.raises(ValueError, match=r"rank \+ oversample"):
+        sharded_randomized_svd(jnp.ones((256, 20)), 15, key=key, mesh=mesh, axis_name="rows")
+    with pytest.raises(ValueError, match="`q0` must have shape"):
+        sharded_subspace_iteration(jnp.ones((256, 20)), jnp.ones((255, 2)), mesh=mesh,
+                                   axis_name="rows")
+    with pytest.raises(ValueError, match="`orth_method`"):
+        sharded_subspace_iteration(jnp.ones((256, 20)), jnp.ones((256, 2)), mesh=mesh,
+                                   axis_name="rows", orth_method="polar_ns")
+    with pytest.raises(TypeError, match="`a` must have a real floating dtype"):
+        sharded_randomized_svd(jnp.ones((256, 20), jnp.int32), 3, key=key, mesh=mesh,
+                               axis_name="rows")
