@@ -65,11 +65,12 @@ def _is_euclidean(m) -> bool:
 
 def _validate(manifolds, params) -> None:
     labels, _, subs = _align(manifolds, params, "params")
-    for i, (m, sub) in enumerate(zip(labels, subs, strict=True)):
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(manifolds, is_leaf=_is_label)[0]]
+    for m, sub, path in zip(labels, subs, paths, strict=True):
         if _is_euclidean(m):
             continue
-        for path, leaf in jax.tree_util.tree_leaves_with_path(sub):
-            name = f"params{jax.tree_util.keystr(path)}" if path else f"params leaf {i}"
+        for subpath, leaf in jax.tree_util.tree_leaves_with_path(sub):
+            name = "params" + jax.tree_util.keystr(tuple(path) + tuple(subpath))
             m.assert_on_manifold(leaf, name=name)
 
 
