@@ -17,3 +17,44 @@ from subjax.nn._grassmann import (  # noqa: E402
 __all__ += ["GrassmannClassifier", "ManifoldParam", "OrthogonalLinear", "manifolds_of"]
 
 # --- Low-rank / LoRA family --------------------------------------------------
+from subjax.nn._lora import (  # noqa: E402
+    SCLoRASubspace,
+    lora_optimizer,
+    lora_rank,
+    lora_state,
+    merge_lora,
+    pissa_init,
+    sclora_init,
+    sclora_subspace,
+    unmerge_lora,
+)
+from subjax.nn._lowrank import (  # noqa: E402
+    LowRankSparseLinear,
+    OrderedDropoutLinear,
+    SparseSupport,
+)
+from subjax.nn._spectral import (  # noqa: E402
+    IntruderResult,
+    intruder_dimensions,
+    stable_rank,
+    welore_ranks,
+)
+
+__all__ += [
+    "IntruderResult",
+    "LowRankSparseLinear",
+    "OrderedDropoutLinear",
+    "SCLoRASubspace",
+    "SparseSupport",
+    "intruder_dimensions",
+    "lora_optimizer",
+    "lora_rank",
+    "lora_state",
+    "merge_lora",
+    "pissa_init",
+    "sclora_init",
+    "sclora_subspace",
+    "stable_rank",
+    "unmerge_lora",
+    "welore_ranks",
+]
