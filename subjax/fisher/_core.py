@@ -177,7 +177,7 @@ def diag_true(
         def one(x):
             x1 = _one(x)
             logits, vjp = jax.vjp(lambda p: apply_fn(p, x1), params)
-            logp = jax.nn.log_softmax(logits[0].astype(jnp.float32))
+            logp = jax.nn.log_softmax(logits[0].astype(lk.wide(logits.dtype)))
             w = jnp.sqrt(jnp.exp(logp))  # sqrt p_c
 
             def per_class(c):

@@ -45,7 +45,7 @@ Params = Any
 
 
 class KFACStats(NamedTuple):
-    """Kronecker factors of one dense layer from one batch (float32).
+    """Kronecker factors of one dense layer from one batch (float32, or float64 in x64).
 
     Attributes:
       a: ``(d_in + 1, d_in + 1)`` (``d_in`` without bias) second moment of inputs.
@@ -98,7 +98,7 @@ class _Capture:
         if self.eps is None:  # shape pass
             self.shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
             return y
-        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(jnp.float32)
+        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(lk.wide(x.dtype))
         if has_bias:
             a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
         self.acts[key] = a
@@ -270,7 +270,7 @@ def kfac_grads_and_stats(
         keys = [f"{name}#{i}" for i in range(shape_cap.counts[name])]
         a = jnp.concatenate([acts[k] for k in keys], axis=0)
         d = jnp.concatenate(
-            [eps_grads[k].reshape(-1, d_out).astype(jnp.float32) for k in keys], axis=0
+            [eps_grads[k].reshape(-1, d_out).astype(a.dtype) for k in keys], axis=0
         )
         a_f = (a.T @ a) / a.shape[0]
         g_f = (d.T @ d) * n  # delta = n * d  ->  (1/n) sum delta delta^T

@@ -53,7 +53,7 @@ def fisher_operator(
     from subjax.linalg import LinearOperator
 
     flat, unravel = ravel_pytree(params)
-    dt = jnp.promote_types(flat.dtype, jnp.float32)
+    dt = lk.wide(flat.dtype)
     params32 = unravel(flat.astype(dt))
     fv = _make_products(apply_fn, params32, inputs, labels, likelihood, kind)
 
@@ -148,7 +148,7 @@ def rank_one(
     if method != "mean_gradient":
         raise ValueError(f"`method` must be 'mean_gradient' or 'top', got {method!r}")
     lk.check_likelihood(likelihood)
-    p32 = jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float32)), params)
+    p32 = jax.tree.map(lambda p: p.astype(lk.wide(p.dtype)), params)
     g = jax.grad(lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(p32)
     gnorm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(g)))
     u = jax.tree.map(lambda x: x / jnp.maximum(gnorm, jnp.finfo(x.dtype).tiny), g)

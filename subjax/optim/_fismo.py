@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subjax.optim._kfac import in_unit, leaf_paths, positive
+from subjax.optim._kfac import at_least, in_unit, leaf_paths, positive
 
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -109,8 +109,8 @@ def scale_by_fismo(
     in_unit(beta, "beta")
     in_unit(decay, "decay")
     positive(damping, "damping")
-    if not isinstance(inverse_every, int) or inverse_every < 1:
-        raise ValueError(f"`inverse_every` must be an int >= 1, got {inverse_every!r}")
+    at_least(inverse_every, "inverse_every")
+    at_least(ns_steps, "ns_steps", 0)
 
     def names(params):
         return ["/".join(p) for p in leaf_paths(params)]

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subjax.fisher._likelihood import wide
+
 Params = Any
 
 
@@ -130,12 +132,21 @@ def in_unit(value, name):
         raise ValueError(f"`{name}` must be in [0, 1), got {value}")
 
 
+def at_least(value, name, minimum=1):
+    """Check a Python int setting (arrays, e.g. from optax.inject_hyperparams, pass)."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and not (
+            float(value).is_integer() and value >= minimum)):
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
 def pmean(tree, axis_name):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
 class KFACState(NamedTuple):
     """State of :func:`scale_by_kfac`.
+
+    Factor and momentum arrays are float32, or the parameter dtype when wider.
 
     Attributes:
       count: int32 scalar, number of updates so far.
@@ -162,7 +173,7 @@ class KFACState(NamedTuple):
 
 
 def _eigh(m):
-    w, v = jnp.linalg.eigh(m.astype(jnp.float32))
+    w, v = jnp.linalg.eigh(m)
     return jnp.maximum(w, 0.0), v
 
 
@@ -189,26 +200,27 @@ def scale_by_kfac(
     positive(damping, "damping")
     in_unit(momentum, "momentum")
     in_unit(decay, "decay")
-    if not isinstance(inverse_every, int) or inverse_every < 1:
-        raise ValueError(f"`inverse_every` must be an int >= 1, got {inverse_every!r}")
+    at_least(inverse_every, "inverse_every")
     if damping_mode not in ("kronecker", "factored"):
         raise ValueError(f"`damping_mode` must be 'kronecker' or 'factored', got {damping_mode!r}")
     if norm_constraint is not None:
         positive(norm_constraint, "norm_constraint")
-    if not 0 < damping_factor < 1:
+    if isinstance(damping_factor, (int, float)) and not 0 < damping_factor < 1:
         raise ValueError(f"`damping_factor` must be in (0, 1), got {damping_factor}")
     layers = None if layers is None else tuple(layers)
 
     def init_fn(params):
         dense = find_dense_layers(params, layers)
         fa, fg, ea, eg = {}, {}, {}, {}
+        leaves = jax.tree.leaves(params)
         for d in dense:
             na = d.d_in + (d.bias is not None)
-            fa[d.name] = jnp.zeros((na, na), jnp.float32)
-            fg[d.name] = jnp.zeros((d.d_out, d.d_out), jnp.float32)
-            ea[d.name] = (jnp.zeros((na,), jnp.float32), jnp.eye(na, dtype=jnp.float32))
-            eg[d.name] = (jnp.zeros((d.d_out,), jnp.float32), jnp.eye(d.d_out, dtype=jnp.float32))
-        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+            dt = wide(leaves[d.kernel].dtype)
+            fa[d.name] = jnp.zeros((na, na), dt)
+            fg[d.name] = jnp.zeros((d.d_out, d.d_out), dt)
+            ea[d.name] = (jnp.zeros((na,), dt), jnp.eye(na, dtype=dt))
+            eg[d.name] = (jnp.zeros((d.d_out,), dt), jnp.eye(d.d_out, dtype=dt))
+        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), wide(p.dtype)), params)
         return KFACState(
             count=jnp.zeros((), jnp.int32),
             factor_a=fa,
@@ -239,10 +251,13 @@ def scale_by_kfac(
 
         count = state.count
         rho = jnp.maximum(1.0 - decay, 1.0 / (count.astype(jnp.float32) + 1.0))
-        fa = {k: (1 - rho) * state.factor_a[k] + rho * stats[k].a.astype(jnp.float32)
-              for k in state.factor_a}
-        fg = {k: (1 - rho) * state.factor_g[k] + rho * stats[k].g.astype(jnp.float32)
-              for k in state.factor_g}
+
+        def ema(old, new):
+            r = rho.astype(old.dtype)
+            return (1 - r) * old + r * new.astype(old.dtype)
+
+        fa = {k: ema(state.factor_a[k], stats[k].a) for k in state.factor_a}
+        fg = {k: ema(state.factor_g[k], stats[k].g) for k in state.factor_g}
 
         def refresh(_):
             return ({k: _eigh(v) for k, v in fa.items()}, {k: _eigh(v) for k, v in fg.items()})
@@ -252,7 +267,7 @@ def scale_by_kfac(
         )
 
         # Damping: adaptive (Levenberg-Marquardt on the lagged reduction ratio).
-        lam = state.damping
+        lam = state.damping if adaptive_damping else jnp.asarray(damping, jnp.float32)
         if adaptive_damping:
             cur = jnp.asarray(loss, jnp.float32)
             ratio = (cur - state.prev_loss) / jnp.minimum(state.prev_pred, -1e-30)
@@ -263,7 +278,7 @@ def scale_by_kfac(
 
         leaves = jax.tree.leaves(updates)
         treedef = jax.tree.structure(updates)
-        g32 = [x.astype(jnp.float32) for x in leaves]
+        g32 = [x.astype(wide(x.dtype)) for x in leaves]
         out = list(g32)  # identity preconditioner for non-dense leaves
         for d in dense:
             gr = g32[d.kernel]
@@ -271,28 +286,31 @@ def scale_by_kfac(
                 gr = jnp.concatenate([gr, g32[d.bias][None, :]], axis=0)
             wa, qa = ea[d.name]
             wg, qg = eg[d.name]
+            gr = gr.astype(wa.dtype)
+            lam_d = lam.astype(wa.dtype)
             if damping_mode == "kronecker":
                 t = qa.T @ gr @ qg
-                t = t / (wa[:, None] * wg[None, :] + lam)
+                t = t / (wa[:, None] * wg[None, :] + lam_d)
             else:
                 ta = jnp.mean(wa) + 1e-30
                 tg = jnp.mean(wg) + 1e-30
                 pi = jnp.sqrt(ta / tg)
-                sl = jnp.sqrt(lam)
+                sl = jnp.sqrt(lam_d)
                 t = qa.T @ gr @ qg
                 t = t / ((wa + pi * sl)[:, None] * (wg + sl / pi)[None, :])
             delta = qa @ t @ qg.T
-            out[d.kernel] = delta[: d.d_in]
+            out[d.kernel] = delta[: d.d_in].astype(g32[d.kernel].dtype)
             if d.bias is not None:
-                out[d.bias] = delta[d.d_in]
+                out[d.bias] = delta[d.d_in].astype(g32[d.bias].dtype)
         if norm_constraint is not None:
             lr = learning_rate_for_constraint
             lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
-            vg = sum(jnp.vdot(o, g) for o, g in zip(out, g32, strict=True))
+            vg = sum(jnp.vdot(o, g).astype(jnp.float32) for o, g in zip(out, g32, strict=True))
             nu = jnp.minimum(1.0, jnp.sqrt(norm_constraint / (lr**2 * jnp.abs(vg) + 1e-30)))
-            out = [o * nu for o in out]
+            out = [o * nu.astype(o.dtype) for o in out]
         mom_leaves = jax.tree.leaves(state.momentum)
-        v = [momentum * m + o for m, o in zip(mom_leaves, out, strict=True)]
+        mu = jnp.asarray(momentum, jnp.float32)
+        v = [mu.astype(m.dtype) * m + o for m, o in zip(mom_leaves, out, strict=True)]
 
         pred = jnp.zeros((), jnp.float32)
         if adaptive_damping:
@@ -300,13 +318,14 @@ def scale_by_kfac(
             # alias passes it in): M = -lr g.v + lr^2/2 (v.Fv + lam |v|^2), F from factors.
             lr = learning_rate_for_constraint
             lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
-            quad = sum(jnp.vdot(x, x) for x in v) * lam
+            quad = sum(jnp.vdot(x, x).astype(jnp.float32) for x in v) * lam
             for d in dense:
                 vr = v[d.kernel]
                 if d.bias is not None:
                     vr = jnp.concatenate([vr, v[d.bias][None, :]], axis=0)
-                quad = quad + jnp.vdot(vr, fa[d.name] @ vr @ fg[d.name])
-            lin = sum(jnp.vdot(g, x) for g, x in zip(g32, v, strict=True))
+                vr = vr.astype(fa[d.name].dtype)
+                quad = quad + jnp.vdot(vr, fa[d.name] @ vr @ fg[d.name]).astype(jnp.float32)
+            lin = sum(jnp.vdot(g, x).astype(jnp.float32) for g, x in zip(g32, v, strict=True))
             pred = -lr * lin + 0.5 * lr**2 * quad
 
         new_state = KFACState(

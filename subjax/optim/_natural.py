@@ -11,7 +11,8 @@ import optax
 
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
-from subjax.optim._kfac import in_unit, positive
+from subjax.fisher._likelihood import wide
+from subjax.optim._kfac import at_least, in_unit, positive
 
 Params = Any
 
@@ -21,7 +22,7 @@ def _vdot(a, b):
 
 
 def _axpy(alpha, x, y):
-    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+    return jax.tree.map(lambda xi, yi: jnp.asarray(alpha).astype(xi.dtype) * xi + yi, x, y)
 
 
 def tree_cg(matvec: Callable, b, x0, *, maxiter: int, tol):
@@ -34,8 +35,9 @@ def tree_cg(matvec: Callable, b, x0, *, maxiter: int, tol):
     r = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
     p = r
     rs = _vdot(r, r)
-    bnorm2 = jnp.maximum(_vdot(b, b), jnp.finfo(jnp.float32).tiny)
-    tol2 = jnp.asarray(tol, jnp.float32) ** 2 * bnorm2
+    tiny = jnp.asarray(jnp.finfo(jnp.float32).tiny, rs.dtype)
+    bnorm2 = jnp.maximum(_vdot(b, b), tiny)
+    tol2 = jnp.asarray(tol).astype(rs.dtype) ** 2 * bnorm2
 
     def cond(c):
         _, _, _, rs, k = c
@@ -44,15 +46,15 @@ def tree_cg(matvec: Callable, b, x0, *, maxiter: int, tol):
     def body(c):
         x, r, p, rs, k = c
         ap = matvec(p)
-        alpha = rs / jnp.maximum(_vdot(p, ap), jnp.finfo(jnp.float32).tiny)
+        alpha = rs / jnp.maximum(_vdot(p, ap), tiny)
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
         rs_new = _vdot(r, r)
-        p = _axpy(rs_new / jnp.maximum(rs, jnp.finfo(jnp.float32).tiny), p, r)
+        p = _axpy(rs_new / jnp.maximum(rs, tiny), p, r)
         return x, r, p, rs_new, k + 1
 
     x, _, _, rs, k = jax.lax.while_loop(cond, body, (x0, r, p, rs, jnp.zeros((), jnp.int32)))
-    return x, k, jnp.sqrt(rs / bnorm2)
+    return x, k, jnp.sqrt(rs / bnorm2).astype(jnp.float32)
 
 
 class NaturalGradientState(NamedTuple):
@@ -60,7 +62,7 @@ class NaturalGradientState(NamedTuple):
 
     Attributes:
       count: int32 scalar.
-      direction: pytree like params (float32), the last solution ``d`` (CG warm start
+      direction: pytree like params (float32 or wider), the last solution ``d`` (CG warm start
         and heavy-ball momentum buffer).
       cg_iters: int32 scalar, CG iterations of the last solve.
       cg_residual: float32 scalar, relative residual ``|(F + lambda) d - g| / |g|``.
@@ -89,13 +91,12 @@ def scale_by_natural_gradient(
     lk.check_likelihood(likelihood)
     if curvature not in ("fisher", "empirical"):
         raise ValueError(f"`curvature` must be 'fisher' or 'empirical', got {curvature!r}")
-    if not isinstance(maxiter, int) or maxiter < 1:
-        raise ValueError(f"`maxiter` must be an int >= 1, got {maxiter!r}")
+    at_least(maxiter, "maxiter")
 
     def init_fn(params):
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32),
-            direction=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+            direction=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), wide(p.dtype)), params),
             cg_iters=jnp.zeros((), jnp.int32),
             cg_residual=jnp.zeros((), jnp.float32),
         )
@@ -115,7 +116,7 @@ def scale_by_natural_gradient(
             raise ValueError("curvature='empirical' needs `labels` in update")
         if not callable(apply_fn):
             raise TypeError(f"`apply_fn` must be callable, got {type(apply_fn).__name__}")
-        p32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        p32 = jax.tree.map(lambda p: p.astype(wide(p.dtype)), params)
         if curvature == "fisher":
             fv = _core.make_fvp(apply_fn, p32, inputs, likelihood=likelihood)
         else:
@@ -123,11 +124,11 @@ def scale_by_natural_gradient(
         lam = jnp.asarray(damping, jnp.float32)
 
         def matvec(v):
-            fvv = jax.tree.map(lambda a: a.astype(jnp.float32), fv(v))
+            fvv = jax.tree.map(lambda a, b: a.astype(b.dtype), fv(v), v)
             fvv = fvv if axis_name is None else jax.lax.pmean(fvv, axis_name)
             return _axpy(lam, v, fvv)
 
-        g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
+        g = jax.tree.map(lambda x: x.astype(wide(x.dtype)), updates)
         x0 = state.direction if warm_start else jax.tree.map(jnp.zeros_like, g)
         d, k, res = tree_cg(matvec, g, x0, maxiter=maxiter, tol=tol)
         v = _axpy(jnp.asarray(momentum, jnp.float32), state.direction, d)

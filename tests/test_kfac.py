@@ -1,0 +1,308 @@
+"""K-FAC statistics capture and the K-FAC / natural-gradient / FISMO optimizers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from fisher_models import mlp_apply, mlp_params
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from subjax import fisher, optim
+from subjax.fisher import _likelihood as lk
+
+
+def _manual_layer_data(params, x):
+    """Per-example layer inputs and pre-activations of the tiny MLP, by hand."""
+    acts, pre = [], []
+    h = x
+    n = len(params)
+    for i in range(n):
+        p = params[f"l{i}"]
+        acts.append(h)
+        s = h @ p["kernel"] + p["bias"]
+        pre.append(s)
+        h = jnp.tanh(s) if i < n - 1 else s
+    return acts, pre, h
+
+
+def _delta(params, x, y, likelihood, layer):
+    """Per-example d nll_i / d s_i at ``layer`` by jax.jacobian through the tail."""
+    n = len(params)
+    acts, pre, _ = _manual_layer_data(params, x)
+
+    def tail(s_i, y_i):
+        h = s_i
+        for j in range(layer, n):
+            if j > layer:
+                p = params[f"l{j}"]
+                h = h @ p["kernel"] + p["bias"]
+            if j < n - 1:
+                h = jnp.tanh(h)
+        return lk.nll(likelihood, h[None], y_i[None])[0]
+
+    return jax.vmap(jax.grad(tail))(pre[layer], y), acts[layer]
+
+
+@pytest.mark.parametrize("mode", ["empirical", "true"])
+def test_kronecker_factors_match_dense(x64, key, mode):
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (7,), 0, 4)
+    skey = jax.random.key(3)
+    loss, grads, stats = fisher.kfac_grads_and_stats(
+        mlp_apply, params, x, y, likelihood="categorical", fisher=mode, key=skey
+    )
+    ref_loss, ref_grads = jax.value_and_grad(
+        lambda p: lk.mean_nll("categorical", mlp_apply(p, x), y))(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(ravel_pytree(grads)[0], ravel_pytree(ref_grads)[0], rtol=1e-10)
+    if mode == "true":  # the targets the capture sampled with the same key
+        y_used = jax.random.categorical(skey, mlp_apply(params, x), axis=-1)
+    else:
+        y_used = y
+    assert set(stats) == {"l0", "l1"}
+    for layer in (0, 1):
+        delta, a = _delta(params, x, y_used, "categorical", layer)
+        a1 = jnp.concatenate([a, jnp.ones((a.shape[0], 1))], axis=1)
+        np.testing.assert_allclose(stats[f"l{layer}"].a, a1.T @ a1 / 7, rtol=1e-5)
+        np.testing.assert_allclose(stats[f"l{layer}"].g, delta.T @ delta / 7, rtol=1e-5,
+                                   atol=1e-12)
+
+
+def test_kfac_block_is_exact_for_one_example_and_matches_per_example_sum(x64, key):
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(4), (6, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(5), (6,), 0, 4)
+    delta, a = _delta(params, x, y, "categorical", 1)
+    a1 = jnp.concatenate([a, jnp.ones((6, 1))], axis=1)
+    # per-example gradients of the augmented weight [W; b] of layer 1
+    gw = jnp.einsum("ni,no->nio", a1, delta).reshape(6, -1)
+    # one example: the Fisher block of that example is exactly A (x) G
+    _, _, st1 = fisher.kfac_grads_and_stats(
+        mlp_apply, params, x[:1], y[:1], likelihood="categorical", fisher="empirical")
+    np.testing.assert_allclose(np.kron(st1["l1"].a, st1["l1"].g), jnp.outer(gw[0], gw[0]),
+                               rtol=1e-5, atol=1e-12)
+    # a batch: K-FAC's block is E[aa^T] (x) E[dd^T], built from the same per-example data
+    _, _, st = fisher.kfac_grads_and_stats(
+        mlp_apply, params, x, y, likelihood="categorical", fisher="empirical")
+    kfac_block = np.kron(st["l1"].a, st["l1"].g)
+    np.testing.assert_allclose(kfac_block, np.kron(a1.T @ a1 / 6, delta.T @ delta / 6),
+                               rtol=1e-5, atol=1e-12)
+    exact_block = gw.T @ gw / 6
+    assert np.linalg.norm(kfac_block - exact_block) > 1e-6  # an approximation, not identity
+
+
+@pytest.mark.parametrize("damping_mode", ["kronecker", "factored"])
+def test_kfac_update_equals_dense_preconditioned_gradient(x64, key, damping_mode):
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(6), (9, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(7), (9,), 0, 4)
+    _, grads, stats = fisher.kfac_grads_and_stats(
+        mlp_apply, params, x, y, likelihood="categorical", fisher="empirical")
+    lam = 0.05
+    opt = optim.kfac(1.0, damping=lam, momentum=0.0, damping_mode=damping_mode)
+    state = opt.init(params)
+    upd, _ = opt.update(grads, state, params, kfac_stats=stats)
+    for name in ("l0", "l1"):
+        a, g = np.asarray(stats[name].a), np.asarray(stats[name].g)
+        gr = np.concatenate([grads[name]["kernel"], grads[name]["bias"][None]], axis=0)
+        if damping_mode == "kronecker":
+            # row-major vec: vec(A X G) = (A (x) G) vec(X)
+            m = np.kron(a, g) + lam * np.eye(a.shape[0] * g.shape[0])
+            d = np.linalg.solve(m, gr.reshape(-1)).reshape(gr.shape)
+        else:
+            pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+            d = np.linalg.solve(a + pi * np.sqrt(lam) * np.eye(a.shape[0]), gr)
+            d = d @ np.linalg.inv(g + np.sqrt(lam) / pi * np.eye(g.shape[0]))
+        np.testing.assert_allclose(-upd[name]["kernel"], d[:-1], rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(-upd[name]["bias"], d[-1], rtol=1e-6, atol=1e-10)
+
+
+def test_natural_gradient_logistic_regression_equals_dense_solve(x64):
+    x = jax.random.normal(jax.random.key(0), (40, 5), jnp.float64)
+    y = (jax.random.uniform(jax.random.key(1), (40, 1)) < 0.5).astype(jnp.float64)
+    w = {"w": 0.3 * jax.random.normal(jax.random.key(2), (5, 1), jnp.float64),
+         "b": jnp.zeros((1,), jnp.float64)}
+    apply = lambda p, xb: xb @ p["w"] + p["b"]
+    loss = lambda p: lk.mean_nll("bernoulli", apply(p, x), y)
+    g = jax.grad(loss)(w)
+    lam = 1e-3
+    opt = optim.natural_gradient(1.0, damping=lam, likelihood="bernoulli", maxiter=10, tol=1e-12)
+    state = opt.init(w)
+    upd, state = opt.update(g, state, w, apply_fn=apply, inputs=x)
+    # dense Fisher of logistic regression: (1/N) sum s(1-s) [x,1][x,1]^T
+    s = jax.nn.sigmoid(apply(w, x))[:, 0]
+    xa = jnp.concatenate([jnp.ones((40, 1)), x], axis=1)  # ravel order: b, then w
+    f = (xa * (s * (1 - s))[:, None]).T @ xa / 40
+    gflat = ravel_pytree(g)[0]
+    ref = np.linalg.solve(f + lam * np.eye(6), gflat)
+    np.testing.assert_allclose(-ravel_pytree(upd)[0], ref, rtol=1e-8)
+    assert int(state[0].cg_iters) <= 6
+
+
+def _nnx_mlp():
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.blocks[1](jnp.tanh(self.blocks[0](x)))
+
+    return MLP(nnx.Rngs(0))
+
+
+@pytest.mark.standard_promotion
+def test_nnx_register_dense_and_training_lowers_loss():
+    model = _nnx_mlp()
+    x = jax.random.normal(jax.random.key(0), (64, 4))
+    y = jnp.argmax(x[:, :3] + 0.3 * x[:, 1:], axis=1)
+    before = model(x)
+    names = fisher.register_dense(model)
+    assert names == ("blocks/0", "blocks/1")
+    np.testing.assert_array_equal(model(x), before)  # outputs unchanged
+    graphdef, params = nnx.split(model, nnx.Param)
+    apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+    opt = optim.kfac(0.3, damping=1e-2, norm_constraint=1e-2)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, k):
+        loss, grads, stats = fisher.kfac_grads_and_stats(apply, params, x, y, key=k)
+        upd, state = opt.update(grads, state, params, kfac_stats=stats)
+        return optax.apply_updates(params, upd), state, loss
+
+    losses = []
+    for i in range(30):
+        params, state, loss = step(params, state, jax.random.key(i))
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_kfac_stats_axis_name_pmean_equals_full_batch(key):
+    """The issue-8 contract: per-shard stats pmean-ed in update == full-batch update."""
+    params = mlp_params(key, sizes=(3, 5, 4))
+    x = jax.random.normal(jax.random.key(8), (8, 3))
+    y = jax.random.randint(jax.random.key(9), (8,), 0, 4)
+    _, grads, stats = fisher.kfac_grads_and_stats(
+        mlp_apply, params, x, y, fisher="empirical")
+    opt = optim.kfac(0.5, damping=1e-2)
+    state = opt.init(params)
+    full, _ = jax.jit(lambda g, s, st: opt.update(g, s, params, kfac_stats=st))(
+        grads, state, stats)
+
+    opt_d = optim.kfac(0.5, damping=1e-2, axis_name="d")
+
+    def shard(xs, ys):
+        _, g, st = fisher.kfac_grads_and_stats(mlp_apply, params, xs, ys, fisher="empirical")
+        g = jax.lax.pmean(g, "d")
+        return opt_d.update(g, state, params, kfac_stats=st)[0]
+
+    sharded = jax.jit(jax.vmap(shard, axis_name="d"))(x.reshape(4, 2, 3), y.reshape(4, 2))
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(a[3], b, rtol=2e-4, atol=1e-6)
+
+
+def test_natural_gradient_axis_name_equals_full_batch(key):
+    params = mlp_params(key, sizes=(3, 5, 4))
+    x = jax.random.normal(jax.random.key(10), (8, 3))
+    y = jax.random.randint(jax.random.key(11), (8,), 0, 4)
+    loss = lambda p, xb, yb: lk.mean_nll("categorical", mlp_apply(p, xb), yb)
+    opt = optim.natural_gradient(1.0, damping=1e-2, maxiter=8)
+    state = opt.init(params)
+    g = jax.grad(loss)(params, x, y)
+    full, _ = jax.jit(lambda g: opt.update(g, state, params, apply_fn=mlp_apply, inputs=x))(g)
+    opt_d = optim.natural_gradient(1.0, damping=1e-2, maxiter=8, axis_name="d")
+
+    def shard(xs, ys):
+        gs = jax.lax.pmean(jax.grad(loss)(params, xs, ys), "d")
+        return opt_d.update(gs, state, params, apply_fn=mlp_apply, inputs=xs)[0]
+
+    sharded = jax.jit(jax.vmap(shard, axis_name="d"))(x.reshape(4, 2, 3), y.reshape(4, 2))
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(a[2], b, rtol=1e-3, atol=1e-5)
+
+
+def test_kfac_capture_under_vmap(key):
+    params = mlp_params(key, sizes=(3, 5, 4))
+    xs = jax.random.normal(jax.random.key(12), (3, 6, 3))
+    ys = jax.random.randint(jax.random.key(13), (3, 6), 0, 4)
+    f = lambda xb, yb: fisher.kfac_grads_and_stats(mlp_apply, params, xb, yb, fisher="empirical")
+    batched = jax.jit(jax.vmap(f))(xs, ys)
+    one = jax.jit(f)(xs[2], ys[2])
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
+        np.testing.assert_allclose(a[2], b, rtol=1e-5, atol=1e-6)
+
+
+def test_newton_schulz_orthogonalizes():
+    m = jax.random.normal(jax.random.key(0), (12, 7))
+    o = optim.newton_schulz(m, steps=5)
+    s = jnp.linalg.svd(o, compute_uv=False)
+    assert float(s.min()) > 0.6 and float(s.max()) < 1.25
+    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
+    # same singular vectors as the exact polar factor
+    np.testing.assert_allclose(jnp.abs(jnp.sum((u @ vt) * o) / jnp.linalg.norm(o)),
+                               jnp.sqrt(7.0), rtol=0.05)
+
+
+@pytest.mark.standard_promotion
+def test_fismo_first_step_matches_formula(x64):
+    g = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+    params = {"w": jnp.zeros((5, 3), jnp.float64)}
+    beta, gam, mu = 0.9, 0.8, 1e-2
+    opt = optim.fismo(1.0, beta=beta, decay=gam, damping=mu, ns_steps=5)
+    state = opt.init(params)
+    upd, _ = opt.update({"w": g}, state, params)
+    # formula, with P0 = I, Q0 = I (inverses from the previous refresh = identity)
+    m, n = g.shape
+    lft = g @ g.T / n + mu * np.eye(m)
+    pt = gam * np.eye(m) + (1 - gam) * lft
+    p = m * pt / np.trace(pt)
+    rgt = g.T @ g / m + mu * np.eye(n)
+    qt = gam * np.eye(n) + (1 - gam) * rgt
+    q = n * qt / np.trace(qt)
+
+    def isqrt(a):
+        w, v = np.linalg.eigh(a)
+        return (v / np.sqrt(w)) @ v.T
+
+    mom = (1 - beta) * isqrt(p) @ g @ isqrt(q)
+    ref = isqrt(p) @ np.asarray(optim.newton_schulz(jnp.asarray(mom), 5)) @ isqrt(q)
+    # Newton-Schulz runs in float32 by design (DESIGN: at least float32): float32 tolerance
+    np.testing.assert_allclose(-upd["w"], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_inputs(key):
+    params = mlp_params(key)
+    x = jax.random.normal(key, (4, 3))
+    y = jnp.zeros((4,), jnp.int32)
+    for make in (lambda d: optim.kfac(0.1, damping=d), lambda d: optim.natural_gradient(0.1, d),
+                 lambda d: optim.fismo(0.1, damping=d)):
+        with pytest.raises(ValueError, match="damping"):
+            make(0.0)
+        with pytest.raises(ValueError, match="damping"):
+            make(-1.0)
+    # a model without registered dense layers
+    plain = lambda p, xb: xb @ p["l0"]["kernel"] + p["l0"]["bias"]
+    with pytest.raises(ValueError, match="register_dense"):
+        fisher.kfac_grads_and_stats(plain, params, x, y, fisher="empirical")
+    with pytest.raises(ValueError, match="register_dense"):
+        optim.kfac(0.1).init({"w": jnp.ones((3, 3))})
+    opt = optim.kfac(0.1)
+    st = opt.init(params)
+    with pytest.raises(ValueError, match="kfac_stats"):
+        opt.update(params, st, params)
+    _, _, stats = fisher.kfac_grads_and_stats(mlp_apply, params, x, y, fisher="empirical")
+    with pytest.raises(ValueError, match="'l1'"):
+        opt.update(params, st, params, kfac_stats={"l0": stats["l0"]})
+    with pytest.raises(ValueError, match="key"):
+        fisher.kfac_grads_and_stats(mlp_apply, params, x, y)  # sampled Fisher, no key
+    with pytest.raises(ValueError, match="labels"):
+        fisher.kfac_grads_and_stats(mlp_apply, params, x, None, fisher="empirical")
+    ng = optim.natural_gradient(0.1)
+    with pytest.raises(ValueError, match="apply_fn"):
+        ng.update(params, ng.init(params), params)
+    with pytest.raises(TypeError, match="nnx.Module"):
+        fisher.register_dense({"kernel": jnp.ones((2, 2))})
