@@ -118,6 +118,7 @@ def data_parallel(
     out_specs: Any = None,
     donate_argnums: int | Sequence[int] = (),
     jit: bool = True,
+    check_vma: bool = True,
 ) -> Callable[..., Any]:
     r"""Run ``step_fn`` data-parallel: batch split over ``axis_name``, the rest replicated.
 
@@ -150,6 +151,13 @@ def data_parallel(
         optimizer state).
       jit: wrap in ``jax.jit`` (default). With ``False`` the shard_map-ed function
         is returned unjitted (for use inside a larger jitted function).
+      check_vma: forwarded to ``jax.shard_map``. With ``True`` (default) JAX tracks
+        which values vary across shards, rejects a varying output returned as
+        replicated, and differentiating w.r.t. a *replicated* value sums the
+        cotangent over the axis. Code that differentiates w.r.t. arrays it creates
+        itself (``jnp.zeros`` taps, as some curvature-statistics capture code does)
+        then gets summed per-example cotangents; ``check_vma=False`` restores
+        purely local autodiff (and drops the replication check).
 
     Returns:
       ``step(*args)`` with the same outputs as ``step_fn``.
@@ -190,7 +198,9 @@ def data_parallel(
         key = (nargs, *argnums)
         if key not in cache:
             in_specs = tuple(P(axis_name) if i in argnums else P() for i in range(nargs))
-            fn = jax.shard_map(step_fn, mesh=mesh, in_specs=in_specs, out_specs=out)
+            fn = jax.shard_map(
+                step_fn, mesh=mesh, in_specs=in_specs, out_specs=out, check_vma=check_vma
+            )
             if jit:
                 fn = jax.jit(fn, donate_argnums=donate_argnums)
             cache[key] = fn
@@ -234,6 +244,7 @@ def train_step(
     axis_name: str | None = None,
     has_aux: bool = False,
     extra_args_fn: Callable[[PyTree, PyTree], dict] | None = None,
+    grad_fn: Callable[[PyTree, PyTree], tuple] | None = None,
 ) -> Callable[[PyTree, PyTree, PyTree], tuple]:
     r"""A training step ``(params, opt_state, batch) -> (params, opt_state, loss)``.
 
@@ -263,6 +274,17 @@ def train_step(
         averaged over the axis too.
       extra_args_fn: optional ``(params, local_batch) -> dict`` of extra keyword
         arguments for ``optimizer.update``.
+      grad_fn: optional ``(params, local_batch) -> (loss, grads, extra)`` used instead
+        of ``jax.value_and_grad(loss_fn)`` when the gradient and the optimizer's
+        statistics come out of one pass, e.g. K-FAC::
+
+            def grad_fn(p, b):
+                loss, g, stats = subjax.fisher.kfac_grads_and_stats(
+                    apply_fn, p, b["x"], b["y"], fisher="empirical")
+                return loss, g, {"kfac_stats": stats}
+
+        ``loss_fn`` may then be ``None``; ``extra`` is merged with
+        ``extra_args_fn``'s.
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``; with
@@ -281,8 +303,12 @@ def train_step(
       Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour",
       2017 (synchronous data parallelism by gradient all-reduce).
     """
-    if not callable(loss_fn):
+    if grad_fn is None and not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+    if grad_fn is not None and not callable(grad_fn):
+        raise TypeError(f"`grad_fn` must be callable, got {type(grad_fn).__name__}")
+    if grad_fn is not None and has_aux:
+        raise ValueError("`has_aux=True` is not supported with `grad_fn`; return aux in `extra`")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(
             "`optimizer` must be an optax.GradientTransformation (with init and update), "
@@ -297,8 +323,14 @@ def train_step(
             # Differentiate w.r.t. a per-shard copy so that the gradient stays local
             # (shard_map would otherwise psum it implicitly); average explicitly.
             local = _to_varying(params, axis_name)
-        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(local, batch)
-        extra = {} if extra_args_fn is None else dict(extra_args_fn(local, batch))
+        if grad_fn is None:
+            out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(local, batch)
+            extra = {}
+        else:
+            out, grads, extra = grad_fn(local, batch)
+            extra = dict(extra)
+        if extra_args_fn is not None:
+            extra.update(extra_args_fn(local, batch))
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             out = (
