@@ -200,21 +200,25 @@ class Manifold:
     # -- fused optimizer kernels -------------------------------------------
     def momentum_step(
         self, x: Array, g: Array, m: Array, lr: Array, beta: Array,
-        nesterov: bool, retraction: str | None,
+        nesterov: bool, retraction: str | None, refresh: Array | None = None,
     ) -> tuple[Array, Array]:
         """One Riemannian heavy-ball step; returns ``(R_x(-lr d) - x, m_new)``.
 
         ``m`` is the momentum, a tangent vector at the previous iterate; it is
         transported to ``T_x M`` (projection), ``m_new = beta * T(m) + grad f(x)``
         and ``d = m_new`` (or ``grad f(x) + beta * m_new`` with Nesterov).
+        ``refresh`` (a traced bool, optional): when true the new point is also mapped
+        back with :meth:`project_point` (periodic re-orthonormalisation).
         Computed in the working dtype; subclasses override with fused kernels.
         """
         xw, gw, mw = as_work(x), as_work(g), as_work(m)
         rg = self.egrad2rgrad(xw, gw)
         m_new = self.proj(xw, beta * mw) + rg
         d = rg + beta * m_new if nesterov else m_new
-        x_new = self.retract(xw, -lr * d, retraction)
-        return x_new - xw, m_new
+        u = self.retract(xw, -lr * d, retraction) - xw
+        if refresh is not None:
+            u = jax.lax.cond(refresh, lambda u: self.project_point(xw + u) - xw, lambda u: u, u)
+        return u, m_new
 
     def _check_method(self, method: str | None) -> str:
         method = self.default_retraction if method is None else method

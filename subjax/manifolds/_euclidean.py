@@ -71,7 +71,7 @@ class Euclidean(Manifold):
     def check(self, x):
         return jnp.zeros(self.batch_shape(x) if self.shape is not None else (), x.dtype)
 
-    def momentum_step(self, x, g, m, lr, beta, nesterov, retraction):
+    def momentum_step(self, x, g, m, lr, beta, nesterov, retraction, refresh=None):
         m_new = beta * as_work(m) + as_work(g)
         d = as_work(g) + beta * m_new if nesterov else m_new
         return -lr * d, m_new

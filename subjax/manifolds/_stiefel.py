@@ -210,38 +210,57 @@ class Stiefel(Manifold):
         return jnp.sqrt(jnp.sum(err * err, axis=(-2, -1))).astype(x.dtype)
 
     # -- fused heavy-ball step ---------------------------------------------------
-    def momentum_step(self, x, g, m, lr, beta, nesterov, retraction):
+    def momentum_step(self, x, g, m, lr, beta, nesterov, retraction, refresh=None):
+        """Heavy-ball step; fused Gram kernel for polar / (Cholesky-)QR without Nesterov.
+
+        The fused kernel assumes ``x^T x = I`` (the previous step's output is
+        orthonormal to rounding) except when ``refresh`` is true or ``None``: then the
+        Gram ``x^T x`` is computed and the output is orthonormal to rounding whatever
+        the drift of ``x`` (this is the periodic re-orthonormalisation).
+        """
         method = self._check_method(retraction)
         if nesterov or method not in ("polar", "cholesky_qr", "qr"):
-            return super().momentum_step(x, g, m, lr, beta, nesterov, method)
-        return _fused_gram_step(
-            as_work(x), as_work(g), as_work(m), lr, beta, self._normal_coef, method
+            return super().momentum_step(x, g, m, lr, beta, nesterov, method, refresh)
+        args = (as_work(x), as_work(g), as_work(m), lr, beta)
+        nc = self._normal_coef
+        if refresh is None:
+            return _fused_gram_step(*args, nc, method, exact_gram=True)
+        return jax.lax.cond(
+            refresh,
+            lambda a: _fused_gram_step(*a, nc, method, exact_gram=True),
+            lambda a: _fused_gram_step(*a, nc, method, exact_gram=False),
+            args,
         )
 
 
-def _fused_gram_step(x, g, m, lr, beta, normal_coef, method):
+def _fused_gram_step(x, g, m, lr, beta, normal_coef, method, exact_gram=True):
     """Projection + momentum + polar / Cholesky-QR retraction from ``p x p`` Grams.
 
     With ``t = beta m + g`` (ambient), ``a = x^T t``, ``B = normal_coef(a)``:
     ``m_new = P_x(t) = t - x B`` (transported momentum plus Riemannian gradient);
     ``y = x - lr m_new = x (I + lr B) - lr t`` and its Gram
-    ``y^T y = c^T (x^T x) c - lr (c^T a + a^T c) + lr^2 t^T t`` with ``c = I + lr B``
-    (``x^T x`` is computed, not assumed, so the output is orthonormal even when ``x``
-    has drifted). The new point is ``y S`` with ``S = (y^T y)^{-1/2}`` (polar) or
-    ``R^{-1}`` (Cholesky-QR), so ``u = x (c S - I) - lr t S`` and ``m_new`` come out
-    of one fused pass over ``x, m, g``.
+    ``y^T y = c^T (x^T x) c - lr (c^T a + a^T c) + lr^2 t^T t`` with ``c = I + lr B``,
+    where ``x^T x`` is computed when ``exact_gram`` (then the output is orthonormal
+    even when ``x`` has drifted) and taken as ``I`` otherwise (one pass fewer over
+    ``x``). The new point is ``y S`` with ``S = (y^T y)^{-1/2}`` (polar) or ``R^{-1}``
+    (Cholesky-QR); ``m_new`` and ``u = y S - x`` come out of one fused pass over
+    ``x`` and ``t``. Memory passes over ``(n, p)`` arrays: 3 for ``t``, 3 for the Grams
+    (+1 when exact), 4 for the outputs.
     """
     t = beta * m + g
     a = gram(x, t)
-    kxx = gram(x, x)
     ktt = gram(t, t)
     b = normal_coef(a)
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
     c = eye + lr * b
-    yty = mT(c) @ kxx @ c - lr * (mT(c) @ a + mT(a) @ c) + (lr * lr) * ktt
+    if exact_gram:
+        cxc = mT(c) @ gram(x, x) @ c
+    else:
+        cxc = mT(c) @ c
+    yty = cxc - lr * (mT(c) @ a + mT(a) @ c) + (lr * lr) * ktt
     s = _inv_sqrt_spd(yty) if method == "polar" else _chol_inv_upper(yty)
-    u = mm_small(x, c @ s - eye) - mm_small(t, lr * s)
     m_new = t - mm_small(x, b)
+    u = mm_small(x - lr * m_new, s) - x
     return u, m_new
 
 

@@ -179,7 +179,10 @@ def riemannian_sgd(
         ``None`` means all leaves are Euclidean.
       retraction: retraction name for every manifold leaf (default: each manifold's).
       reorthonormalize_every: every this many steps the new point is re-projected
-        onto its manifold (``None`` disables).
+        onto its manifold. The fused Stiefel / Grassmann kernel assumes an
+        orthonormal input between refreshes (one pass over memory fewer) and computes
+        the exact Gram at a refresh; with ``None`` it computes the exact Gram every
+        step (self-correcting), other manifolds are then never re-projected.
       validate: check at ``init`` (concrete parameters only) that each manifold leaf
         is on its manifold; raises ``ValueError`` with the constraint error.
 
@@ -228,8 +231,9 @@ def riemannian_sgd(
             wd = work_dtype(x.dtype)
             lr_w, beta_w = _cast(lr, wd), _cast(beta, wd)
             man = Euclidean() if m is None else m
-            u, m_new = man.momentum_step(x, g, mo, lr_w, beta_w, nesterov, retraction)
-            u = _maybe_reproject(man, as_work(x), u, count, reorthonormalize_every)
+            refresh = None if reorthonormalize_every is None else (
+                (count + 1) % reorthonormalize_every == 0)
+            u, m_new = man.momentum_step(x, g, mo, lr_w, beta_w, nesterov, retraction, refresh)
             return u.astype(x.dtype), m_new.astype(mo.dtype)
 
         new_updates, new_mom = _map_leaves(leaf, mtree, params, updates, mom_tree, n_out=2)
