@@ -74,6 +74,28 @@ def worker():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     print(f"rank {rank}: data_parallel OK losses={dp_losses}", flush=True)
 
+    # --- row-sharded randomized SVD across the two processes vs single-process SVD
+    from subjax.linalg import randomized_svd
+    from subjax.parallel import sharded_randomized_svd
+
+    ka, kb, kk = jax.random.split(jax.random.key(2), 3)
+    u0, _ = jnp.linalg.qr(jax.random.normal(ka, (64, 24)))
+    v0, _ = jnp.linalg.qr(jax.random.normal(kb, (24, 24)))
+    a = np.asarray((u0 * 0.7 ** jnp.arange(24.0)) @ v0.T)
+    ref = randomized_svd(a, 4, key=kk, oversample=4, n_iter=1, method="subspace")
+    a_sharded = shard_batch(a[rank * 32:(rank + 1) * 32], mesh)  # each process: its rows
+    res = sharded_randomized_svd(a_sharded, 4, key=kk, mesh=mesh, oversample=4, n_iter=1,
+                                 method="subspace")
+    s, vt = np.asarray(res.s), np.asarray(res.vt)
+    np.testing.assert_allclose(s, np.asarray(ref.s), rtol=1e-5)
+    sgn = np.sign(np.sum(vt * np.asarray(ref.vt), axis=1))
+    np.testing.assert_allclose(vt * sgn[:, None], np.asarray(ref.vt), atol=2e-5)
+    assert not res.u.is_fully_addressable
+    for shard in res.u.addressable_shards:  # this process's rows of u
+        np.testing.assert_allclose(np.asarray(shard.data) * sgn,
+                                   np.asarray(ref.u)[shard.index], atol=2e-5)
+    print(f"rank {rank}: sharded_svd OK s={s.round(4).tolist()}", flush=True)
+
 
 def test_two_processes_on_localhost():
     env = dict(os.environ)
@@ -86,6 +108,7 @@ def test_two_processes_on_localhost():
     assert proc.returncode == 0, f"stdout:\n{out[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     for rank in (0, 1):
         assert f"rank {rank}: data_parallel OK" in out, out
+        assert f"rank {rank}: sharded_svd OK" in out, out
 
 
 def test_launch_env_validation():
