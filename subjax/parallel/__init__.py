@@ -6,6 +6,8 @@
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
   ``psum`` of the small Gram matrix, TSQR fallback); equal to ``subjax.linalg``.
+- :func:`sharded_sinkhorn`: cost rows split over the axis, cross-device
+  log-sum-exp; equal to ``subjax.ot.sinkhorn``.
 
 Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.distributed``
 from ``SUBJAX_*`` environment variables; see ``docs/readme/parallel.md``).
@@ -25,6 +27,7 @@ from subjax.parallel._linalg import (
     sharded_randomized_svd,
     sharded_subspace_iteration,
 )
+from subjax.parallel._ot import sharded_sinkhorn
 from subjax.parallel.launch import initialize
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "shard_batch",
     "sharded_orthonormalize",
     "sharded_randomized_svd",
+    "sharded_sinkhorn",
     "sharded_subspace_iteration",
     "train_step",
 ]
