@@ -160,7 +160,9 @@ def data_parallel(
         purely local autodiff (and drops the replication check).
 
     Returns:
-      ``step(*args)`` with the same outputs as ``step_fn``.
+      ``step(*args)`` with the same outputs as ``step_fn``; ``step.lower(*args)``
+      lowers it for given (e.g. ``jax.ShapeDtypeStruct``) arguments, to inspect
+      the compiled memory and collectives without running it.
 
     Raises:
       ValueError: ``axis_name`` not in the mesh, or a batch leading size not
@@ -224,6 +226,16 @@ def data_parallel(
                 ) from e
             raise
 
+    def lower(*args):
+        """``jax.jit(...).lower`` of the step for these (possibly abstract) arguments."""
+        if not jit:
+            raise ValueError("`lower` needs data_parallel(..., jit=True)")
+        argnums = _normalize_argnums(batch_argnums, len(args))
+        for i in argnums:
+            _check_batch(args[i], n, axis_name, f"args[{i}]")
+        return build(len(args), argnums).lower(*args)
+
+    step.lower = lower
     return step
 
 
