@@ -96,7 +96,7 @@ def cg(
       b: ``(n,)`` right-hand side (use ``jax.vmap`` for several).
       x0: initial guess (default zeros).
       tol, atol: relative / absolute residual tolerances (may be traced).
-      maxiter: iteration cap (static; default ``n``); size of ``errors``.
+      maxiter: iteration cap (static; default ``10 n``, as scipy); size of ``errors``.
       m: preconditioner approximating ``A^{-1}``: ``(n, n)`` array or operator,
         ``(n,)`` vector (diagonal, e.g. ``1 / diag(A)``), or callable.
 
@@ -123,7 +123,7 @@ def cg(
     n = b.shape[0]
     matvec = _as_matvec(a, n, "a")
     precond = _as_precond(m, n)
-    maxiter = n if maxiter is None else V.static_int(maxiter, "maxiter", 1)
+    maxiter = 10 * n if maxiter is None else V.static_int(maxiter, "maxiter", 1)
     dt = b.dtype
     if x0 is None:
         x0 = jnp.zeros_like(b)

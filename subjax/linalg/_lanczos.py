@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -96,10 +98,7 @@ def lanczos_eigh(
                 f"Krylov basis of block_size * (n_blocks + 1) = {p} * {n_blocks + 1} columns "
                 f"exceeds n={n} for argument `a`; lower `block_size` or `n_blocks`"
             )
-    dt = op.dtype
-    ct = compute_dtype(dt)
-    if ct != dt:
-        op = _cast_operator(op, ct)
+    ct = compute_dtype(op.dtype)
     if v0 is None:
         V.check_key(key)
         v0 = jax.random.normal(key, (n, p), ct)
@@ -109,6 +108,17 @@ def lanczos_eigh(
             raise ValueError(f"`v0` must have shape ({n}, {p}) (block_size), got {v0.shape}")
         v0 = v0.astype(ct)
     tol = jnp.asarray(tol, ct)
+    return _lanczos_impl(
+        op, v0, tol, rank=rank, p=p, n_blocks=n_blocks, max_restarts=max_restarts, which=which
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "p", "n_blocks", "max_restarts", "which"))
+def _lanczos_impl(op, v0, tol, *, rank, p, n_blocks, max_restarts, which):
+    dt = op.dtype
+    ct = compute_dtype(dt)
+    if ct != dt:
+        op = _cast_operator(op, ct)
 
     def cycle(y, ay):
         vs, ws = [y], [ay]

@@ -54,15 +54,31 @@ def _sparse_rmatmat(ops, x):
     return a.T @ x
 
 
-def _wrap_closure(f):
-    if f is None:
-        return None
+class _Closure:
+    """``(operands, x) -> f(x)``; hashed by ``f`` so that jit caches hit when the same
+    user function is wrapped again (the operator's callables are static pytree data)."""
 
-    def g(ops, x):
+    __slots__ = ("f", "vmapped")
+
+    def __init__(self, f, vmapped=False):
+        self.f = f
+        self.vmapped = vmapped
+
+    def __call__(self, ops, x):
         del ops
-        return f(x)
+        if self.vmapped:
+            return jax.vmap(self.f, in_axes=1, out_axes=1)(x)
+        return self.f(x)
 
-    return g
+    def __eq__(self, other):
+        return type(other) is _Closure and other.f is self.f and other.vmapped == self.vmapped
+
+    def __hash__(self):
+        return hash((id(self.f), self.vmapped))
+
+
+def _wrap_closure(f, vmapped=False):
+    return None if f is None else _Closure(f, vmapped)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -116,12 +132,10 @@ class LinearOperator:
                 raise TypeError(f"`{name}` must be callable, got {type(f).__name__}")
         mm = _wrap_closure(matmat)
         if mm is None:
-            mv = matvec
-            mm = _wrap_closure(lambda x: jax.vmap(mv, in_axes=1, out_axes=1)(x))
+            mm = _wrap_closure(matvec, vmapped=True)
         rmm = _wrap_closure(rmatmat)
         if rmm is None and rmatvec is not None:
-            rv = rmatvec
-            rmm = _wrap_closure(lambda x: jax.vmap(rv, in_axes=1, out_axes=1)(x))
+            rmm = _wrap_closure(rmatvec, vmapped=True)
         self._init(
             (),
             shape,
@@ -217,20 +231,33 @@ class LinearOperator:
         return f"LinearOperator(shape={self.shape}, dtype={self.dtype.name})"
 
 
-def _transpose_via_autodiff(op: LinearOperator):
-    mm = op._mm
-    shape = op.shape
-    dtype = op.dtype
-    sym = op.symmetric
+class _AutodiffTranspose:
+    """``(operands, y) -> A^T y`` by ``jax.linear_transpose`` of the forward product."""
 
-    def rmm(ops, y):
-        if sym:
-            return mm(ops, y)
-        x0 = jax.ShapeDtypeStruct((shape[1], y.shape[1]), dtype)
-        (xt,) = jax.linear_transpose(lambda x: mm(ops, x), x0)(y)
+    __slots__ = ("mm", "shape", "dtype", "sym")
+
+    def __init__(self, mm, shape, dtype, sym):
+        self.mm, self.shape, self.dtype, self.sym = mm, shape, dtype, sym
+
+    def _key(self):
+        return (self.mm, self.shape, self.dtype, self.sym)
+
+    def __eq__(self, other):
+        return type(other) is _AutodiffTranspose and other._key() == self._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __call__(self, ops, y):
+        if self.sym:
+            return self.mm(ops, y)
+        x0 = jax.ShapeDtypeStruct((self.shape[1], y.shape[1]), self.dtype)
+        (xt,) = jax.linear_transpose(lambda x: self.mm(ops, x), x0)(y)
         return xt
 
-    return rmm
+
+def _transpose_via_autodiff(op: LinearOperator):
+    return _AutodiffTranspose(op._mm, op.shape, op.dtype, op.symmetric)
 
 
 def _check_operand(x, size, ndim, name):
@@ -291,6 +318,7 @@ def check_finite_if_concrete(a, name: str = "a") -> None:
     """Raise ``ValueError`` if ``a`` is a concrete dense array with NaN / inf entries."""
     if not is_dense(a) or isinstance(a, jax.core.Tracer):
         return
-    arr = np.asarray(a) if isinstance(a, np.ndarray) else a
-    if not bool(jnp.all(jnp.isfinite(arr))):
+    # numpy on the concrete value: works even while an outer jit is tracing (a
+    # closed-over constant), where a jnp reduction would be staged out as a tracer.
+    if not np.all(np.isfinite(np.asarray(a))):
         raise ValueError(f"`{name}` has non-finite entries (NaN or inf)")

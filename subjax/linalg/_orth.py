@@ -81,6 +81,7 @@ def shifted_cholesky_qr3(x):
     m, k = x.shape[-2:]
     u = _eps(x.dtype)
     nrm2 = jnp.sum(jnp.square(x))
+    nrm2 = jnp.maximum(nrm2, jnp.finfo(x.dtype).tiny)
     shift = jnp.asarray(11.0 * (m * k + k * (k + 1)), x.dtype) * u * nrm2
     q0, r0 = _chol_step(x, shift)
     q, r, ok = cholesky_qr2(q0)
@@ -121,7 +122,8 @@ def polar_newton_schulz(x, steps: int = 40):
 
     With ``y = x z``, ``y^T y = z^T g z`` (``g = x^T x``), so the iteration
     ``y <- y (3 I - y^T y) / 2`` becomes ``z <- z (3 I - z^T g z) / 2`` on ``(k, k)``
-    matrices; ``x`` is touched twice (Gram and final product). Starts from
+    matrices; ``x`` is touched twice (Gram and final product), then two steps on the
+    ``(m, k)`` result remove the rounding amplified by ``cond(g)``. Starts from
     ``x / ||x||_F`` (inside the convergence region ``||y||_2 < sqrt 3``); small
     singular values grow by 1.5x per step, so ``steps ~ log_{1.5}(||x||_F /
     sigma_min) + 5`` are needed.
@@ -137,7 +139,11 @@ def polar_newton_schulz(x, steps: int = 40):
         return z @ (jnp.asarray(1.5, x.dtype) * eye - jnp.asarray(0.5, x.dtype) * m)
 
     z = lax.fori_loop(0, steps, body, z0)
-    return x @ z
+    y = x @ z
+    # Rounding in z^T g z is amplified by cond(g); two steps on y itself clean it up.
+    for _ in range(2):
+        y = y @ (jnp.asarray(1.5, x.dtype) * eye - jnp.asarray(0.5, x.dtype) * _gram(y))
+    return y
 
 
 def _orth_single(x, method, ns_steps):
@@ -212,6 +218,12 @@ def orthonormalize(x: jax.Array, method: str = "householder", *, ns_steps: int =
         raise ValueError(f"`x` has k={k} columns > m={m} rows; cannot orthonormalize")
     if k == 0:
         return x
+    return _orthonormalize_impl(x, method=method, ns_steps=int(ns_steps))
+
+
+@functools.partial(jax.jit, static_argnames=("method", "ns_steps"))
+def _orthonormalize_impl(x, *, method, ns_steps):
+    m, k = x.shape[-2:]
     ct = compute_dtype(x.dtype)
     xc = x.astype(ct)
     f = functools.partial(_orth_single, method=method, ns_steps=int(ns_steps))
@@ -225,14 +237,22 @@ def orthonormalize(x: jax.Array, method: str = "householder", *, ns_steps: int =
 
 
 def qr_fast(x):
-    """Internal: CholeskyQR2 with a shifted-CholeskyQR3 then Householder fallback.
+    """Internal: CholeskyQR2, falling back to shifted CholeskyQR3 (no Householder).
 
-    Returns ``q`` only; used inside the randomized algorithms.
+    Used inside the randomized algorithms, where only the span matters: shifted
+    CholeskyQR3 returns an orthonormal ``q`` for any ``x`` with finite non-zero
+    entries, even a rank-deficient one (the extra columns are then arbitrary
+    directions, which a range finder tolerates). Returns ``q`` only.
     """
+    return qr_fast_with_r(x)[0]
+
+
+def qr_fast_with_r(x):
+    """``(q, r)`` by CholeskyQR2 with a shifted-CholeskyQR3 fallback."""
     q, r, ok = cholesky_qr2(x)
 
     def robust(x):
-        q3, r3, ok3 = shifted_cholesky_qr3(x)
-        return lax.cond(ok3, lambda x: q3, lambda x: householder(x)[0], x)
+        q3, r3, _ = shifted_cholesky_qr3(x)
+        return q3, r3
 
-    return lax.cond(ok, lambda x: q, robust, x)
+    return lax.cond(ok, lambda x: (q, r), robust, x)

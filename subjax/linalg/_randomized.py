@@ -8,6 +8,7 @@ the cost. The small dense problems (Gram matrices, Rayleigh quotients) are
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -16,7 +17,13 @@ from jax import lax
 
 from subjax.linalg import _validate as V
 from subjax.linalg._operator import LinearOperator
-from subjax.linalg._orth import ORTH_METHODS, compute_dtype, orthonormalize, qr_fast
+from subjax.linalg._orth import (
+    ORTH_METHODS,
+    compute_dtype,
+    orthonormalize,
+    qr_fast,
+    qr_fast_with_r,
+)
 
 __all__ = [
     "RandomizedSVDResult",
@@ -143,16 +150,7 @@ def _svd_from_range(k, w, rank: int, l: int):
 
 
 def _qr_with_r(x):
-    """CholeskyQR2 with shifted-CholeskyQR3 / Householder fallback, returning ``(q, r)``."""
-    from subjax.linalg._orth import cholesky_qr2, householder, shifted_cholesky_qr3
-
-    q, r, ok = cholesky_qr2(x)
-
-    def robust(x):
-        q3, r3, ok3 = shifted_cholesky_qr3(x)
-        return lax.cond(ok3, lambda x: (q3, r3), householder, x)
-
-    return lax.cond(ok, lambda x: (q, r), robust, x)
+    return qr_fast_with_r(x)
 
 
 def _block_krylov(op: LinearOperator, omega, n_iter: int):
@@ -223,6 +221,11 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_iter: int = 4) ->
     n_iter = V.static_int(n_iter, "n_iter", 0)
     if size > min(op.shape):
         raise ValueError(f"size={size} exceeds min(m, n)={min(op.shape)} for argument `a`")
+    return _range_finder_impl(op, key, size=size, n_iter=n_iter)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "n_iter"))
+def _range_finder_impl(op, key, *, size, n_iter):
     ct = compute_dtype(op.dtype)
     omega = _gaussian(key, (op.shape[1], size), ct).astype(op.dtype)
     q = qr_fast(op.matmat(omega).astype(ct))
@@ -282,6 +285,12 @@ def subspace_iteration(
     n_iter = V.static_int(n_iter, "n_iter", 1)
     if orth_method not in ORTH_METHODS:
         raise ValueError(f"`orth_method` must be one of {ORTH_METHODS}, got {orth_method!r}")
+    tol = None if tol is None else jnp.asarray(tol, compute_dtype(op.dtype))
+    return _subspace_iteration_impl(op, q0, tol, n_iter=n_iter, orth_method=orth_method)
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter", "orth_method"))
+def _subspace_iteration_impl(op, q0, tol, *, n_iter, orth_method):
     k = q0.shape[1]
     ct = compute_dtype(op.dtype)
 
@@ -383,6 +392,13 @@ def randomized_svd(
     V.check_key(key)
     rank, oversample = V.check_rank(rank, op, "a", oversample)
     n_iter = V.static_int(n_iter, "n_iter", 0)
+    return _randomized_svd_impl(
+        op, key, rank=rank, oversample=oversample, n_iter=n_iter, method=method
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_iter", "method"))
+def _randomized_svd_impl(op, key, *, rank, oversample, n_iter, method):
     m, n = op.shape
     l = rank + oversample
     dt = op.dtype
@@ -516,6 +532,13 @@ def randomized_eigh(
     V.check_key(key)
     rank, oversample = V.check_rank(rank, op, "a", oversample)
     n_iter = V.static_int(n_iter, "n_iter", 0)
+    return _randomized_eigh_impl(
+        op, key, rank=rank, oversample=oversample, n_iter=n_iter, psd=bool(psd), which=which
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_iter", "psd", "which"))
+def _randomized_eigh_impl(op, key, *, rank, oversample, n_iter, psd, which):
     n = op.shape[0]
     l = rank + oversample
     dt = op.dtype

@@ -107,6 +107,7 @@ def marchenko_pastur_rank(
     shape: tuple[int, int],
     *,
     sigma: float | jax.Array | None = None,
+    margin: float | jax.Array = 1.0,
 ) -> jax.Array:
     r"""Number of singular values above the Marchenko–Pastur bulk edge.
 
@@ -115,12 +116,15 @@ def marchenko_pastur_rank(
     edge carries signal. With ``sigma=None`` the noise level is estimated from
     the median singular value, ``sigma = s_med / sqrt(n mu_beta)`` with
     ``mu_beta`` the Marchenko–Pastur median (Gavish & Donoho 2014), which needs the
-    full spectrum (``min(m, n)`` values).
+    full spectrum (``min(m, n)`` values). The top noise value fluctuates around the
+    edge (Tracy–Widom, relative size ``~ min(m, n)^{-2/3}``); ``margin > 1`` counts
+    only values above ``margin`` times the edge.
 
     Args:
       s: ``(..., p)`` singular values of an ``m x n`` matrix, descending.
       shape: ``(m, n)`` of that matrix (static).
       sigma: noise standard deviation per entry, or None to estimate it.
+      margin: multiplicative safety factor on the edge (may be traced).
 
     Returns:
       ``(...)`` int32 counts.
@@ -161,5 +165,5 @@ def marchenko_pastur_rank(
         if isinstance(sigma, (int, float)) and sigma < 0:
             raise ValueError(f"`sigma` must be >= 0, got {sigma}")
         sig = jnp.asarray(sigma, s.dtype)
-    edge = sig * jnp.asarray(np.sqrt(m) + np.sqrt(n), s.dtype)
+    edge = sig * jnp.asarray(np.sqrt(m) + np.sqrt(n), s.dtype) * jnp.asarray(margin, s.dtype)
     return jnp.sum((s > edge[..., None]).astype(jnp.int32), axis=-1)
