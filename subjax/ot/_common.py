@@ -114,7 +114,7 @@ def validate(cost, a, b, epsilon, rho_a=None, rho_b=None, *, name="sinkhorn"):
         dtype = cost.dtype
         if n == 0 or m == 0:
             raise ValueError(f"argument `cost` must be non-empty, got shape {cost.shape}")
-        if _is_concrete(cost) and not bool(jnp.all(jnp.isfinite(cost))):
+        if _is_concrete(cost) and not np.all(np.isfinite(np.asarray(cost))):
             raise ValueError("argument `cost` contains non-finite entries")
 
     def weights(w, k, nm):

@@ -20,29 +20,37 @@ from subjax.ot._sinkhorn import sinkhorn_sweeps
 __all__ = ["sinkhorn_newton", "sparse_newton_sinkhorn"]
 
 
-def _line_search(C, f, g, P, df, dg, D, slope, log_a, log_b, a, b, eps, rho_a, rho_b,
+def _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, eps, rho_a, rho_b,
                  max_backtracks, c1=1e-4):
     """Backtracking (Armijo) on ``D(f + t df, g + t dg)``, ``t = 1, 1/2, ...``.
 
-    Accepts the first ``t`` with a finite dual that increases by ``c1 t slope``, up
-    to rounding of ``D`` itself. Returns ``(ok, f, g, P, D)`` (old point if not ok).
+    Accepts the first ``t`` with a finite dual that increases by ``c1 t slope``.
+    Near the solution the increase falls below the rounding of ``D`` (a sum of
+    ``n m`` terms); there a step is also accepted if ``D`` does not decrease beyond
+    that rounding level and the marginal error ``err`` decreases.
+    Returns ``(ok, f, g, P, D)`` (the old point if not ok).
     """
     dtype = f.dtype
-    tiny_rel = 16 * jnp.finfo(dtype).eps
+    mach = jnp.finfo(dtype).eps
 
     def trial(t):
         ft, gt = f + t * df, g + t * dg
         Pt = cm.plan_dense(C, ft, gt, log_a, log_b, eps)
         Dt = cm.dual_value(ft, gt, jnp.sum(Pt), a, b, eps, rho_a, rho_b)
-        return ft, gt, Pt, Dt
+        et = (jnp.sum(jnp.abs(cm.dphi(ft, a, rho_a) - jnp.sum(Pt, axis=1)))
+              + jnp.sum(jnp.abs(cm.dphi(gt, b, rho_b) - jnp.sum(Pt, axis=0))))
+        return ft, gt, Pt, Dt, et
 
     scale = jnp.abs(D) + jnp.abs(cm.phi(f, a, rho_a)) + jnp.abs(cm.phi(g, b, rho_b))
+    n_terms = P.shape[0] + P.shape[1]
 
-    def accept(t, Dt):
-        return jnp.isfinite(Dt) & (Dt >= D + c1 * t * slope - tiny_rel * scale)
+    def accept(t, Dt, et):
+        armijo = Dt >= D + c1 * t * slope - 16 * mach * scale
+        rounding = (Dt >= D - 16 * n_terms * mach * scale) & (et < err)
+        return jnp.isfinite(Dt) & jnp.isfinite(et) & (armijo | rounding)
 
     t0 = jnp.ones((), dtype)
-    ft, gt, Pt, Dt = trial(t0)
+    ft, gt, Pt, Dt, et = trial(t0)
 
     def cond(s):
         k, t, ok, *_ = s
@@ -51,10 +59,10 @@ def _line_search(C, f, g, P, df, dg, D, slope, log_a, log_b, a, b, eps, rho_a, r
     def body(s):
         k, t, _, *_ = s
         t = t / 2
-        ft, gt, Pt, Dt = trial(t)
-        return k + 1, t, accept(t, Dt), ft, gt, Pt, Dt
+        ft, gt, Pt, Dt, et = trial(t)
+        return k + 1, t, accept(t, Dt, et), ft, gt, Pt, Dt
 
-    init = (jnp.zeros((), jnp.int32), t0, accept(t0, Dt), ft, gt, Pt, Dt)
+    init = (jnp.zeros((), jnp.int32), t0, accept(t0, Dt, et), ft, gt, Pt, Dt)
     _, _, ok, ft, gt, Pt, Dt = lax.while_loop(cond, body, init)
     keep = lambda new, old: jnp.where(ok, new, old)
     return ok, keep(ft, f), keep(gt, g), keep(Pt, P), keep(Dt, D)
@@ -116,7 +124,7 @@ def _newton(cost, a, b, eps, rho_a, rho_b, *, tol, max_iterations, warmup_iterat
     def dense_step(e, P, f, g, r, c, ga, gb, err, D):
         df, dg, slope, k = direction(e, f, g, r, c, ga, gb, err,
                                      lambda v: P @ v, lambda u: u @ P)
-        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, slope, log_a, log_b, a, b, e,
+        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, e,
                                           rho_a, rho_b, max_backtracks)
         return ok, f2, g2, P2, D2, k
 
@@ -125,7 +133,7 @@ def _newton(cost, a, b, eps, rho_a, rho_b, *, tol, max_iterations, warmup_iterat
         Pv = lambda v: jnp.sum(vals * v[idx], axis=1)
         PTu = lambda u: jnp.zeros((m,), dtype).at[idx].add(vals * u[:, None])
         df, dg, slope, k = direction(e, f, g, r, c, ga, gb, err, Pv, PTu)
-        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, slope, log_a, log_b, a, b, e,
+        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, e,
                                           rho_a, rho_b, max_backtracks)
 
         def fallback():
@@ -169,6 +177,16 @@ def _newton(cost, a, b, eps, rho_a, rho_b, *, tol, max_iterations, warmup_iterat
             jnp.array(False))
     s = lax.while_loop(cond, body, init)
     it, e, f, g, _, _, _, _, _, _, err, errors, nlin, _ = s
+
+    def finish_at_target():
+        # Stopped before the continuation reached eps (cap or stall): one Sinkhorn
+        # sweep at the target eps makes the potentials consistent with it (finite
+        # plan and dual) and gives their honest marginal error.
+        never = -jnp.ones((), dtype)
+        f2, g2, err2, _, _ = sinkhorn_sweeps(geom, a, b, eps, rho_a, rho_b, f, never, 1, 1, 1)
+        return f2, g2, err2
+
+    f, g, err = lax.cond(e > eps, finish_at_target, lambda: (f, g, err))
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     return f, g, (err, errors, it, (err <= tol) & (e <= eps) & finite, nlin)
 

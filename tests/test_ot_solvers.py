@@ -1,0 +1,295 @@
+"""subjax.ot solvers: marginals, agreement, dense references, exact OT limit, vmap, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from subjax import ot
+
+SOLVERS = {
+    "sinkhorn": lambda C, **kw: ot.sinkhorn(C, **{"max_iterations": 20_000, **kw}),
+    "newton": ot.sinkhorn_newton,
+    "sns": lambda C, **kw: ot.sparse_newton_sinkhorn(C, row_budget=8, **kw),
+}
+
+
+_JIT: dict = {}
+
+
+def solve(name, C, a=None, b=None, epsilon=0.05, tol=1e-9, **static):
+    """Jitted solver call, cached per (solver, static options): epsilon and tol traced,
+    so repeated calls of one shape compile once."""
+    key = (name, tuple(sorted(static.items())))
+    if key not in _JIT:
+        fn = SOLVERS[name]
+        _JIT[key] = jax.jit(lambda C, a, b, e, t: fn(C, a=a, b=b, epsilon=e, tol=t, **static))
+    return _JIT[key](C, a, b, epsilon, tol)
+
+
+def _clouds(n=40, m=30, d=2, seed=0, dtype=jnp.float64):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n, d), dtype)
+    y = jax.random.normal(ky, (m, d), dtype) + 0.5
+    return x, y
+
+
+def _weights(n, seed, dtype=jnp.float64):
+    w = np.random.default_rng(seed).uniform(0.5, 1.5, n)
+    return jnp.asarray(w / w.sum(), dtype)
+
+
+def _dense_sinkhorn_np(C, a, b, eps, iters=20_000):
+    """Independent reference: scaling-domain Sinkhorn in numpy (large eps only)."""
+    K = np.exp(-np.asarray(C) / eps)
+    u, v = np.ones_like(a), np.ones_like(b)
+    for _ in range(iters):
+        u = a / (K @ v)
+        v = b / (K.T @ u)
+    return u[:, None] * K * v[None, :]
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_marginals_met(x64, name):
+    x, y = _clouds()
+    C = ot.cost_matrix(x, y)
+    a, b = _weights(40, 1), _weights(30, 2)
+    out = solve(name, C, a, b, 0.05, 1e-9)
+    assert bool(out.converged)
+    ea, eb = out.marginal_errors()
+    assert float(ea + eb) <= 1e-9 * 1.01
+    assert abs(float(ea + eb) - float(out.error)) <= 1e-10
+    n_hist = int(jnp.sum(out.errors >= 0))
+    assert n_hist >= 1 and bool(jnp.all(out.errors[n_hist:] == -1))
+
+
+def test_potentials_agree_across_solvers(x64):
+    x, y = _clouds()
+    C = ot.cost_matrix(x, y)
+    a, b = _weights(40, 3), _weights(30, 4)
+    outs = {k: solve(k, C, a, b, 0.03, 1e-10) for k in SOLVERS}
+    ref = outs["sinkhorn"]
+    for k, o in outs.items():
+        assert bool(o.converged), k
+        # potentials are defined up to (f + c, g - c): compare after fixing the gauge
+        shift = o.f[0] - ref.f[0]
+        np.testing.assert_allclose(o.f - shift, ref.f, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(o.g + shift, ref.g, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(o.reg_ot_cost, ref.reg_ot_cost, rtol=1e-9, err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_large_eps_plan_matches_dense_reference(x64, name):
+    x, y = _clouds(25, 20)
+    C = ot.cost_matrix(x, y)
+    a, b = _weights(25, 5), _weights(20, 6)
+    eps = 1.0
+    P_ref = _dense_sinkhorn_np(np.asarray(C), np.asarray(a), np.asarray(b), eps, 3000)
+    out = solve(name, C, a, b, eps, 1e-12)
+    np.testing.assert_allclose(out.plan(), P_ref, atol=1e-12, rtol=1e-8)
+    # primal value of the reference plan = our dual value (strong duality)
+    ab = np.asarray(a)[:, None] * np.asarray(b)[None, :]
+    primal = np.sum(P_ref * np.asarray(C)) + eps * np.sum(P_ref * np.log(P_ref / ab) - P_ref + ab)
+    np.testing.assert_allclose(float(out.reg_ot_cost), primal, rtol=1e-9)
+    np.testing.assert_allclose(float(out.transport_cost), np.sum(P_ref * np.asarray(C)),
+                               rtol=1e-9)
+
+
+def test_eps_to_zero_approaches_exact_assignment(x64):
+    n = 30
+    rng = np.random.default_rng(0)
+    C = rng.uniform(size=(n, n))
+    rows, cols = linear_sum_assignment(C)
+    exact = C[rows, cols].sum() / n
+    gaps = []
+    for eps in [1e-1, 1e-2, 1e-3, 1e-4]:
+        out = solve("newton", jnp.asarray(C), epsilon=eps, tol=1e-10, max_iterations=400)
+        assert bool(out.converged), eps
+        gap = float(out.transport_cost) - exact
+        assert gap >= -1e-9  # an entropic plan is feasible: never below the exact optimum
+        gaps.append(gap)
+    assert all(g2 < g1 for g1, g2 in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] < 1e-3  # = O(eps log n) -> 0
+    # the plan concentrates on the optimal permutation
+    P = np.asarray(out.plan())
+    assert np.all(np.argmax(P, axis=1) == cols)
+
+
+def test_pointcloud_blockwise_matches_dense(x64):
+    x, y = _clouds(37, 23)
+    for cost in ["sqeuclidean", "euclidean", "l1"]:
+        C = ot.cost_matrix(x, y, cost)
+        pc = ot.PointCloud(x, y, cost=cost, block_size=8)
+        np.testing.assert_allclose(pc.dense(), C, atol=1e-12)
+        o1 = solve("sinkhorn", C, epsilon=0.1, tol=1e-10)
+        o2 = jax.jit(lambda pc: ot.sinkhorn(pc, epsilon=0.1, tol=1e-10))(pc)
+        np.testing.assert_allclose(o2.f, o1.f, atol=1e-10)
+        np.testing.assert_allclose(o2.reg_ot_cost, o1.reg_ot_cost, rtol=1e-12)
+        np.testing.assert_allclose(o2.transport_cost, o1.transport_cost, rtol=1e-12)
+        v = jnp.arange(23.0, dtype=jnp.float64)
+        np.testing.assert_allclose(o2.apply_plan(v), o1.plan() @ v, rtol=1e-10)
+        u = jnp.arange(37.0, dtype=jnp.float64)
+        np.testing.assert_allclose(o2.apply_plan(u, transpose=True), o1.plan().T @ u, rtol=1e-10)
+
+
+def test_cost_definitions(x64):
+    x, y = _clouds(5, 4, d=3)
+    xn, yn = np.asarray(x), np.asarray(y)
+    diff = xn[:, None, :] - yn[None, :, :]
+    np.testing.assert_allclose(ot.cost_matrix(x, y), (diff**2).sum(-1), atol=1e-12)
+    np.testing.assert_allclose(ot.cost_matrix(x, y, "euclidean"),
+                               np.sqrt((diff**2).sum(-1)), atol=1e-12)
+    np.testing.assert_allclose(ot.cost_matrix(x, y, "l1"), np.abs(diff).sum(-1), atol=1e-12)
+    cheb = lambda u, v: jnp.max(jnp.abs(u - v))
+    np.testing.assert_allclose(ot.cost_matrix(x, y, cheb), np.abs(diff).max(-1), atol=1e-12)
+
+
+def test_epsilon_scaling_same_solution(x64):
+    x, y = _clouds()
+    C = ot.cost_matrix(x, y)
+    o1 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iterations=50_000)
+    o2 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iterations=50_000,
+               epsilon_scaling=0.8)
+    assert bool(o1.converged) and bool(o2.converged)
+    np.testing.assert_allclose(o2.reg_ot_cost, o1.reg_ot_cost, rtol=1e-9)
+
+
+def test_unbalanced_matches_scaling_reference(x64):
+    x, y = _clouds(20, 15)
+    C = np.asarray(ot.cost_matrix(x, y))
+    a = np.asarray(_weights(20, 7)) * 2.0  # different masses: allowed when relaxed
+    b = np.asarray(_weights(15, 8))
+    eps, rho = 0.5, 1.0
+    # Chizat et al. (2018) scaling iterations for KL(P|ab^T) + rho KL marginals
+    K = np.exp(-C / eps) * a[:, None] * b[None, :]
+    u, v = np.ones(20), np.ones(15)
+    lam = rho / (rho + eps)
+    for _ in range(5000):
+        u = (a / (K @ v)) ** lam
+        v = (b / (K.T @ u)) ** lam
+    P_ref = u[:, None] * K * v[None, :]
+    out = ot.sinkhorn(jnp.asarray(C), a=jnp.asarray(a), b=jnp.asarray(b), epsilon=eps,
+                      rho_a=rho, rho_b=rho, tol=1e-12)
+    assert bool(out.converged)
+    np.testing.assert_allclose(out.plan(), P_ref, atol=1e-12, rtol=1e-8)
+    # unbalanced Newton agrees too
+    out2 = ot.sinkhorn_newton(jnp.asarray(C), a=jnp.asarray(a), b=jnp.asarray(b), epsilon=eps,
+                              rho_a=rho, rho_b=rho, tol=1e-12)
+    np.testing.assert_allclose(out2.plan(), P_ref, atol=1e-12, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_vmap_equals_loop(x64, name):
+    xs = jnp.stack([_clouds(20, 20, seed=s)[0] for s in range(3)])
+    y = _clouds(20, 20, seed=9)[1]
+    Cs = jax.vmap(lambda x: ot.cost_matrix(x, y))(xs)
+    solve = lambda C: SOLVERS[name](C, epsilon=0.05, tol=1e-11)
+    batched = jax.jit(jax.vmap(solve))(Cs)
+    single_fn = jax.jit(solve)
+    for i in range(3):
+        single = single_fn(Cs[i])
+        # batched and single runs may round differently (batched GEMV); both meet tol
+        # potentials are defined up to (f + c, g - c): fix the gauge before comparing
+        c = batched.f[i][0] - single.f[0]
+        np.testing.assert_allclose(batched.f[i] - c, single.f, atol=1e-8)
+        np.testing.assert_allclose(batched.g[i] + c, single.g, atol=1e-8)
+        assert bool(batched.converged[i]) == bool(single.converged)
+
+
+def test_eval_shape_and_jit(x64):
+    C = jax.ShapeDtypeStruct((9, 12), jnp.float64)
+    for s in SOLVERS.values():
+        shp = jax.eval_shape(lambda C, s=s: s(C, epsilon=0.1), C)
+        assert shp.f.shape == (9,) and shp.g.shape == (12,) and shp.converged.dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_float32_small_eps_never_nan(name):
+    x, y = _clouds(60, 60, dtype=jnp.float32)
+    C = ot.cost_matrix(x, y)
+    for eps in [1e-3, 1e-4]:
+        # a deliberately small budget: must report non-convergence, with finite output
+        kw = {"max_iterations": 30} if name == "sinkhorn" else {"max_iterations": 3}
+        out = solve(name, C, epsilon=eps, tol=1e-7, **kw)
+        assert out.f.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(out.f))) and bool(jnp.all(jnp.isfinite(out.g)))
+        assert not bool(out.converged)
+        assert bool(jnp.isfinite(out.reg_ot_cost))
+
+
+def test_float32_newton_converges_moderate_eps():
+    x, y = _clouds(60, 60, dtype=jnp.float32)
+    C = ot.cost_matrix(x, y)
+    out = ot.sinkhorn_newton(C, epsilon=0.01, tol=1e-4)
+    assert bool(out.converged)
+    assert float(sum(out.marginal_errors())) <= 2e-4
+
+
+def test_sns_threshold_and_budget(x64):
+    x, y = _clouds()
+    C = ot.cost_matrix(x, y)
+    ref = solve("newton", C, epsilon=0.02, tol=1e-10)
+    sns = jax.jit(lambda C, thr, budget: ot.sparse_newton_sinkhorn(
+        C, epsilon=0.02, tol=1e-10, row_budget=budget, threshold=thr), static_argnums=2)
+    for budget, thr in [(1, 0.0), (4, 1e-3), (4, 0.5)]:
+        out = sns(C, thr, budget)
+        assert bool(out.converged), (budget, thr)
+        np.testing.assert_allclose(out.reg_ot_cost, ref.reg_ot_cost, rtol=1e-9)
+
+
+def test_not_converged_reported(x64):
+    x, y = _clouds()
+    out = ot.sinkhorn(ot.cost_matrix(x, y), epsilon=1e-3, tol=1e-9, max_iterations=5)
+    assert not bool(out.converged) and int(out.n_iters) == 5 and float(out.error) > 1e-9
+
+
+class TestBadInputs:
+    C = jnp.ones((12, 10), jnp.float32)
+
+    @pytest.mark.parametrize("solver", list(SOLVERS.values()))
+    def test_epsilon(self, solver):
+        for eps in [0.0, -1.0, float("nan"), float("inf")]:
+            with pytest.raises(ValueError, match="epsilon"):
+                solver(self.C, epsilon=eps)
+
+    @pytest.mark.parametrize("solver", list(SOLVERS.values()))
+    def test_marginals(self, solver):
+        with pytest.raises(ValueError, match="`a`"):
+            solver(self.C, a=jnp.full((12,), 1 / 12).at[0].set(-0.1), epsilon=0.1)
+        with pytest.raises(ValueError, match="`b`"):
+            solver(self.C, b=jnp.full((10,), 0.1).at[3].set(jnp.nan), epsilon=0.1)
+        with pytest.raises(ValueError, match="same total mass"):
+            solver(self.C, a=jnp.full((12,), 1 / 12), b=jnp.full((10,), 0.2), epsilon=0.1)
+        with pytest.raises(ValueError, match="shape"):
+            solver(self.C, a=jnp.full((5,), 0.2), epsilon=0.1)
+        with pytest.raises(ValueError, match="positive total mass"):
+            solver(self.C, a=jnp.zeros((12,)), b=jnp.zeros((10,)), epsilon=0.1)
+        with pytest.raises(TypeError, match="`a`"):
+            solver(self.C, a=jnp.ones((12,), jnp.int32), epsilon=0.1)
+
+    def test_cost(self):
+        with pytest.raises(ValueError, match="`cost`"):
+            ot.sinkhorn(jnp.ones((3,)), epsilon=0.1)
+        with pytest.raises(ValueError, match="`cost`"):
+            ot.sinkhorn(jnp.array([[1.0, jnp.inf]]), epsilon=0.1)
+        with pytest.raises(TypeError, match="`cost`"):
+            ot.sinkhorn(jnp.ones((2, 2), jnp.int32), epsilon=0.1)
+        with pytest.raises(ValueError, match="`cost`"):
+            ot.cost_matrix(jnp.ones((2, 2)), jnp.ones((2, 2)), "cosine")
+        with pytest.raises(ValueError, match="dimension"):
+            ot.cost_matrix(jnp.ones((2, 2)), jnp.ones((2, 3)))
+
+    def test_options(self):
+        with pytest.raises(ValueError, match="rho_a"):
+            ot.sinkhorn(self.C, epsilon=0.1, rho_a=1.0)
+        with pytest.raises(ValueError, match="max_iterations"):
+            ot.sinkhorn(self.C, epsilon=0.1, max_iterations=0)
+        with pytest.raises(ValueError, match="epsilon_scaling"):
+            ot.sinkhorn(self.C, epsilon=0.1, epsilon_scaling=1.5)
+        with pytest.raises(ValueError, match="row_budget"):
+            ot.sparse_newton_sinkhorn(self.C, epsilon=0.1, row_budget=11)
+        with pytest.raises(ValueError, match="block_size"):
+            ot.PointCloud(jnp.ones((2, 2)), jnp.ones((2, 2)), block_size=0)
