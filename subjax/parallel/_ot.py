@@ -145,8 +145,8 @@ def sharded_sinkhorn(
       >>> mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
       >>> x = jax.random.normal(jax.random.key(0), (32, 2))
       >>> c = cost_matrix(x, x + 1.0)
-      >>> out = sharded_sinkhorn(c, epsilon=0.1, tol=1e-5, mesh=mesh, axis_name="rows")
-      >>> ref = sinkhorn(c, epsilon=0.1, tol=1e-5)
+      >>> out = sharded_sinkhorn(c, epsilon=0.1, tol=1e-4, mesh=mesh, axis_name="rows")
+      >>> ref = sinkhorn(c, epsilon=0.1, tol=1e-4)
       >>> bool(out.converged), int(out.n_iters) == int(ref.n_iters)
       (True, True)
 
