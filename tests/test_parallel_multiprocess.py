@@ -130,6 +130,16 @@ def test_launch_env_validation():
         distributed_env({**env, "SUBJAX_NUM_PROCESSES": "two"})
 
 
+def test_launch_argv_split():
+    from subjax.parallel.launch import _split_argv
+
+    assert _split_argv(["--local", "2", "-m", "pkg.mod", "--flag", "x"]) == (
+        ["--local", "2"], "pkg.mod", None, ["--flag", "x"])
+    assert _split_argv(["--timeout", "5", "train.py", "--lr", "0.1"]) == (
+        ["--timeout", "5"], None, "train.py", ["--lr", "0.1"])
+    assert _split_argv(["--", "-weird.py"]) == ([], None, "-weird.py", [])
+
+
 def test_launch_reports_a_failing_process(tmp_path):
     script = tmp_path / "fail.py"
     # rank 1 fails, rank 0 would wait forever: the launcher must stop it and report

@@ -21,6 +21,7 @@ from subjax.parallel._data import (
     shard_batch,
     train_step,
 )
+from subjax.parallel._distributed import initialize
 from subjax.parallel._linalg import (
     SHARDED_ORTH_METHODS,
     sharded_orthonormalize,
@@ -28,7 +29,6 @@ from subjax.parallel._linalg import (
     sharded_subspace_iteration,
 )
 from subjax.parallel._ot import sharded_sinkhorn
-from subjax.parallel.launch import initialize
 
 __all__ = [
     "SHARDED_ORTH_METHODS",

@@ -37,83 +37,7 @@ import traceback
 
 __all__ = ["initialize", "distributed_env", "main"]
 
-_VARS = {
-    "coordinator_address": ("SUBJAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
-    "num_processes": ("SUBJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
-    "process_id": ("SUBJAX_PROCESS_ID", "JAX_PROCESS_ID"),
-    "local_device_ids": ("SUBJAX_LOCAL_DEVICE_IDS",),
-}
-
-
-def distributed_env(environ: dict | None = None) -> dict:
-    """Read the ``jax.distributed.initialize`` arguments from environment variables.
-
-    Returns a dict with the keys that are set (``coordinator_address``,
-    ``num_processes``, ``process_id``, ``local_device_ids``), converted to the
-    types ``jax.distributed.initialize`` expects.
-
-    Raises:
-      ValueError: a variable does not parse, or only some of the three required
-        ones (address, process count, process id) are set.
-    """
-    environ = os.environ if environ is None else environ
-    out: dict = {}
-    for key, names in _VARS.items():
-        for name in names:
-            if environ.get(name, "") != "":
-                raw = environ[name]
-                try:
-                    if key in ("num_processes", "process_id"):
-                        out[key] = int(raw)
-                    elif key == "local_device_ids":
-                        out[key] = [int(v) for v in raw.split(",") if v.strip()]
-                    else:
-                        out[key] = raw
-                except ValueError:
-                    raise ValueError(
-                        f"environment variable {name}={raw!r} is not valid for {key}"
-                    ) from None
-                break
-    required = ("coordinator_address", "num_processes", "process_id")
-    have = [k for k in required if k in out]
-    if have and len(have) != len(required):
-        missing = [_VARS[k][0] for k in required if k not in out]
-        raise ValueError(
-            f"incomplete distributed environment: set {', '.join(missing)} as well "
-            f"(or none of them to let JAX auto-detect the cluster)"
-        )
-    if "num_processes" in out and out["num_processes"] < 1:
-        raise ValueError(f"SUBJAX_NUM_PROCESSES must be >= 1, got {out['num_processes']}")
-    if "process_id" in out and not 0 <= out["process_id"] < out["num_processes"]:
-        raise ValueError(
-            f"SUBJAX_PROCESS_ID={out['process_id']} is outside 0..{out['num_processes'] - 1}"
-        )
-    return out
-
-
-def initialize(environ: dict | None = None, *, timeout: int | None = None) -> dict:
-    """Call ``jax.distributed.initialize`` with arguments from the environment.
-
-    With no ``SUBJAX_*`` / ``JAX_*`` variables set, JAX's own cluster detection
-    is used (TPU pods, SLURM, Open MPI, Kubernetes). On CPU, cross-process
-    collectives use gloo (``jax_cpu_collectives_implementation``).
-
-    Returns:
-      the keyword arguments that were passed.
-    """
-    import jax
-
-    environ = os.environ if environ is None else environ
-    kwargs = distributed_env(environ)
-    if timeout is None:
-        timeout = int(environ.get("SUBJAX_INIT_TIMEOUT", "300"))
-    platforms = environ.get("JAX_PLATFORMS", "")
-    if platforms == "" or "cpu" in platforms.split(","):
-        # jax 0.10's default is gloo already; set it explicitly so that an older
-        # default ("none": no cross-process CPU collectives) cannot bite.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
-    return kwargs
+from subjax.parallel._distributed import distributed_env, initialize  # noqa: E402
 
 
 def _free_port() -> int:
@@ -168,9 +92,43 @@ def _spawn_local(n: int, devices: int, rest: list[str], timeout: float) -> int:
     return 0
 
 
+def _split_argv(argv: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
+    """Split ``argv`` into launcher options, ``-m module`` / script, and the target's args.
+
+    Everything after the module name or script path belongs to the target, flags
+    included (as with ``python -m module --flag``).
+    """
+    takes_value = {"--local", "--devices-per-process", "--timeout"}
+    own: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "-m":
+            if i + 1 >= len(argv):
+                raise SystemExit("python -m subjax.parallel.launch: -m needs a module name")
+            return own, argv[i + 1], None, argv[i + 2:]
+        if tok == "--":
+            i += 1
+            break
+        if not tok.startswith("-"):
+            return own, None, tok, argv[i + 1:]
+        own.append(tok)
+        if tok in takes_value:
+            if i + 1 < len(argv):
+                own.append(argv[i + 1])
+            i += 2
+        else:
+            i += 1
+    if i < len(argv):
+        return own, None, argv[i], argv[i + 1:]
+    return own, None, None, []
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="python -m subjax.parallel.launch",
+        usage="python -m subjax.parallel.launch [options] (script.py | -m module) [args ...]",
         description="Initialize jax.distributed from SUBJAX_*/JAX_* environment variables "
         "and run a script (or -m module) in this process.",
     )
@@ -180,32 +138,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --local: fake CPU devices per process (default 1)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="with --local: kill all processes after this many seconds")
-    parser.add_argument("-m", dest="module", default=None, help="run a module as __main__")
-    parser.add_argument("script", nargs="?", help="script to run as __main__")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    ns = parser.parse_args(argv)
-    if ns.module is None and ns.script is None:
+    own, module, script, target_args = _split_argv(argv)
+    ns = parser.parse_args(own)
+    if module is None and script is None:
         parser.error("give a script path or -m module")
-    if ns.module is not None and ns.script is not None:
-        ns.args = [ns.script, *ns.args]  # with -m, every positional is the module's
-        ns.script = None
     if ns.local:
         if ns.local < 1:
             parser.error(f"--local must be >= 1, got {ns.local}")
         if ns.devices_per_process < 1:
             parser.error(f"--devices-per-process must be >= 1, got {ns.devices_per_process}")
-        rest = ["-m", ns.module] if ns.module else [ns.script]
-        return _spawn_local(ns.local, ns.devices_per_process, rest + ns.args, ns.timeout)
+        rest = ["-m", module] if module else [script]
+        return _spawn_local(ns.local, ns.devices_per_process, rest + target_args, ns.timeout)
 
     initialize()
     try:
-        if ns.module is not None:
-            sys.argv = [ns.module, *ns.args]
-            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        if module is not None:
+            sys.argv = [module, *target_args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [ns.script, *ns.args]
-            sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
-            runpy.run_path(ns.script, run_name="__main__")
+            sys.argv = [script, *target_args]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+            runpy.run_path(script, run_name="__main__")
     except BaseException as e:  # noqa: BLE001 - any failure must end this process now
         code = e.code if isinstance(e, SystemExit) else 1
         if code in (0, None):
