@@ -204,6 +204,7 @@ def kfac_grads_and_stats(
     likelihood: str = "categorical",
     fisher: str = "true",
     key: jax.Array | None = None,
+    stats_batch: int | None = None,
 ):
     """Loss, gradient and per-layer K-FAC factors in one forward pass.
 
@@ -223,6 +224,10 @@ def kfac_grads_and_stats(
       likelihood: ``"categorical" | "bernoulli" | "gaussian"``.
       fisher: ``"true"`` (sampled targets; ``key`` required) or ``"empirical"``.
       key: PRNG key for the sampled targets.
+      stats_batch: if set (static, < N), the factors come from a random subset of
+        ``stats_batch`` examples (drawn with ``key``; the first ones when ``key`` is
+        None): the gradient is still the full-batch one, the factor statistics cost
+        a forward/backward pass over the subset only.
 
     Returns:
       ``(loss, grads, stats)`` with ``stats`` a dict ``layer name -> KFACStats``,
@@ -236,6 +241,24 @@ def kfac_grads_and_stats(
     if labels is None:
         raise ValueError("`labels` is None: the training loss and its gradient need labels")
     n = _batch_size(inputs)
+    if stats_batch is not None:
+        if not isinstance(stats_batch, int) or stats_batch < 1:
+            raise ValueError(f"`stats_batch` must be a positive int, got {stats_batch!r}")
+        if stats_batch < n:
+            if key is not None:
+                key, k_sub = jax.random.split(key)
+                idx = jax.random.permutation(k_sub, n)[:stats_batch]
+            else:
+                idx = jnp.arange(stats_batch)
+            take = lambda t: jax.tree.map(lambda a: a[idx], t)
+            _, _, stats = kfac_grads_and_stats(
+                apply_fn, params, take(inputs), take(labels),
+                likelihood=likelihood, fisher=fisher, key=key,
+            )
+            loss, grads = jax.value_and_grad(
+                lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(params)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+            return loss, grads, stats
 
     shape_cap = _Capture()
     with shape_cap:

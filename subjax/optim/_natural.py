@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
+from subjax import linalg
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
 from subjax.fisher._likelihood import wide
@@ -17,44 +18,8 @@ from subjax.optim._kfac import at_least, in_unit, positive
 Params = Any
 
 
-def _vdot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def _axpy(alpha, x, y):
     return jax.tree.map(lambda xi, yi: jnp.asarray(alpha).astype(xi.dtype) * xi + yi, x, y)
-
-
-def tree_cg(matvec: Callable, b, x0, *, maxiter: int, tol):
-    """Conjugate gradients on pytrees; stops at ``|r| <= tol |b|`` or ``maxiter``.
-
-    Returns ``(x, n_iters, relative residual)``.
-    """
-    # TODO(linalg): subjax.linalg.cg works on flat vectors; this pytree CG avoids a
-    # ravel / unravel per matvec of the Fisher operator.
-    r = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
-    p = r
-    rs = _vdot(r, r)
-    tiny = jnp.asarray(jnp.finfo(jnp.float32).tiny, rs.dtype)
-    bnorm2 = jnp.maximum(_vdot(b, b), tiny)
-    tol2 = jnp.asarray(tol).astype(rs.dtype) ** 2 * bnorm2
-
-    def cond(c):
-        _, _, _, rs, k = c
-        return (k < maxiter) & (rs > tol2)
-
-    def body(c):
-        x, r, p, rs, k = c
-        ap = matvec(p)
-        alpha = rs / jnp.maximum(_vdot(p, ap), tiny)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rs_new = _vdot(r, r)
-        p = _axpy(rs_new / jnp.maximum(rs, tiny), p, r)
-        return x, r, p, rs_new, k + 1
-
-    x, _, _, rs, k = jax.lax.while_loop(cond, body, (x0, r, p, rs, jnp.zeros((), jnp.int32)))
-    return x, k, jnp.sqrt(rs / bnorm2).astype(jnp.float32)
 
 
 class NaturalGradientState(NamedTuple):
@@ -122,15 +87,24 @@ def scale_by_natural_gradient(
         else:
             fv = _core.make_empirical_fvp(apply_fn, p32, inputs, labels, likelihood=likelihood)
         lam = jnp.asarray(damping, jnp.float32)
+        g = jax.tree.map(lambda x: x.astype(wide(x.dtype)), updates)
+        g_flat, unravel = ravel_pytree(g)
+        lam = lam.astype(g_flat.dtype)
 
-        def matvec(v):
+        def matvec(x):
+            v = unravel(x)
             fvv = jax.tree.map(lambda a, b: a.astype(b.dtype), fv(v), v)
             fvv = fvv if axis_name is None else jax.lax.pmean(fvv, axis_name)
-            return _axpy(lam, v, fvv)
+            return ravel_pytree(fvv)[0] + lam * x
 
-        g = jax.tree.map(lambda x: x.astype(wide(x.dtype)), updates)
-        x0 = state.direction if warm_start else jax.tree.map(jnp.zeros_like, g)
-        d, k, res = tree_cg(matvec, g, x0, maxiter=maxiter, tol=tol)
+        x0 = ravel_pytree(state.direction)[0].astype(g_flat.dtype)
+        if not warm_start:
+            x0 = jnp.zeros_like(g_flat)
+        res = linalg.cg(matvec, g_flat, x0=x0, tol=tol, maxiter=maxiter)
+        d = unravel(res.x)
+        k = res.n_iters
+        gnorm = jnp.maximum(jnp.linalg.norm(g_flat), jnp.finfo(g_flat.dtype).tiny)
+        res = (res.residual_norm / gnorm).astype(jnp.float32)
         v = _axpy(jnp.asarray(momentum, jnp.float32), state.direction, d)
         out = jax.tree.map(lambda x, u: x.astype(u.dtype), v, updates)
         return out, NaturalGradientState(optax.safe_int32_increment(state.count), d, k, res)
