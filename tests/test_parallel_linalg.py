@@ -120,3 +120,26 @@ def test_bad_inputs(mesh):
     with pytest.raises(TypeError, match="`a` must have a real floating dtype"):
         sharded_randomized_svd(jnp.ones((256, 20), jnp.int32), 3, key=key, mesh=mesh,
                                axis_name="rows")
+
+
+def test_traceable_under_eval_shape_and_vmap(mesh):
+    """Shapes only (no compilation): the sharded primitives trace under eval_shape,
+    jit and vmap like their single-device counterparts."""
+    key = jax.random.key(0)
+    a = jax.ShapeDtypeStruct((2, 64, 16), jnp.float32)
+    svd = lambda a: sharded_randomized_svd(a, 3, key=key, mesh=mesh, axis_name="rows",
+                                           oversample=2)
+    out = jax.eval_shape(jax.vmap(svd), a)
+    assert out.u.shape == (2, 64, 3) and out.s.shape == (2, 3) and out.vt.shape == (2, 3, 16)
+    sub = lambda a: sharded_subspace_iteration(a, a[:, :2], mesh=mesh, axis_name="rows",
+                                               n_iter=3)
+    res = jax.eval_shape(jax.jit(sub), jax.ShapeDtypeStruct((64, 16), jnp.float32))
+    assert res.u.shape == (64, 2) and res.errors.shape == (3,)
+
+
+def test_float64(mesh, x64):
+    x = jax.random.normal(jax.random.key(0), (128, 5), dtype=jnp.float64)
+    q = jax.jit(jax.shard_map(lambda v: sharded_orthonormalize(v, "rows", "cholesky_qr2"),
+                              mesh=mesh, in_specs=P("rows"), out_specs=P("rows")))(x)
+    assert q.dtype == jnp.float64
+    np.testing.assert_allclose(q, orthonormalize(x, "householder"), atol=1e-13)

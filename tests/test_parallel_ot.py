@@ -93,3 +93,10 @@ def test_bad_inputs(mesh, problem):
     with pytest.raises(TypeError, match="PointCloud"):
         sharded_sinkhorn(PointCloud(jnp.ones((8, 2)), jnp.ones((8, 2))), mesh=mesh,
                          axis_name="rows")
+
+
+def test_traceable_under_eval_shape_and_vmap(mesh):
+    c = jax.ShapeDtypeStruct((3, 64, 24), jnp.float32)
+    f = lambda c: sharded_sinkhorn(c, epsilon=0.1, mesh=mesh, axis_name="rows").f
+    assert jax.eval_shape(jax.vmap(f), c).shape == (3, 64)
+    assert jax.eval_shape(jax.jit(f), jax.ShapeDtypeStruct((64, 24), jnp.float32)).shape == (64,)
