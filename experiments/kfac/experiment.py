@@ -34,11 +34,12 @@ class Config:
     adam_lrs: tuple = (3e-3, 1e-2, 3e-2)
     sgd_steps: int = 2000
     second_order_steps: int = 400
+    ng_steps: int = 200
     record_every: int = 10
     kfac_jax: bool = True
 
     def __post_init__(self):
-        for k in ("adam_steps", "sgd_steps", "second_order_steps", "record_every"):
+        for k in ("adam_steps", "sgd_steps", "second_order_steps", "ng_steps", "record_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
 
@@ -85,7 +86,7 @@ def run_cell(cfg, name, setting, x):
     elif name == "subjax natural gradient":
         opt = optim.natural_gradient(setting["lr"], damping=setting["damping"],
                                      likelihood="bernoulli", maxiter=setting["maxiter"])
-        step, steps = ng_step(apply_fn, opt), cfg.second_order_steps
+        step, steps = ng_step(apply_fn, opt), cfg.ng_steps
     else:
         return _run_kfac_jax(cfg, setting, x)
     state = opt.init(params)
@@ -121,7 +122,8 @@ class KFAC(Experiment):
     name = "kfac"
     title = "K-FAC / FISMO / natural gradient on the digits deep autoencoder"
     config_cls = Config
-    quick = {"adam_lrs": (3e-3, 1e-2), "sgd_steps": 1000, "second_order_steps": 300}
+    quick = {"adam_lrs": (3e-3, 1e-2), "sgd_steps": 1000, "second_order_steps": 250,
+             "ng_steps": 60}
     full = {}
 
     def num_steps(self, cfg):
