@@ -73,7 +73,11 @@ def test_reg_cost_grad_wrt_marginals_and_eps(x64):
     np.testing.assert_allclose(jax.jit(jax.grad(fun_e))(0.1), _fd(fun_e, 0.1, 1.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", [
+    "sinkhorn",
+    pytest.param("newton", marks=pytest.mark.slow),
+    pytest.param("sns", marks=pytest.mark.slow),
+])
 def test_implicit_grad_of_potentials(x64, name):
     """A gauge-invariant functional of (f, g): w1.f + w2.g with sum(w1) == sum(w2)."""
     x, y, a, b = _problem()

