@@ -60,9 +60,14 @@ def _case(n, rel, dtype_name, ott_cap, with_pot, with_sinkhorn):
         sk = jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=TOL, max_iterations=ott_cap))
         ott_fn = _ott_solver(eps, ott_cap)
 
-    acc_ours = lambda out: _marginal_error(out.plan(), n, n)
-    acc_ott = lambda out: _marginal_error(out.matrix, n, n)
-    iters = lambda out: f"iters={int(out.n_iters)}"
+    def acc_ours(out):
+        with jax.enable_x64(x64):  # the plan in the solve's own precision
+            return _marginal_error(out.plan(), n, n)
+
+    def acc_ott(out):
+        with jax.enable_x64(x64):
+            return _marginal_error(out.matrix, n, n)
+
     contenders = [
         Contender("subjax sinkhorn_newton", _x64(lambda: newton(C), x64), acc_ours),
         Contender("subjax sns", _x64(lambda: sns(C), x64), acc_ours),
@@ -92,7 +97,6 @@ def _case(n, rel, dtype_name, ott_cap, with_pot, with_sinkhorn):
             reg_ours = float(o_new.reg_ot_cost)
             notes.append(f"reg. cost subjax {reg_ours:.10g} vs POT {reg_pot:.10g} "
                          f"(rel. diff {abs(reg_ours - reg_pot) / abs(reg_pot):.1e})")
-    del iters
     return Case(
         name=f"entropic OT n={n} eps={rel}*mean(C) {dtype_name}",
         params={"n": n, "rel_epsilon": rel, "epsilon": eps, "dtype": dtype_name, "tol": TOL},
