@@ -100,7 +100,8 @@ md("""## Batches, point clouds, unbalanced
 holds the `n x m` cost in Sinkhorn. `rho_a, rho_b` relax the marginals (unbalanced OT).""")
 code("""batch = jax.vmap(lambda s: ot.cost_matrix(x * s, y))(jnp.array([0.5, 1.0, 1.5]))
 res = jax.jit(jax.vmap(lambda C: ot.sinkhorn_newton(C, epsilon=0.1, tol=1e-8)))(batch)
-print("batched costs", res.reg_ot_cost, "converged", res.converged)
+# methods / properties of a batched result are per-problem: map them with vmap too
+print("batched costs", jax.vmap(lambda r: r.reg_ot_cost)(res), "converged", res.converged)
 
 pc = ot.PointCloud(x, y, cost="euclidean", block_size=32)
 print("blockwise euclidean:", float(ot.sinkhorn(pc, epsilon=0.1, tol=1e-8).reg_ot_cost))
