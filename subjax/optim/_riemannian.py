@@ -179,10 +179,9 @@ def riemannian_sgd(
         ``None`` means all leaves are Euclidean.
       retraction: retraction name for every manifold leaf (default: each manifold's).
       reorthonormalize_every: every this many steps the new point is re-projected
-        onto its manifold. The fused Stiefel / Grassmann kernel assumes an
-        orthonormal input between refreshes (one pass over memory fewer) and computes
-        the exact Gram at a refresh; with ``None`` it computes the exact Gram every
-        step (self-correcting), other manifolds are then never re-projected.
+        onto its manifold (``project_point`` under ``lax.cond``); ``None`` disables.
+        The fused Stiefel / Grassmann kernel needs no refresh: it uses the exact Gram
+        ``x^T x`` and so re-orthonormalises at every step.
       validate: check at ``init`` (concrete parameters only) that each manifold leaf
         is on its manifold; raises ``ValueError`` with the constraint error.
 
