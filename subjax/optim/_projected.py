@@ -163,7 +163,7 @@ def projected(
       >>> opt = so.projected(optax.scale_by_adam(), rank=2, update_gap=10)
       >>> params = {"w": jnp.ones((6, 4)), "b": jnp.ones((4,))}
       >>> state = opt.init(params)
-      >>> state.projector_state["w"].shape, state.inner_state[0].mu["w"].shape
+      >>> state.projector_state["w"].shape, state.inner_state.mu["w"].shape
       ((4, 2), (6, 2))
 
     References:
@@ -318,17 +318,12 @@ def galore(
     the hyperparameters to inject).
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax
+      >>> import jax.numpy as jnp
       >>> import subjax.optim as so
-      >>> f = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
-      >>> opt = so.galore(1e-1, rank=4, update_gap=5)
-      >>> p = {"w": jnp.zeros((16, 8))}
-      >>> s = opt.init(p)
-      >>> for _ in range(30):
-      ...     u, s = opt.update(jax.grad(f)(p), s, p)
-      ...     p = optax.apply_updates(p, u)
-      >>> bool(f(p) < 0.5 * 128)
-      True
+      >>> opt = so.galore(1e-2, rank=4, update_gap=50)
+      >>> state = opt.init({"w": jnp.zeros((16, 8))})
+      >>> state[0].projector_state["w"].shape, state[0].inner_state.mu["w"].shape
+      ((8, 4), (16, 4))
 
     References:
       Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
