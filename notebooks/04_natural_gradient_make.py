@@ -127,8 +127,8 @@ def run(opt, use_kfac, steps=60):
             loss, grads, stats = fisher.kfac_grads_and_stats(apply, params, X, Y, key=key)
             u, state = opt.update(grads, state, params, kfac_stats=stats)
         else:
-            loss, grads = jax.value_and_grad(
-                lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(p, X), Y)))(params)
+            ce = optax.softmax_cross_entropy_with_integer_labels
+            loss, grads = jax.value_and_grad(lambda p: jnp.mean(ce(apply(p, X), Y)))(params)
             u, state = opt.update(grads, state, params)
         return optax.apply_updates(params, u), state, loss
 
@@ -154,10 +154,13 @@ code("""
 d_true = fisher.diag_true(mlp, p, x)
 q = jax.tree.map(lambda a: a + 0.1, p)
 merged = fisher.fisher_merge([p, q], [d_true, jax.tree.map(jnp.ones_like, d_true)])
+same = fisher.fisher_merge([p, p], [d_true, d_true])
 print("merge of identical models is the model:",
-      bool(all(jnp.allclose(a, b) for a, b in zip(jax.tree.leaves(fisher.fisher_merge([p, p], [d_true, d_true])), jax.tree.leaves(p)))))
+      all(bool(jnp.allclose(a, b)) for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(p))))
 r1 = fisher.rank_one(mlp, p, x, labels=Y[:50])
-for name, F_ in [("diagonal", d_true), ("rank-1", r1), ("low-rank", lr), ("exact FVP", fisher.make_fvp(mlp, p, x))]:
+fishers = [("diagonal", d_true), ("rank-1", r1), ("low-rank", lr),
+           ("exact FVP", fisher.make_fvp(mlp, p, x))]
+for name, F_ in fishers:
     print(f"EWC penalty with {name:9s} Fisher: {float(fisher.ewc_penalty(q, p, F_, 1.0)):.5f}")
 """)
 

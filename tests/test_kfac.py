@@ -306,3 +306,31 @@ def test_bad_inputs(key):
         ng.update(params, ng.init(params), params)
     with pytest.raises(TypeError, match="nnx.Module"):
         fisher.register_dense({"kernel": jnp.ones((2, 2))})
+
+
+def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
+    """alpha, mu solve the 2x2 model: g.a + a^T C u = 0 and g.b + b^T C u = 0 (C = F + lam)."""
+    from fisher_models import dense_fisher
+
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(20), (10, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(21), (10,), 0, 4)
+    lam = 0.125  # exact in float32 (the damping state is float32)
+    opt = optim.kfac(1.0, damping=lam, adaptive_step=True)
+    state = opt.init(params)
+    for i in range(2):
+        _, grads, stats = fisher.kfac_grads_and_stats(
+            mlp_apply, params, x, y, fisher="empirical")
+        prev = ravel_pytree(state[0].momentum)[0]
+        upd, state = opt.update(grads, state, params, kfac_stats=stats, apply_fn=mlp_apply,
+                                inputs=x)
+        u = ravel_pytree(upd)[0]
+        c = dense_fisher("categorical", mlp_apply, params, x) + lam * np.eye(u.size)
+        g = ravel_pytree(grads)[0]
+        # u = alpha a + mu b with b = previous update: the model is stationary along u's plane
+        np.testing.assert_allclose(g @ u + u @ c @ u, 0.0, atol=1e-9 * float(g @ g))
+        if i == 1:
+            np.testing.assert_allclose(g @ prev + prev @ c @ u, 0.0,
+                                       atol=1e-9 * float(jnp.abs(g) @ jnp.abs(prev)))
+        assert float(g @ u) < 0  # a descent step
+        params = optax.apply_updates(params, upd)

@@ -69,13 +69,16 @@ def optax_step(apply_fn, opt):
     return step
 
 
-def kfac_step(apply_fn, opt, adaptive: bool = False, stats_batch: int | None = None):
+def kfac_step(apply_fn, opt, adaptive: bool = False, stats_batch: int | None = None,
+              exact_step: bool = False):
     @jax.jit
     def step(params, state, x, key):
         loss, grads, stats = fisher.kfac_grads_and_stats(
             apply_fn, params, x, x, likelihood="bernoulli", key=key, stats_batch=stats_batch
         )
         extra = {"loss": loss} if adaptive else {}
+        if exact_step:
+            extra.update(apply_fn=apply_fn, inputs=x)
         updates, state = opt.update(grads, state, params, kfac_stats=stats, **extra)
         return optax.apply_updates(params, updates), state, loss
 

@@ -190,6 +190,8 @@ def scale_by_kfac(
     damping_factor: float = 0.95,
     layers: tuple[str, ...] | None = None,
     axis_name: str | None = None,
+    adaptive_step: bool = False,
+    likelihood: str = "categorical",
     learning_rate_for_constraint=None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning (see the module docstring); returns the direction ``v``.
@@ -233,8 +235,14 @@ def scale_by_kfac(
             prev_pred=jnp.zeros((), jnp.float32),
         )
 
-    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, **extra):
+    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, apply_fn=None,
+                  inputs=None, **extra):
         del extra
+        if adaptive_step and (apply_fn is None or inputs is None):
+            raise ValueError(
+                "adaptive_step=True needs the keyword arguments `apply_fn` and `inputs` in "
+                "update (for the exact Fisher quadratic model)"
+            )
         if params is None:
             raise ValueError("K-FAC needs `params` in update (to find the dense layers)")
         if kfac_stats is None:
@@ -302,18 +310,24 @@ def scale_by_kfac(
             out[d.kernel] = delta[: d.d_in].astype(g32[d.kernel].dtype)
             if d.bias is not None:
                 out[d.bias] = delta[d.d_in].astype(g32[d.bias].dtype)
-        if norm_constraint is not None:
+        if norm_constraint is not None and not adaptive_step:
             lr = learning_rate_for_constraint
             lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
             vg = sum(jnp.vdot(o, g).astype(jnp.float32) for o, g in zip(out, g32, strict=True))
             nu = jnp.minimum(1.0, jnp.sqrt(norm_constraint / (lr**2 * jnp.abs(vg) + 1e-30)))
             out = [o * nu.astype(o.dtype) for o in out]
         mom_leaves = jax.tree.leaves(state.momentum)
-        mu = jnp.asarray(momentum, jnp.float32)
-        v = [mu.astype(m.dtype) * m + o for m, o in zip(mom_leaves, out, strict=True)]
-
-        pred = jnp.zeros((), jnp.float32)
-        if adaptive_damping:
+        if adaptive_step:
+            v, u_new, pred = _exact_quadratic_step(
+                apply_fn, inputs, likelihood, params, g32, out, mom_leaves, lam, count,
+                learning_rate_for_constraint, axis_name,
+            )
+        else:
+            mu = jnp.asarray(momentum, jnp.float32)
+            v = [mu.astype(m.dtype) * m + o for m, o in zip(mom_leaves, out, strict=True)]
+            u_new = v
+            pred = jnp.zeros((), jnp.float32)
+        if adaptive_damping and not adaptive_step:
             # Quadratic model of the step -v (scaled by the learning rate outside; the
             # alias passes it in): M = -lr g.v + lr^2/2 (v.Fv + lam |v|^2), F from factors.
             lr = learning_rate_for_constraint
@@ -334,7 +348,7 @@ def scale_by_kfac(
             factor_g=fg,
             eig_a=ea,
             eig_g=eg,
-            momentum=jax.tree.unflatten(treedef, v),
+            momentum=jax.tree.unflatten(treedef, u_new),
             damping=jnp.asarray(lam, jnp.float32),
             prev_loss=(jnp.asarray(loss, jnp.float32) if loss is not None else state.prev_loss),
             prev_pred=pred,
@@ -343,6 +357,61 @@ def scale_by_kfac(
         return jax.tree.unflatten(treedef, result), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _tree_vdot(a, b, dtype=jnp.float32):
+    return sum(jnp.vdot(x, y).astype(dtype) for x, y in zip(a, b, strict=True))
+
+
+def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam, count,
+                          lr, axis_name):
+    """Martens & Grosse's step: ``u = alpha (-Delta) + mu u_prev`` minimising the exact
+    Fisher quadratic model ``g.u + 1/2 u^T (F + lam) u`` over ``(alpha, mu)``.
+
+    Returns the direction to emit (``-u / lr``, the chained learning rate multiplies it
+    back) and the model's predicted change ``g.u + 1/2 u^T F u``.
+    """
+    from subjax.fisher import _likelihood as lk
+
+    treedef = jax.tree.structure(params)
+    p_w = jax.tree.map(lambda p: p.astype(wide(p.dtype)), params)
+    a = [-x for x in delta]
+    b = list(prev)
+    f = lambda p: apply_fn(p, inputs)
+    outputs, f_jvp = jax.linearize(f, p_w)
+    n = outputs.shape[0]
+    cast = lambda xs: jax.tree.unflatten(
+        treedef, [x.astype(q.dtype) for x, q in zip(xs, jax.tree.leaves(p_w), strict=True)])
+    ja, jb = f_jvp(cast(a)), f_jvp(cast(b))
+    fa_ = lk.output_fisher_product(likelihood, outputs, ja)
+    fb_ = lk.output_fisher_product(likelihood, outputs, jb)
+    dt = wide(jax.tree.leaves(p_w)[0].dtype)
+    quad = jnp.stack([jnp.vdot(ja, fa_), jnp.vdot(ja, fb_), jnp.vdot(jb, fb_)]).astype(dt) / n
+    lin = jnp.stack([_tree_vdot(g, a, dt), _tree_vdot(g, b, dt)])
+    norms = jnp.stack([_tree_vdot(a, a, dt), _tree_vdot(a, b, dt), _tree_vdot(b, b, dt)])
+    lam = jnp.asarray(lam).astype(dt)
+    if axis_name is not None:
+        quad = jax.lax.pmean(quad, axis_name)
+    aFa, aFb, bFb = quad[0], quad[1], quad[2]
+    m11 = aFa + lam * norms[0]
+    m12 = aFb + lam * norms[1]
+    m22 = bFb + lam * norms[2]
+    det = m11 * m22 - m12 * m12
+    tiny = jnp.asarray(1e-30, dt)
+    first = (count == 0) | (norms[2] <= tiny) | (det <= 1e-12 * m11 * m22)
+    alpha_1 = -lin[0] / jnp.maximum(m11, tiny)
+    alpha_2 = (-lin[0] * m22 + lin[1] * m12) / jnp.where(det > 0, det, 1.0)
+    mu_2 = (-lin[1] * m11 + lin[0] * m12) / jnp.where(det > 0, det, 1.0)
+    alpha = jnp.where(first, alpha_1, alpha_2)
+    mu = jnp.where(first, jnp.zeros((), dt), mu_2)
+    u = [alpha.astype(x.dtype) * x + mu.astype(y.dtype) * y for x, y in zip(a, b, strict=True)]
+    pred = (alpha * lin[0] + mu * lin[1]
+            + 0.5 * (alpha**2 * aFa + 2 * alpha * mu * aFb + mu**2 * bFb))
+    lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+    lr = jnp.asarray(lr).astype(dt)
+    safe = jnp.where(lr == 0, jnp.ones((), dt), lr)
+    v = [-(x / safe.astype(x.dtype)) for x in u]
+    return v, u, pred.astype(jnp.float32)
 
 
 def kfac(
@@ -359,6 +428,8 @@ def kfac(
     damping_factor: float = 0.95,
     layers: tuple[str, ...] | None = None,
     axis_name: str | None = None,
+    adaptive_step: bool = False,
+    likelihood: str = "categorical",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC for the dense layers of a model, as an optax transform.
 
@@ -396,13 +467,22 @@ def kfac(
       damping_factor: multiplicative adaptation factor ``omega`` in (0, 1).
       layers: names of the dense layers to precondition (default: every 2-D
         ``kernel`` of the params; others get the identity).
-      axis_name: if set, the statistics in ``kfac_stats`` are ``lax.pmean``-ed over
+      axis_name: if set, the statistics in ``kfac_stats`` (and, with
+        ``adaptive_step``, the quadratic-model products) are ``lax.pmean``-ed over
         this mapped axis inside ``update`` (data-parallel ``shard_map`` / ``pmap``);
         the gradient itself must already be averaged by the caller.
+      adaptive_step: choose the step size ``alpha`` and momentum ``mu`` each step by
+        minimising the exact Fisher quadratic model over ``u = alpha (-Delta) + mu
+        u_prev`` (Martens & Grosse 2015, sec. 7); needs ``apply_fn`` and ``inputs``
+        in ``update`` (two forward-mode passes per step). ``learning_rate`` then
+        multiplies the chosen step (use 1.0); ``momentum`` and ``norm_constraint``
+        are unused. With ``adaptive_damping`` the predicted change is the exact
+        model's.
+      likelihood: the output distribution for ``adaptive_step``'s Fisher products.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
-      *, kfac_stats, loss=None)``.
+      *, kfac_stats, loss=None, apply_fn=None, inputs=None)``.
 
     References:
       Martens, Grosse, "Optimizing Neural Networks with Kronecker-factored
@@ -422,6 +502,8 @@ def kfac(
             damping_factor=damping_factor,
             layers=layers,
             axis_name=axis_name,
+            adaptive_step=adaptive_step,
+            likelihood=likelihood,
             learning_rate_for_constraint=learning_rate,
         ),
         optax.scale_by_learning_rate(learning_rate),
