@@ -1,4 +1,7 @@
-"""Build notebooks/05_low_rank.ipynb (outputs stripped). Run: .venv/bin/python notebooks/05_low_rank_build.py"""
+"""Build notebooks/05_low_rank.ipynb (outputs stripped).
+
+Run: .venv/bin/python notebooks/05_low_rank_build.py
+"""
 
 import pathlib
 
@@ -83,7 +86,8 @@ cells = [
         "        return (optax.apply_updates(p, up), s), l\n"
         "    p0 = {'w': jnp.zeros((96, 64))}; s0 = opt.init(p0)\n"
         "    nbytes = sum(np.asarray(l).nbytes for l in jax.tree.leaves(s0))\n"
-        "    (_, _), ls = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=steps))(p0, s0)\n"
+        "    scan = lambda p, s: jax.lax.scan(body, (p, s), None, length=steps)\n"
+        "    (_, _), ls = jax.jit(scan)(p0, s0)\n"
         "    return np.asarray(ls), nbytes\n"
         "curves = {'adam': run(optax.adam(3e-2))}\n"
         "for name in ['svd', 'subspace', 'dct', 'random']:\n"
@@ -111,7 +115,8 @@ cells = [
         "print('adapter singular values:', np.round(np.asarray(sv[:4]), 3))\n"
         "merged = snn.merge_lora(layer)\n"
         "back = snn.unmerge_lora(merged, layer.lora.lora_a[...], layer.lora.lora_b[...])\n"
-        "print('round trip max |dW|:', float(jnp.max(jnp.abs(back.kernel[...] - layer.kernel[...]))))\n"
+        "dw = jnp.max(jnp.abs(back.kernel[...] - layer.kernel[...]))\n"
+        "print('round trip max |dW|:', float(dw))\n"
         "layer2 = nnx.LoRALinear(32, 16, lora_rank=4, rngs=nnx.Rngs(1))\n"
         "x_ft = jax.random.normal(jax.random.key(6), (256, 32))\n"
         "x_keep = jax.random.normal(jax.random.key(7), (256, 32)) * jnp.linspace(2, 0, 32)\n"
@@ -124,15 +129,18 @@ cells = [
         "dimension created by a large rank-one update."
     ),
     new_code_cell(
-        "low = jax.random.normal(jax.random.key(8), (64, 3)) @ jax.random.normal(jax.random.key(9), (3, 48))\n"
+        "low = (jax.random.normal(jax.random.key(8), (64, 3))\n"
+        "       @ jax.random.normal(jax.random.key(9), (3, 48)))\n"
         "flat = jax.random.normal(jax.random.key(10), (64, 48))\n"
-        "print('stable rank  low:', float(snn.stable_rank(low)), ' flat:', float(snn.stable_rank(flat)))\n"
+        "print('stable rank  low:', float(snn.stable_rank(low)),\n"
+        "      ' flat:', float(snn.stable_rank(flat)))\n"
         "print('WeLore ranks:', snn.welore_ranks({'low': low, 'flat': flat}, threshold=0.1))\n"
         "w0 = flat / 8\n"
         "uvec = jax.random.normal(jax.random.key(11), (64,)); uvec = uvec / jnp.linalg.norm(uvec)\n"
         "w1 = w0 + 5 * jnp.outer(uvec, jax.random.normal(jax.random.key(12), (48,)) / 7)\n"
         "res = snn.intruder_dimensions(w0, w1, top_k=5)\n"
-        "print('intruders:', int(res.count), ' max similarity:', np.round(np.asarray(res.max_similarity), 2))\n"
+        "print('intruders:', int(res.count),\n"
+        "      ' max similarity:', np.round(np.asarray(res.max_similarity), 2))\n"
         "plt.figure(figsize=(4, 2.5)); plt.bar(range(5), np.asarray(res.max_similarity))\n"
         "plt.axhline(0.5, color='k', ls='--'); plt.xlabel('top singular vector of W_ft')\n"
         "plt.ylabel('max |cos| with W_0'); plt.show()"
