@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from subjax.fisher._core import LowRankFisher, _check_like
+from subjax.fisher._likelihood import wide
 
 Params = Any
 
 
 def _vdot(a, b):
     return sum(
-        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+        jnp.vdot(x, y.astype(x.dtype))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
 
@@ -36,7 +37,7 @@ def ewc_penalty(params: Params, anchor: Params, fisher, strength=1.0) -> jax.Arr
       strength: ``lambda`` (may be traced).
 
     Returns:
-      A float32 scalar.
+      A scalar (float32, or float64 for float64 parameters).
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks",
@@ -44,25 +45,25 @@ def ewc_penalty(params: Params, anchor: Params, fisher, strength=1.0) -> jax.Arr
     """
     _check_like(anchor, params, "anchor")
     delta = jax.tree.map(
-        lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32), params, anchor
+        lambda p, a: p.astype(wide(p.dtype)) - a.astype(wide(p.dtype)), params, anchor
     )
     if isinstance(fisher, LowRankFisher):
         coeffs = sum(
-            jnp.tensordot(u.reshape(u.shape[0], -1).astype(jnp.float32), d.reshape(-1), axes=1)
+            jnp.tensordot(u.reshape(u.shape[0], -1).astype(d.dtype), d.reshape(-1), axes=1)
             for u, d in zip(
                 jax.tree.leaves(fisher.eigenvectors), jax.tree.leaves(delta), strict=True
             )
         )
-        quad = jnp.sum(fisher.eigenvalues.astype(jnp.float32) * coeffs**2)
+        quad = jnp.sum(fisher.eigenvalues.astype(coeffs.dtype) * coeffs**2)
     elif callable(fisher):
         quad = _vdot(delta, fisher(delta))
     else:
         _check_like(fisher, params, "fisher")
         quad = sum(
-            jnp.sum(f.astype(jnp.float32) * d**2)
+            jnp.sum(f.astype(d.dtype) * d**2)
             for f, d in zip(jax.tree.leaves(fisher), jax.tree.leaves(delta), strict=True)
         )
-    return 0.5 * jnp.asarray(strength, jnp.float32) * quad
+    return 0.5 * jnp.asarray(strength).astype(quad.dtype) * quad
 
 
 def _weights(weights, k: int, name="weights"):
