@@ -111,6 +111,16 @@ def _maybe_reproject(m: Manifold, x, u, count, every):
     return jax.lax.cond((count + 1) % every == 0, fix, lambda u: u, u)
 
 
+def _frozen_if_zero(lr, u):
+    """A zero learning rate is an exact no-op (no re-orthonormalisation correction).
+
+    The retractions re-normalise the point (e.g. ``(x - lr d)(y^T y)^{-1/2}``), which
+    with ``lr = 0`` still moves a point with rounding-level drift by ~1 ulp; a user
+    freezing a leaf with ``inject_hyperparams`` expects exactly zero updates.
+    """
+    return jnp.where(lr == 0, jnp.zeros_like(u), u)
+
+
 class RiemannianSGDState(NamedTuple):
     """State of :func:`riemannian_sgd`."""
 
@@ -233,6 +243,7 @@ def riemannian_sgd(
             refresh = None if reorthonormalize_every is None else (
                 (count + 1) % reorthonormalize_every == 0)
             u, m_new = man.momentum_step(x, g, mo, lr_w, beta_w, nesterov, retraction, refresh)
+            u = _frozen_if_zero(lr_w, u)
             return u.astype(x.dtype), m_new.astype(mo.dtype)
 
         new_updates, new_mom = _map_leaves(leaf, mtree, params, updates, mom_tree, n_out=2)
@@ -324,6 +335,7 @@ def riemannian_adam(
             x_new = m.retract(xw, scale * mu_new, retraction)
             mu_t = m.transport(xw, x_new, mu_new)
             u = _maybe_reproject(m, xw, x_new - xw, state.count, reorthonormalize_every)
+            u = _frozen_if_zero(lr_w, u)
             return u.astype(x.dtype), mu_t.astype(mu.dtype), nu_new.astype(nu.dtype)
 
         new_updates, mu, nu = _map_leaves(
