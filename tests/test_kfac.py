@@ -51,9 +51,8 @@ def test_kronecker_factors_match_dense(x64, key, mode):
     x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
     y = jax.random.randint(jax.random.key(2), (7,), 0, 4)
     skey = jax.random.key(3)
-    loss, grads, stats = fisher.kfac_grads_and_stats(
-        mlp_apply, params, x, y, likelihood="categorical", fisher=mode, key=skey
-    )
+    loss, grads, stats = jax.jit(lambda p: fisher.kfac_grads_and_stats(
+        mlp_apply, p, x, y, likelihood="categorical", fisher=mode, key=skey))(params)
     ref_loss, ref_grads = jax.value_and_grad(
         lambda p: lk.mean_nll("categorical", mlp_apply(p, x), y))(params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
@@ -99,12 +98,13 @@ def test_kfac_update_equals_dense_preconditioned_gradient(x64, key, damping_mode
     params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(6), (9, 3), jnp.float64)
     y = jax.random.randint(jax.random.key(7), (9,), 0, 4)
-    _, grads, stats = fisher.kfac_grads_and_stats(
-        mlp_apply, params, x, y, likelihood="categorical", fisher="empirical")
+    _, grads, stats = jax.jit(lambda p: fisher.kfac_grads_and_stats(
+        mlp_apply, p, x, y, likelihood="categorical", fisher="empirical"))(params)
     lam = 0.05
     opt = optim.kfac(1.0, damping=lam, momentum=0.0, damping_mode=damping_mode)
     state = opt.init(params)
-    upd, _ = opt.update(grads, state, params, kfac_stats=stats)
+    upd, _ = jax.jit(lambda g, s, st: opt.update(g, s, params, kfac_stats=st))(
+        grads, state, stats)
     for name in ("l0", "l1"):
         a, g = np.asarray(stats[name].a), np.asarray(stats[name].g)
         gr = np.concatenate([grads[name]["kernel"], grads[name]["bias"][None]], axis=0)
@@ -131,7 +131,7 @@ def test_natural_gradient_logistic_regression_equals_dense_solve(x64):
     lam = 1e-3
     opt = optim.natural_gradient(1.0, damping=lam, likelihood="bernoulli", maxiter=10, tol=1e-12)
     state = opt.init(w)
-    upd, state = opt.update(g, state, w, apply_fn=apply, inputs=x)
+    upd, state = jax.jit(lambda g, s: opt.update(g, s, w, apply_fn=apply, inputs=x))(g, state)
     # dense Fisher of logistic regression: (1/N) sum s(1-s) [x,1][x,1]^T
     s = jax.nn.sigmoid(apply(w, x))[:, 0]
     xa = jnp.concatenate([jnp.ones((40, 1)), x], axis=1)  # ravel order: b, then w
@@ -319,11 +319,11 @@ def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
     opt = optim.kfac(1.0, damping=lam, adaptive_step=True)
     state = opt.init(params)
     for i in range(2):
-        _, grads, stats = fisher.kfac_grads_and_stats(
-            mlp_apply, params, x, y, fisher="empirical")
+        _, grads, stats = jax.jit(lambda p: fisher.kfac_grads_and_stats(
+            mlp_apply, p, x, y, fisher="empirical"))(params)
         prev = ravel_pytree(state[0].momentum)[0]
-        upd, state = opt.update(grads, state, params, kfac_stats=stats, apply_fn=mlp_apply,
-                                inputs=x)
+        upd, state = jax.jit(lambda g, s, st, p: opt.update(
+            g, s, p, kfac_stats=st, apply_fn=mlp_apply, inputs=x))(grads, state, stats, params)
         u = ravel_pytree(upd)[0]
         c = dense_fisher("categorical", mlp_apply, params, x) + lam * np.eye(u.size)
         g = ravel_pytree(grads)[0]
