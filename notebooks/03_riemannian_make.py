@@ -1,4 +1,7 @@
-"""Build notebooks/03_riemannian.ipynb (outputs stripped). Run: python notebooks/03_riemannian_make.py"""
+"""Build notebooks/03_riemannian.ipynb (outputs stripped).
+
+Run: python notebooks/03_riemannian_make.py
+"""
 
 import pathlib
 
@@ -119,7 +122,8 @@ losses = [float(train_step(model, opt)) for _ in range(100)]
 w = model.head.weight[...]
 print("accuracy", float(jnp.mean(jnp.argmax(model(xs), -1) == y)),
       "max orthonormality error", float(jnp.max(mans["head"]["weight"].check(w))))
-fig, ax = plt.subplots(figsize=(5, 3.5)); ax.plot(losses); ax.set_xlabel("step"); ax.set_ylabel("loss")
+fig, ax = plt.subplots(figsize=(5, 3.5))
+ax.plot(losses); ax.set_xlabel("step"); ax.set_ylabel("loss")
 plt.show()
 """)
 md("""
