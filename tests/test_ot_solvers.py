@@ -181,6 +181,9 @@ def test_unbalanced_matches_scaling_reference(x64):
     out2 = ot.sinkhorn_newton(jnp.asarray(C), a=jnp.asarray(a), b=jnp.asarray(b), epsilon=eps,
                               rho_a=rho, rho_b=rho, tol=1e-12)
     np.testing.assert_allclose(out2.plan(), P_ref, atol=1e-12, rtol=1e-8)
+    out3 = ot.sparse_newton_sinkhorn(jnp.asarray(C), a=jnp.asarray(a), b=jnp.asarray(b),
+                                     epsilon=eps, rho_a=rho, rho_b=rho, tol=1e-12, row_budget=4)
+    np.testing.assert_allclose(out3.plan(), P_ref, atol=1e-12, rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
