@@ -23,7 +23,6 @@ error* every solver reports (in the balanced case exactly
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -62,10 +61,6 @@ def _to_geom(cost):
     if isinstance(cost, PointCloud):
         return cost
     return _Dense(cost, cost.T)
-
-
-def _user_cost(geom):
-    return geom if isinstance(geom, PointCloud) else geom.C
 
 
 def row_update(geom, g, log_b, eps):
@@ -453,5 +448,3 @@ def record(errors, it, err, inner):
     ok = (it % inner == 0) & (k < errors.shape[0])
     return errors.at[jnp.where(ok, k, errors.shape[0])].set(err, mode="drop")
 
-
-partial = functools.partial
