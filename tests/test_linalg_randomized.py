@@ -88,6 +88,18 @@ def test_randomized_svd_rank_deficient_is_finite(rng):
     assert _orth_err(res.u) < 1e-4
 
 
+def test_randomized_svd_exactly_low_rank_structure():
+    # Only 3 non-zero rows: every block after the first is exactly rank deficient,
+    # the Krylov space is exhausted at once; the fallback keeps the basis orthonormal.
+    a = jnp.diag(jnp.concatenate([jnp.arange(3.0, 0.0, -1.0), jnp.zeros(97)]))
+    res = sl.randomized_svd(a, 5, key=jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(res.s), [3.0, 2.0, 1.0, 0.0, 0.0], atol=1e-5)
+    assert _orth_err(res.u) < 1e-5 and _orth_err(res.vt.T) < 1e-5
+    zero = sl.randomized_svd(jnp.zeros((50, 40)), 3, key=jax.random.key(0))
+    assert bool(zero.converged) and np.all(np.asarray(zero.s) == 0.0)
+    assert _orth_err(zero.u) < 1e-5
+
+
 def test_randomized_svd_grad_matches_finite_differences(rng, x64):
     a, _, _, _ = _known_spectrum(rng, 40, 30, SPECTRA["fast"](30))
     a = jnp.asarray(a + 1e-3 * rng.standard_normal(a.shape))

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from subjax.linalg import _validate as V
-from subjax.linalg._orth import compute_dtype, qr_fast
+from subjax.linalg._orth import compute_dtype, orth_robust
 from subjax.linalg._randomized import (
     EighResult,
     _all_finite,
     _cast_operator,
-    _proj_out,
     _rayleigh_ritz_sym,
 )
 
@@ -124,8 +123,7 @@ def _lanczos_impl(op, v0, tol, *, rank, p, n_blocks, max_restarts, which):
         vs, ws = [y], [ay]
         for _ in range(n_blocks):
             kmat = jnp.concatenate(vs, axis=1)
-            q = qr_fast(_proj_out(ws[-1], kmat))
-            q = qr_fast(_proj_out(q, kmat))
+            q = orth_robust(ws[-1], kmat)[0]
             vs.append(q)
             ws.append(op.matmat(q))
         vmat = jnp.concatenate(vs, axis=1)
@@ -136,7 +134,7 @@ def _lanczos_impl(op, v0, tol, *, rank, p, n_blocks, max_restarts, which):
         scale = jnp.maximum(jnp.max(jnp.abs(theta[:rank])), jnp.finfo(ct).tiny)
         return theta, y, ay, jnp.max(rn) / scale
 
-    y0 = qr_fast(v0)
+    y0 = orth_robust(v0)[0]
     ay0 = op.matmat(y0)
     errors0 = -jnp.ones((max_restarts,), ct)
     theta0 = jnp.zeros((p,), ct)

@@ -34,9 +34,16 @@ def _eps(dtype):
 
 
 def _tri_inv(r):
-    """Inverse of an upper-triangular ``(k, k)`` matrix (tiny; makes ``x @ inv`` a GEMM)."""
+    """Inverse of an upper-triangular ``(k, k)`` matrix (tiny; makes ``x @ inv`` a GEMM).
+
+    Computed as ``(L^{-1})^T`` with ``L = r^T`` by a left-side lower solve: on CPU
+    that LAPACK ``trsm`` variant stays single-threaded for small sizes, while the
+    right-side / upper variants spin up OpenBLAS threads and can take milliseconds
+    on a loaded machine.
+    """
     eye = jnp.eye(r.shape[-1], dtype=r.dtype)
-    return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
+    linv = lax.linalg.triangular_solve(_mT(r), eye, left_side=True, lower=True)
+    return _mT(linv)
 
 
 def householder(x):
@@ -236,13 +243,74 @@ def _orthonormalize_impl(x, *, method, ns_steps):
     return q.astype(x.dtype)
 
 
+def _cqr_pass(y, kmat, big_shift: bool):
+    """One (projected, possibly shifted) Cholesky-QR pass: ``y <- (y - K K^T y) R^{-1}``.
+
+    ``R^T R = y^T y + s I``. The big shift ``s = 11 (m l + l (l + 1)) u ||y||_F^2``
+    (Fukaya et al. 2020) makes the Cholesky succeed for any ``cond(y) <~ 1/u``;
+    otherwise only a tiny absolute floor guards exact zeros.
+    """
+    if kmat is not None:
+        y = y - kmat @ (kmat.T @ y)
+    m, l = y.shape
+    g = y.T @ y
+    floor = jnp.finfo(y.dtype).tiny ** 0.5
+    if big_shift:
+        u = _eps(y.dtype)
+        shift = jnp.asarray(11.0 * (m * l + l * (l + 1)), y.dtype) * u * jnp.trace(g)
+        shift = jnp.maximum(shift, floor)
+    else:
+        shift = floor
+    r = _mT(jnp.linalg.cholesky(g + shift * jnp.eye(l, dtype=g.dtype)))
+    return y @ _tri_inv(r), r
+
+
+def _passes(y, kmat, shifts):
+    q, r = y, None
+    for big in shifts:
+        q, ri = _cqr_pass(q, kmat, big)
+        r = ri if r is None else ri @ r
+    d = jnp.diagonal(ri)
+    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r)) & jnp.all(jnp.abs(d - 1) < 0.1)
+    return q, r, ok
+
+
+def orth_robust(y, kmat=None):
+    """Orthonormalization for the randomized solvers (internal).
+
+    Fast path: CholeskyQR2 with block classical Gram–Schmidt against the
+    orthonormal ``kmat`` folded into both passes — GEMMs and ``(l, l)`` Cholesky
+    factors only. Accepted when finite and the second pass was a near-identity
+    correction (``|diag(R_2) - 1| < 0.1``): then the first pass left ``q``
+    well-conditioned and the second projection removed whatever the first
+    normalisation amplified in ``span(kmat)``. Otherwise (``cond(y) >~ u^{-1/2}``,
+    or a projected block that nearly vanished) a ``lax.cond`` runs shifted
+    CholeskyQR3 (Fukaya et al. 2020), projecting in every pass, and if even that
+    fails (exact rank deficiency: fewer non-zero rows than ``l``, an exhausted
+    Krylov space) Householder QR of ``[kmat, y]``, whose trailing columns are
+    orthogonal to ``kmat`` whatever ``y`` is. Returns ``(q, r)`` with
+    ``y - K K^T y ~= q r``.
+    """
+    q, r, ok = _passes(y, kmat, (False, False))
+
+    def householder_fallback(y):
+        if kmat is None:
+            return householder(y)
+        big_l = kmat.shape[1]
+        qh, rh = householder(jnp.concatenate([kmat, y], axis=1))
+        return qh[:, big_l:], rh[big_l:, big_l:]
+
+    def shifted(y):
+        q3, r3, ok3 = _passes(y, kmat, (True, False, False))
+        return lax.cond(ok3, lambda y: (q3, r3), householder_fallback, y)
+
+    return lax.cond(ok, lambda y: (q, r), shifted, y)
+
+
 def qr_fast(x):
     """Internal: CholeskyQR2, falling back to shifted CholeskyQR3 (no Householder).
 
-    Used inside the randomized algorithms, where only the span matters: shifted
-    CholeskyQR3 returns an orthonormal ``q`` for any ``x`` with finite non-zero
-    entries, even a rank-deficient one (the extra columns are then arbitrary
-    directions, which a range finder tolerates). Returns ``q`` only.
+    Returns ``q`` only.
     """
     return qr_fast_with_r(x)[0]
 

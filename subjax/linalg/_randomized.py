@@ -20,9 +20,8 @@ from subjax.linalg._operator import LinearOperator
 from subjax.linalg._orth import (
     ORTH_METHODS,
     compute_dtype,
+    orth_robust,
     orthonormalize,
-    qr_fast,
-    qr_fast_with_r,
 )
 
 __all__ = [
@@ -150,7 +149,16 @@ def _svd_from_range(k, w, rank: int, l: int):
 
 
 def _qr_with_r(x):
-    return qr_fast_with_r(x)
+    return orth_robust(x)
+
+
+def _orth(y, kmat=None):
+    return orth_robust(y, kmat)[0]
+
+
+def _cond_basis(w):
+    """An orthonormal basis of ``span(w)`` (only its conditioning matters here)."""
+    return orth_robust(w)[0]
 
 
 def _block_krylov(op: LinearOperator, omega, n_iter: int):
@@ -158,29 +166,22 @@ def _block_krylov(op: LinearOperator, omega, n_iter: int):
     and ``W = A^T K``. ``2 q + 2`` block products with ``A`` (``q = n_iter``), exactly
     as many as ``q`` power iterations plus the final projection.
     """
-    qs = [qr_fast(op.matmat(omega))]
+    qs = [_orth(op.matmat(omega))]
     ws = []
     for _ in range(n_iter):
-        q = qs[-1]
-        w = op.rmatmat(q)
+        w = op.rmatmat(qs[-1])
         ws.append(w)
-        y = op.matmat(qr_fast(w))
-        kmat = jnp.concatenate(qs, axis=1)
-        y = _proj_out(y, kmat)
-        q = qr_fast(y)
-        # second Gram–Schmidt pass *after* normalisation: removes what the
-        # normalisation amplified when y had nearly vanished (rank-deficient A).
-        q = qr_fast(_proj_out(q, kmat))
-        qs.append(q)
+        y = op.matmat(_cond_basis(w))
+        qs.append(_orth(y, jnp.concatenate(qs, axis=1)))
     ws.append(op.rmatmat(qs[-1]))
     return jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
 
 
 def _power_range(op: LinearOperator, omega, n_iter: int):
     """Subspace (power) iteration: ``Q = orth((A A^T)^q A omega)``, ``W = A^T Q``."""
-    q = qr_fast(op.matmat(omega))
+    q = _orth(op.matmat(omega))
     for _ in range(n_iter):
-        q = qr_fast(op.matmat(qr_fast(op.rmatmat(q))))
+        q = _orth(op.matmat(_cond_basis(op.rmatmat(q))))
     return q, op.rmatmat(q)
 
 
@@ -228,10 +229,10 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_iter: int = 4) ->
 def _range_finder_impl(op, key, *, size, n_iter):
     ct = compute_dtype(op.dtype)
     omega = _gaussian(key, (op.shape[1], size), ct).astype(op.dtype)
-    q = qr_fast(op.matmat(omega).astype(ct))
+    q = _orth(op.matmat(omega).astype(ct))
     for _ in range(n_iter):
-        z = qr_fast(op.rmatmat(q.astype(op.dtype)).astype(ct))
-        q = qr_fast(op.matmat(z.astype(op.dtype)).astype(ct))
+        z = _cond_basis(op.rmatmat(q.astype(op.dtype)).astype(ct))
+        q = _orth(op.matmat(z.astype(op.dtype)).astype(ct))
     return q.astype(op.dtype)
 
 
@@ -457,9 +458,9 @@ def _rayleigh_ritz_sym(vmat, wmat, k: int, which: str):
 
 def _nystrom(op: LinearOperator, omega, rank: int, n_iter: int, ct):
     """Stabilised Nyström approximation ``A ~= (A Q)(Q^T A Q)^+ (A Q)^T`` for PSD ``A``."""
-    q = qr_fast(omega)
+    q = _orth(omega)
     for _ in range(n_iter):
-        q = qr_fast(op.matmat(q))
+        q = _orth(op.matmat(q))
     y = op.matmat(q)
     nu = jnp.sqrt(jnp.asarray(op.shape[0], ct)) * jnp.finfo(ct).eps * jnp.linalg.norm(y)
     y = y + nu * q
@@ -551,14 +552,12 @@ def _randomized_eigh_impl(op, key, *, rank, oversample, n_iter, psd, which):
         res = op.matmat(vecs) - vecs * lam[None, :]
     else:
         n_blocks = min(n_iter, max(n // l - 1, 0))
-        q = qr_fast(omega)
+        q = _orth(omega)
         qs, ws = [q], []
         for _ in range(n_blocks):
             w = op.matmat(qs[-1])
             ws.append(w)
-            kmat = jnp.concatenate(qs, axis=1)
-            y = qr_fast(_proj_out(w, kmat))
-            qs.append(qr_fast(_proj_out(y, kmat)))
+            qs.append(_orth(w, jnp.concatenate(qs, axis=1)))
         ws.append(op.matmat(qs[-1]))
         lam, vecs, avecs = _rayleigh_ritz_sym(
             jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1), rank, which

@@ -1,0 +1,171 @@
+"""subjax.linalg: randomized SVD and block Lanczos against their peers.
+
+Cases (float32, warm, interleaved, one process):
+
+- ``randomized_svd NxN r32``: rank 32 of an ``N x N`` matrix ``U diag(sigma) V^T``
+  with random orthogonal ``U, V`` and a slowly decaying spectrum
+  ``sigma_i = 1 / i`` (the hard case for power iteration). Same oversample (10)
+  and power iterations (4) for every randomized method. Contenders: subjax
+  (block Krylov, the default), subjax ``method="subspace"`` (the algorithm
+  scikit-learn uses), scikit-learn ``randomized_svd``, ``jnp.linalg.svd`` and
+  ``numpy.linalg.svd`` (full), and the *matmul floor*: the ``2 q + 2 = 10`` block
+  products with ``A`` (``N x 42`` blocks) that any of these randomized methods
+  must do, chained so that none can be skipped, in the fastest form XLA offers
+  (``A @ X`` and ``X^T A`` as a dot_general). Accuracy: max over the top 32 of
+  ``|s_i / sigma_i - 1|``, median over 5 seeds.
+- ``lanczos_eigh 20000^2 sparse top-10``: the 10 largest eigenvalues of a sparse
+  symmetric ``(S + S^T) / 2`` (``S`` with 5 N(0,1) entries per row, ~200k
+  non-zeros; semicircle-like spectrum, top gaps ~1%) vs
+  ``scipy.sparse.linalg.eigsh`` (ARPACK) at the same tolerance 1e-5, in float64
+  (its usual setting) and float32. subjax takes the matrix as a BCSR operand.
+  Accuracy: max |lambda_i - lambda_i^ref| / |lambda_1| against ARPACK at tol=0
+  in float64.
+
+Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+from jax import lax
+from jax.experimental import sparse as jsparse
+from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
+
+import subjax.linalg as sl
+from experiments.bench import Case, Contender
+
+RANK, OVERSAMPLE, N_ITER = 32, 10, 4
+SEEDS = range(5)
+
+
+def _test_matrix(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    sigma = 1.0 / np.arange(1, n + 1)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = ((u * sigma) @ v.T).astype(np.float32)
+    return a, sigma
+
+
+def _rel_err(s, sigma):
+    s = np.asarray(s, np.float64)[:RANK]
+    return float(np.max(np.abs(s / sigma[:RANK] - 1.0)))
+
+
+def _floor_fn(n_products: int):
+    """The block products a q-step randomized SVD cannot avoid, chained."""
+
+    @jax.jit
+    def floor(a, x):
+        scale = jnp.asarray(1e-3, a.dtype)
+        for _ in range(n_products // 2):
+            y = a @ x
+            w = lax.dot_general(y, a, (((0,), (0,)), ((), ())))  # (y^T a): A^T y
+            x = lax.optimization_barrier(w).T * scale
+        return x
+
+    return floor
+
+
+def _svd_case(n: int, with_dense: bool) -> Case:
+    a_np, sigma = _test_matrix(n)
+    a = jnp.asarray(a_np)
+    l = RANK + OVERSAMPLE
+    keys = [jax.random.key(s) for s in SEEDS]
+
+    bk = jax.jit(functools.partial(sl.randomized_svd, rank=RANK, oversample=OVERSAMPLE,
+                                   n_iter=N_ITER))
+    ss = jax.jit(functools.partial(sl.randomized_svd, rank=RANK, oversample=OVERSAMPLE,
+                                   n_iter=N_ITER, method="subspace"))
+
+    def acc_jax(f):
+        return lambda out: float(np.median([_rel_err(f(a, key=k).s, sigma) for k in keys]))
+
+    def sk(seed=0):
+        return sk_randomized_svd(a_np, RANK, n_oversamples=OVERSAMPLE, n_iter=N_ITER,
+                                 random_state=seed)
+
+    def acc_sk(out):
+        return float(np.median([_rel_err(sk(s)[1], sigma) for s in SEEDS]))
+
+    floor = _floor_fn(2 * N_ITER + 2)
+    x0 = jnp.asarray(np.random.default_rng(1).standard_normal((n, l)), jnp.float32)
+    contenders = [
+        Contender("subjax", lambda: bk(a, key=keys[0]), accuracy=acc_jax(bk),
+                  note="block Krylov (default), CholeskyQR2, jit"),
+        Contender("subjax subspace", lambda: ss(a, key=keys[0]), accuracy=acc_jax(ss),
+                  note="method='subspace' (sklearn's algorithm)"),
+        Contender("scikit-learn", sk, accuracy=acc_sk,
+                  note=f"randomized_svd(n_oversamples={OVERSAMPLE}, n_iter={N_ITER})"),
+        Contender("matmul floor", lambda: floor(a, x0),
+                  note=f"{2 * N_ITER + 2} chained products with N x {l} blocks"),
+    ]
+    if with_dense:
+        jsvd = jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=True, full_matrices=False))
+        contenders += [
+            Contender("numpy svd", lambda: np.linalg.svd(a_np, full_matrices=False),
+                      accuracy=lambda out: _rel_err(out[1], sigma), note="full SVD, float32"),
+            Contender("jnp.linalg.svd", lambda: jsvd(a),
+                      accuracy=lambda out: _rel_err(out[1], sigma), note="full SVD, float32"),
+        ]
+    return Case(
+        name=f"randomized_svd {n}x{n} r{RANK}",
+        params={"m": n, "n": n, "rank": RANK, "oversample": OVERSAMPLE, "n_iter": N_ITER,
+                "spectrum": "sigma_i = 1/i", "dtype": "float32"},
+        contenders=contenders,
+        reference="subjax",
+        accuracy_label="max rel. err of top-32 sigma (median of 5 seeds)",
+        max_seconds=20.0,
+    )
+
+
+def _sparse_sym(n: int, per_row: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    s = sp.random(n, n, density=per_row / n, random_state=seed, data_rvs=rng.standard_normal)
+    return ((s + s.T) * 0.5).tocsr()
+
+
+def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5) -> Case:
+    a64 = _sparse_sym(n)
+    a32 = a64.astype(np.float32)
+    ref = np.sort(sla.eigsh(a64, k=k, which="LA", tol=0)[0])[::-1]
+    scale = abs(ref[0])
+    bcsr = jsparse.BCSR.from_scipy_sparse(a32)
+    op = sl.LinearOperator((n, n), jnp.float32, matmat=lambda x: bcsr @ x, symmetric=True)
+    f = jax.jit(lambda key: sl.lanczos_eigh(op, k, key=key, block_size=16, n_blocks=10,
+                                            tol=tol, max_restarts=100))
+    key = jax.random.key(0)
+
+    def acc(w):
+        return float(np.max(np.abs(np.sort(np.asarray(w, np.float64))[::-1] - ref)) / scale)
+
+    v0 = np.random.default_rng(0).standard_normal(n)
+    return Case(
+        name=f"lanczos_eigh {n}x{n} sparse top-{k}",
+        params={"n": n, "nnz": int(a64.nnz), "k": k, "tol": tol, "which": "LA"},
+        contenders=[
+            Contender("subjax", lambda: f(key), accuracy=lambda r: acc(r.eigenvalues),
+                      note="block 16 x 10 blocks, thick restart, BCSR, float32"),
+            Contender("scipy eigsh f64", lambda: sla.eigsh(a64, k=k, which="LA", tol=tol, v0=v0),
+                      accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float64"),
+            Contender("scipy eigsh f32", lambda: sla.eigsh(a32, k=k, which="LA", tol=tol,
+                                                           v0=v0.astype(np.float32)),
+                      accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float32"),
+        ],
+        reference="subjax",
+        accuracy_label="max |lambda - lambda_ref| / |lambda_1|",
+        max_seconds=30.0,
+    )
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [_svd_case(2048, with_dense=False), _lanczos_case(20000)]
+    return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False),
+            _lanczos_case(20000)]
