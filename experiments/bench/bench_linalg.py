@@ -27,6 +27,7 @@ Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,23 @@ import scipy.sparse.linalg as sla
 from jax import lax
 from jax.experimental import sparse as jsparse
 from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
+from threadpoolctl import threadpool_limits
 
 import subjax.linalg as sl
 from experiments.bench import Case, Contender
 
 RANK, OVERSAMPLE, N_ITER = 32, 10, 4
+# `make` exports OPENBLAS_NUM_THREADS=1 (small LAPACK calls are faster single-threaded);
+# the numpy / scikit-learn / scipy peers get every core for their BLAS work here.
+PEER_THREADS = os.cpu_count() or 1
+
+
+def _peer(fn):
+    def run(*args, **kwargs):
+        with threadpool_limits(limits=PEER_THREADS):
+            return fn(*args, **kwargs)
+
+    return run
 SEEDS = range(5)
 
 
@@ -87,6 +100,7 @@ def _svd_case(n: int, with_dense: bool) -> Case:
     def acc_jax(f):
         return lambda out: float(np.median([_rel_err(f(a, key=k).s, sigma) for k in keys]))
 
+    @_peer
     def sk(seed=0):
         return sk_randomized_svd(a_np, RANK, n_oversamples=OVERSAMPLE, n_iter=N_ITER,
                                  random_state=seed)
@@ -109,7 +123,7 @@ def _svd_case(n: int, with_dense: bool) -> Case:
     if with_dense:
         jsvd = jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=True, full_matrices=False))
         contenders += [
-            Contender("numpy svd", lambda: np.linalg.svd(a_np, full_matrices=False),
+            Contender("numpy svd", _peer(lambda: np.linalg.svd(a_np, full_matrices=False)),
                       accuracy=lambda out: _rel_err(out[1], sigma), note="full SVD, float32"),
             Contender("jnp.linalg.svd", lambda: jsvd(a),
                       accuracy=lambda out: _rel_err(out[1], sigma), note="full SVD, float32"),
@@ -152,10 +166,11 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5) -> Case:
         contenders=[
             Contender("subjax", lambda: f(key), accuracy=lambda r: acc(r.eigenvalues),
                       note="block 16 x 10 blocks, thick restart, BCSR, float32"),
-            Contender("scipy eigsh f64", lambda: sla.eigsh(a64, k=k, which="LA", tol=tol, v0=v0),
+            Contender("scipy eigsh f64", _peer(lambda: sla.eigsh(a64, k=k, which="LA", tol=tol,
+                                                                 v0=v0)),
                       accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float64"),
-            Contender("scipy eigsh f32", lambda: sla.eigsh(a32, k=k, which="LA", tol=tol,
-                                                           v0=v0.astype(np.float32)),
+            Contender("scipy eigsh f32", _peer(lambda: sla.eigsh(a32, k=k, which="LA", tol=tol,
+                                                                 v0=v0.astype(np.float32))),
                       accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float32"),
         ],
         reference="subjax",
