@@ -310,6 +310,11 @@ def aslinearoperator(a: Any, *, transpose_once: bool = False, name: str = "a") -
     return LinearOperator._from_operands((a,), a.shape, a.dtype, _dense_matmat, _dense_rmatmat)
 
 
+@jax.jit
+def _all_finite(a):
+    return jnp.all(jnp.isfinite(a))
+
+
 def is_dense(a) -> bool:
     return not isinstance(a, (LinearOperator, jsparse.BCOO, jsparse.BCSR)) and hasattr(a, "shape")
 
@@ -318,7 +323,15 @@ def check_finite_if_concrete(a, name: str = "a") -> None:
     """Raise ``ValueError`` if ``a`` is a concrete dense array with NaN / inf entries."""
     if not is_dense(a) or isinstance(a, jax.core.Tracer):
         return
-    # numpy on the concrete value: works even while an outer jit is tracing (a
-    # closed-over constant), where a jnp reduction would be staged out as a tracer.
-    if not np.all(np.isfinite(np.asarray(a))):
+    if isinstance(a, np.ndarray):
+        finite = bool(np.all(np.isfinite(a)))
+    else:
+        # On the array's own device (no host copy of the matrix). Inside an outer
+        # jit trace the reduction is staged out; then the check is skipped and the
+        # result's `converged` flag reports non-finite values instead.
+        try:
+            finite = bool(_all_finite(a))
+        except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError):
+            return
+    if not finite:
         raise ValueError(f"`{name}` has non-finite entries (NaN or inf)")
