@@ -110,12 +110,9 @@ def test_kfac_data_parallel_equals_single_device(mesh):
     opt8 = kfac(0.2, axis_name="data", **kw)
     p1, s1, l1 = run(jax.jit(train_step(None, opt1, grad_fn=grad_fn)), params,
                      opt1.init(params), batch, 5)
-    # check_vma=False: fisher.kfac_grads_and_stats differentiates w.r.t. zero "taps"
-    # it creates with jnp.zeros (replicated under shard_map's VMA typing), so with
-    # check_vma=True their cotangents -- the per-example output gradients -- would be
-    # summed across shards. See docs/notes/issue8.md.
-    step8 = data_parallel(train_step(None, opt8, axis_name="data", grad_fn=grad_fn), mesh,
-                          check_vma=False)
+    # default check_vma=True: kfac_grads_and_stats marks its zero output-gradient
+    # probes as varying over the batch axis, so their cotangents stay per-shard
+    step8 = data_parallel(train_step(None, opt8, axis_name="data", grad_fn=grad_fn), mesh)
     p8, s8, l8 = run(step8, params, opt8.init(params), batch, 5)
 
     assert l1[-1] < l1[0]
@@ -134,6 +131,7 @@ def test_kfac_data_parallel_equals_single_device(mesh):
     # control: without axis_name the optimizer keeps per-shard statistics and the
     # 8-shard run is *not* the 1-device run (so the equality above is not automatic)
     opt_local = kfac(0.2, **kw)
+    # (its state is per-shard by construction, so the replicated-output check is off)
     step_local = data_parallel(train_step(None, opt_local, axis_name="data", grad_fn=grad_fn),
                                mesh, check_vma=False)
     pl, _, _ = run(step_local, params, opt_local.init(params), batch, 5)

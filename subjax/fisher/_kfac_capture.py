@@ -195,6 +195,28 @@ def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -
     return tuple(names)
 
 
+def _varying_axes(tree) -> tuple:
+    """Mesh axes over which the leaves of ``tree`` vary (inside ``shard_map``)."""
+    axes: set = set()
+    for leaf in jax.tree.leaves(tree):
+        aval = jax.typeof(leaf)
+        mat = getattr(aval, "manual_axis_type", None)
+        varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+        axes |= set(varying or ())
+    return tuple(sorted(axes))
+
+
+def _vary_like(z, tree):
+    """Mark the zero probe ``z`` as varying over the same mesh axes as ``tree``.
+
+    Inside ``shard_map`` a fresh ``jnp.zeros`` is device-invariant, and the VJP with
+    respect to an invariant input is summed over the devices; the per-example
+    output-gradient probes must instead stay per-device (each device's shard).
+    """
+    axes = _varying_axes(tree)
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
 def kfac_grads_and_stats(
     apply_fn: Callable,
     params: Params,
@@ -272,7 +294,8 @@ def kfac_grads_and_stats(
     lk.check_outputs(likelihood, out_shape)
     lk.check_labels(likelihood, out_shape, labels)
     meta = dict(shape_cap.meta)
-    eps0 = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_cap.shapes.items()}
+    eps0 = {k: _vary_like(jnp.zeros(s.shape, s.dtype), inputs)
+            for k, s in shape_cap.shapes.items()}
 
     def tapped(p, eps):
         cap = _Capture(eps)
