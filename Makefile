@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 test: test-fast test-multidevice
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow and not multidevice" -n 2 --dist load
+	$(PYTEST) -m "not slow and not multidevice" -n 2 --dist load --doctest-modules tests subjax
 
 test-multidevice: $(STAMP)
 	XLA_FLAGS="$(FAKE_DEVICES)" $(PYTEST) -m "multidevice and not slow"

@@ -285,7 +285,7 @@ class Grassmann(Stiefel):
       >>> from subjax.manifolds import Grassmann
       >>> gr = Grassmann(6, 2)
       >>> x, y = gr.random_point(jax.random.key(0), (2,))
-      >>> bool(jnp.allclose(gr.dist(x, gr.exp(x, gr.log(x, y))), 0.0, atol=1e-3))
+      >>> bool(jnp.allclose(gr.dist(y, gr.exp(x, gr.log(x, y))), 0.0, atol=1e-3))
       True
 
     References:
