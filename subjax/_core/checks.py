@@ -84,6 +84,37 @@ def optional_static_int(value, name: str, minimum: int | None = None) -> int | N
     return None if value is None else static_int(value, name, minimum)
 
 
+def int_scalar(value, name: str, minimum: int | None = None, *, allow_none: bool = False):
+    """An integer scalar that may be traced (a period or count used in arithmetic only).
+
+    A Python int or a 0-d integer array; the bound is checked when concrete. Use
+    :func:`static_int` instead when the value fixes a shape or a loop length.
+    Returns ``value`` unchanged.
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"`{name}` is required (an int)")
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got bool")
+    if hasattr(value, "dtype"):
+        if np.ndim(value) != 0 or not jnp.issubdtype(jnp.dtype(value.dtype), jnp.integer):
+            raise TypeError(
+                f"`{name}` must be an int (or a 0-d integer array), got "
+                f"{jnp.dtype(value.dtype)} of shape {np.shape(value)}"
+            )
+        if not is_concrete(value):
+            return value
+        v = int(value)
+    elif isinstance(value, numbers.Integral):
+        v = int(value)
+    else:
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {v}")
+    return value
+
+
 def _concrete_float(value):
     """``float(value)`` when it can be read now, else ``None`` (traced)."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
