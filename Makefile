@@ -13,7 +13,8 @@ export JAX_PLATFORMS ?= cpu
 FAKE_DEVICES := --xla_force_host_platform_device_count=8
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help venv test test-fast test-multidevice test-all lint bench reproduce notebooks clean
+.PHONY: help venv test test-fast test-multidevice test-all lint bench reproduce readme-tables \
+	notebooks clean
 
 help:
 	@echo "make venv            create .venv and install -e .[test,bench] (idempotent)"
@@ -23,6 +24,8 @@ help:
 	@echo "make bench           all benchmarks -> results/bench/"
 	@echo "make reproduce       every reproduction in quick mode -> results/REPORT.md"
 	@echo "make reproduce-NAME  one reproduction (quick); FULL=1 for the full protocol"
+	@echo "make publish-NAME    after a FULL=1 run: commit-ready summary, figures, README block"
+	@echo "make readme-tables   regenerate README results blocks from committed summaries"
 	@echo "make notebooks       execute every notebook in notebooks/"
 	@echo "make clean           remove results/, caches and the virtualenv"
 
@@ -57,6 +60,12 @@ reproduce: $(STAMP)
 
 reproduce-%: $(STAMP)
 	$(PY) -m experiments run $* $(if $(FULL),--full,--quick)
+
+publish-%: $(STAMP)
+	$(PY) -m experiments publish $*
+
+readme-tables: $(STAMP)
+	$(PY) -m experiments readme-tables
 
 notebooks: $(STAMP)
 	$(PYTEST) tests/test_notebooks.py

@@ -4,6 +4,9 @@
     python -m experiments run NAME [--quick | --full] [--set key=value ...] [--fresh]
     python -m experiments reproduce [--quick | --full]      # all, then results/REPORT.md
     python -m experiments report [--quick | --full]         # rebuild results/REPORT.md
+    python -m experiments publish NAME                      # commit-ready full-mode summary,
+                                                            # figures and README block
+    python -m experiments readme-tables [--check]           # README blocks from summaries
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_mode(p_rep)
     p_report = sub.add_parser("report", help="rebuild results/REPORT.md")
     _add_mode(p_report)
+    p_pub = sub.add_parser("publish", help="copy a full-mode run's summary and figures into "
+                           "experiments/<dir>/ and regenerate its README block")
+    p_pub.add_argument("name")
+    p_pub.add_argument("--results", type=pathlib.Path, default=harness.DEFAULT_RESULTS)
+    p_tab = sub.add_parser("readme-tables", help="regenerate every README's results block "
+                           "from its committed summary")
+    p_tab.add_argument("--check", action="store_true",
+                       help="change nothing; exit 1 when a README is out of date")
     args = parser.parse_args(argv)
 
     try:
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(failures[name], file=sys.stderr)
             path = harness.write_report(args.results, mode, failures)
             print(path)
+            failures.update(harness.BROKEN)
             if failures:
                 print(f"FAILED: {', '.join(sorted(failures))}", file=sys.stderr)
                 return 1
@@ -94,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             print(harness.write_report(args.results, _mode(args)))
             return 0
+        if args.cmd == "publish":
+            print(harness.publish(harness.get_experiment(args.name), args.results, "full"))
+            return 0
+        if args.cmd == "readme-tables":
+            stale = [n for n, e in sorted(harness.discover().items())
+                     if harness.update_readme(e, check=args.check)]
+            for n in stale:
+                print(f"{n}: README results block {'out of date' if args.check else 'updated'}")
+            return 1 if (args.check and stale) else 0
     except harness.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

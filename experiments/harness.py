@@ -1,8 +1,13 @@
-"""The experiment harness: seeded configs, checkpointed + resumable runs, reports.
+"""The experiment harness: seeded configs, resumable runs, reports, README tables.
 
 An experiment is a subclass of :class:`Experiment` whose instance is exported as
-``EXPERIMENT`` from ``experiments/<dir>/experiment.py``. The harness gives every
-experiment:
+``EXPERIMENT`` from ``experiments/<dir>/experiment.py``. Most reproductions are
+sweeps of independent *cells* (one method, one hyperparameter value, one seed):
+those subclass :class:`CellExperiment`, and each cell's result is cached as JSON
+under ``results/<name>/<mode>/cells/`` so an interrupted sweep resumes cell by
+cell. Experiments that carry long-lived state from step to step subclass
+:class:`Experiment` directly and are checkpointed with orbax. The harness gives
+every experiment:
 
 - ``--quick`` / ``--full`` modes (config overrides declared by the experiment) and
   ``--set key=value`` overrides, validated against the config dataclass *before*
@@ -15,7 +20,14 @@ experiment:
   SHA-256 manifest of its files; a corrupted or partial latest checkpoint is
   detected, reported, discarded, and the previous one is used;
 - results as JSON (``results.json``), a markdown report (``report.md``) and PNG
-  plots under ``results/<name>/<mode>/``; ``results/REPORT.md`` collects them all.
+  plots under ``results/<name>/<mode>/``; ``results/REPORT.md`` opens with one
+  table over every experiment's claims (claim, paper figure, our figure with its
+  confidence interval, verdict, time) and collects the reports;
+- ``publish``: a full-mode run's summary (``experiments/<name>/results/summary.json``)
+  and reference figures (``experiments/<name>/figures/``) committed with the code,
+  and the README's results block regenerated from them (``make readme-tables``).
+
+Claims, intervals and verdicts follow ``experiments/stats.py`` (``docs/reproductions.md``).
 """
 
 from __future__ import annotations
@@ -84,24 +96,90 @@ class Experiment:
         """Write plots into ``outdir``; return markdown that links them by file name."""
         return markdown_table([results]) if results else ""
 
+    #: file names (written by :meth:`report`) published as reference figures.
+    figures: tuple[str, ...] = ()
+
     @property
-    def readme(self) -> pathlib.Path | None:
+    def directory(self) -> pathlib.Path | None:
+        """The experiment's source folder, ``experiments/<dir>/``."""
         mod = sys.modules.get(type(self).__module__)
         if mod is None or getattr(mod, "__file__", None) is None:
             return None
-        path = pathlib.Path(mod.__file__).parent / "README.md"
-        return path if path.exists() else None
+        return pathlib.Path(mod.__file__).parent
+
+    @property
+    def readme(self) -> pathlib.Path | None:
+        d = self.directory
+        path = None if d is None else d / "README.md"
+        return path if path is not None and path.exists() else None
+
+    def readme_tables(self, summary: dict) -> str:
+        """Markdown of the README's generated block from a published ``summary``.
+
+        The default renders the claims table, then every table in
+        ``summary["results"]["tables"]`` (``{title: [row, ...]}``), then the time
+        the run took. Override to add experiment-specific tables.
+        """
+        results = summary.get("results", {})
+        parts = []
+        claims = results.get("claims") or []
+        if claims:
+            parts.append(claims_table(claims))
+        for title, rows in (results.get("tables") or {}).items():
+            parts.append(f"**{title}**\n\n{markdown_table(rows)}")
+        parts.append(run_cost(summary))
+        return "\n\n".join(parts)
+
+
+class CellExperiment(Experiment):
+    """A sweep of independent cells, each cached as JSON (resumable cell by cell).
+
+    Subclasses implement :meth:`run_cell` (one cell: a JSON-able dict of its
+    coordinates -> a JSON-able dict of results) and :meth:`sweep`, which requests
+    cells through the :class:`Cells` it is given (``cells(method="x", seed=3)``)
+    and returns the final results. Cells already computed for the same config are
+    read back instead of run. A cell's cache key covers the experiment name,
+    the config without :attr:`sweep_fields`, and the cell's coordinates.
+    """
+
+    #: config fields that decide which cells run but not what a cell computes
+    #: (the seed count): changing them keeps the cached cells valid.
+    sweep_fields: tuple[str, ...] = ("seeds",)
+
+    def run_cell(self, cfg, cell: dict) -> dict:
+        raise NotImplementedError
+
+    def sweep(self, cfg, cells: Cells) -> dict:
+        raise NotImplementedError
+
+    def expected_cells(self, cfg) -> int | None:
+        """Number of cells a sweep will request (for the progress bar), if known."""
+        return None
 
 
 # --------------------------------------------------------------------------- registry
 
 
+#: ``{module: error}`` of the experiment modules that failed to import in :func:`discover`.
+BROKEN: dict[str, str] = {}
+
+
 def discover() -> dict[str, Experiment]:
-    """Import every ``experiments/*/experiment.py`` and return ``{name: EXPERIMENT}``."""
+    """Import every ``experiments/*/experiment.py`` and return ``{name: EXPERIMENT}``.
+
+    A module that fails to import is left out and its error kept in :data:`BROKEN`
+    (one broken experiment does not stop the others from running; ``reproduce``
+    reports it as failed).
+    """
     found: dict[str, Experiment] = {}
+    BROKEN.clear()
     for path in sorted(EXPERIMENTS_DIR.glob("*/experiment.py")):
         modname = f"experiments.{path.parent.name}.experiment"
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as err:  # an import error in one experiment's dependencies
+            BROKEN[modname] = f"{type(err).__name__}: {err}"
+            continue
         exp = getattr(mod, "EXPERIMENT", None)
         if not isinstance(exp, Experiment):
             raise TypeError(f"{modname} must define EXPERIMENT, an Experiment instance")
@@ -117,7 +195,8 @@ def get_experiment(name: str) -> Experiment:
     registry = discover()
     if name not in registry:
         known = ", ".join(sorted(registry)) or "(none)"
-        raise ConfigError(f"unknown experiment {name!r}; known experiments: {known}")
+        broken = "".join(f"; {m} failed to import ({e})" for m, e in sorted(BROKEN.items()))
+        raise ConfigError(f"unknown experiment {name!r}; known experiments: {known}{broken}")
     return registry[name]
 
 
@@ -386,6 +465,115 @@ class _Checkpoints:
         self.manager.close()
 
 
+# --------------------------------------------------------------------------- cells
+
+
+class _StopSweep(Exception):
+    """Raised by :class:`Cells` after ``stop_after`` newly computed cells."""
+
+
+def cell_key(exp: Experiment, cfg, cell: Mapping[str, Any]) -> str:
+    """The cache key of ``cell``: name, config (without ``sweep_fields``), coordinates."""
+    skip = set(getattr(exp, "sweep_fields", ()))
+    conf = {k: v for k, v in config_dict(cfg).items() if k not in skip}
+    blob = json.dumps({"name": exp.name, "config": conf, "cell": jsonable(dict(cell))},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Cells:
+    """Runs the cells a sweep asks for, caching each result as one JSON file.
+
+    ``cells(**coords)`` returns the cell's result dict: read from
+    ``directory/<key>.json`` when present and readable, else computed with
+    ``exp.run_cell(cfg, coords)`` and written atomically. ``records`` lists every
+    requested cell in request order (``{"cell", "result", "elapsed_s", "cached"}``).
+    """
+
+    def __init__(self, exp: CellExperiment, cfg, directory: pathlib.Path, *, log=print,
+                 stop_after: int | None = None, progress: bool = False):
+        self.exp, self.cfg, self.directory = exp, cfg, pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log, self.stop_after = log, stop_after
+        self.records: list[dict] = []
+        self._seen: dict[str, dict] = {}
+        self.computed = 0
+        self.cached = 0
+        self._bar = _progress(exp.expected_cells(cfg), 0, exp.name, progress)
+
+    def _read(self, path: pathlib.Path, coords: dict) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+            if rec.get("cell") != coords or not isinstance(rec.get("result"), dict):
+                raise ValueError("its coordinates or result do not match")
+            return rec
+        except (json.JSONDecodeError, ValueError, AttributeError) as err:
+            self.log(f"cached cell {path.name} is unreadable ({err}); recomputing it")
+            return None
+
+    def __call__(self, **coords) -> dict:
+        coords = jsonable(coords)
+        key = cell_key(self.exp, self.cfg, coords)
+        if key in self._seen:
+            return self._seen[key]["result"]
+        path = self.directory / f"{key}.json"
+        rec = self._read(path, coords)
+        if rec is None:
+            if self.stop_after is not None and self.computed >= self.stop_after:
+                raise _StopSweep
+            t0 = time.perf_counter()
+            result = jsonable(self.exp.run_cell(self.cfg, dict(coords)))
+            if not isinstance(result, dict):
+                raise TypeError(f"{self.exp.name}: run_cell must return a dict, got "
+                                f"{type(result).__name__}")
+            rec = {"cell": coords, "result": result,
+                   "elapsed_s": time.perf_counter() - t0}
+            _atomic_write(path, json.dumps(rec, indent=1))
+            self.computed += 1
+            rec = dict(rec, cached=False)
+        else:
+            self.cached += 1
+            rec = dict(rec, cached=True)
+        self._seen[key] = rec
+        self.records.append(rec)
+        self._bar.update(1)
+        return rec["result"]
+
+    def map(self, coords: list[Mapping[str, Any]]) -> list[dict]:
+        """Results of several cells, in order."""
+        return [self(**dict(c)) for c in coords]
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds spent computing every requested cell (cached ones included)."""
+        return float(sum(r.get("elapsed_s", 0.0) for r in self.records))
+
+    def close(self):
+        self._bar.close()
+
+
+def _run_cells(exp: CellExperiment, cfg, outdir: pathlib.Path, *, fresh: bool, progress: bool,
+               stop_after: int | None, log) -> tuple[dict, list, int, float] | None:
+    directory = outdir / "cells"
+    if fresh and directory.exists():
+        shutil.rmtree(directory)
+    cells = Cells(exp, cfg, directory, log=log, stop_after=stop_after, progress=progress)
+    try:
+        results = exp.sweep(cfg, cells)
+    except _StopSweep:
+        log(f"stopping after {cells.computed} new cells as asked (--stop-after); "
+            "run again to resume")
+        return None
+    finally:
+        cells.close()
+    if cells.cached:
+        log(f"{cells.cached} of {len(cells.records)} cells read back from {directory}")
+    history = [{k: r[k] for k in ("cell", "result", "elapsed_s")} for r in cells.records]
+    return jsonable(results), history, cells.cached, cells.compute_s
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -440,6 +628,15 @@ def run_experiment(
 
     log = log or (lambda msg: print(f"[{exp.name}] {msg}", file=sys.stderr, flush=True))
     outdir = pathlib.Path(results_root) / exp.name / mode
+    if isinstance(exp, CellExperiment):
+        t0 = time.perf_counter()
+        swept = _run_cells(exp, cfg, outdir, fresh=fresh, progress=progress,
+                           stop_after=stop_after, log=log)
+        if swept is None:
+            return None
+        results, history, cached, compute_s = swept
+        return _finish(exp, cfg, mode, outdir, results, history, cached,
+                       time.perf_counter() - t0, log, compute_s=compute_s)
     ckpt_dir = outdir / f"checkpoints-{config_hash(exp, cfg)}"
     every = int(getattr(cfg, "checkpoint_every", exp.checkpoint_every))
     if every < 1:
@@ -481,7 +678,21 @@ def run_experiment(
         ckpts.close()
 
     results = jsonable(exp.summarize(cfg, state, history))
-    elapsed = time.perf_counter() - t0
+    out = _finish(exp, cfg, mode, outdir, results, history, start,
+                  time.perf_counter() - t0, log)
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out
+
+
+def _finish(exp, cfg, mode, outdir, results, history, resumed_from, elapsed, log,
+            compute_s=None) -> RunOutcome:
+    """Write ``results.json`` and ``report.md``.
+
+    ``compute_s`` is the time the whole run costs from scratch: for a sweep the
+    sum over its cells (cached cells count with the time they took when they ran),
+    else the wall time of this run.
+    """
     payload = {
         "experiment": exp.name,
         "title": exp.title,
@@ -489,17 +700,17 @@ def run_experiment(
         "config": config_dict(cfg),
         "results": results,
         "history": history,
-        "resumed_from": start,
+        "resumed_from": resumed_from,
         "elapsed_s": elapsed,
+        "compute_s": elapsed if compute_s is None else compute_s,
         "environment": environment(),
     }
+    outdir.mkdir(parents=True, exist_ok=True)
     _atomic_write(outdir / "results.json", json.dumps(payload, indent=1))
     md = exp.report(cfg, results, history, outdir)
     _atomic_write(outdir / "report.md", md)
-    if not keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     log(f"done in {elapsed:.1f}s -> {outdir}")
-    return RunOutcome(exp.name, mode, outdir, results, history, start, elapsed)
+    return RunOutcome(exp.name, mode, outdir, results, history, resumed_from, elapsed)
 
 
 # --------------------------------------------------------------------------- report
@@ -518,31 +729,83 @@ def _rel_images(md: str, prefix: str) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", sub, md)
 
 
+CLAIM_COLUMNS = ["experiment", "claim", "paper figure", "our figure (95% CI)", "verdict",
+                 "time"]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def claims_table(claims: list[Mapping[str, Any]], experiment: str | None = None,
+                 time_s: float | None = None) -> str:
+    """The claims table (see :func:`experiments.stats.claim`); with ``experiment`` the
+    rows carry its name and run time, as in ``results/REPORT.md``."""
+    rows = []
+    for c in claims:
+        row = {"claim": c["claim"], "paper figure": c["paper"],
+               "our figure (95% CI)": c["ours"], "verdict": c["verdict"]}
+        if experiment is not None:
+            row["experiment"] = experiment
+            row["time"] = "" if time_s is None else _duration(time_s)
+        rows.append(row)
+    cols = CLAIM_COLUMNS if experiment is not None else CLAIM_COLUMNS[1:5]
+    return markdown_table(rows, cols)
+
+
+def run_cost(summary: Mapping[str, Any]) -> str:
+    """One line: the mode, the seed count and the time the run takes from scratch."""
+    secs = float(summary.get("compute_s", summary.get("elapsed_s", 0.0)))
+    seeds = summary.get("config", {}).get("seeds")
+    cpus = summary.get("cpu_count")
+    what = f"{summary.get('mode', '?')} mode" + (f", {seeds} seeds" if seeds else "")
+    where = f" on {cpus} CPU cores" if cpus else ""
+    cmd = f"make reproduce-{summary['experiment']}" + (
+        " FULL=1" if summary.get("mode") == "full" else "")
+    return f"Time: {_duration(secs)} for the {what}{where} (`{cmd}`)."
+
+
 def write_report(results_root: pathlib.Path = DEFAULT_RESULTS, mode: str = "quick",
                  failures: Mapping[str, str] | None = None) -> pathlib.Path:
-    """Collect every experiment's ``report.md`` into ``results/REPORT.md``."""
+    """Write ``results/REPORT.md``: the claims table over every experiment, then each
+    experiment's ``report.md`` with its plots."""
     results_root = pathlib.Path(results_root)
     registry = discover()
     failures = dict(failures or {})
     rows, sections = [], []
+    for modname, err in sorted(BROKEN.items()):
+        rows.append({"experiment": modname, "claim": "", "paper figure": "",
+                     "our figure (95% CI)": "", "verdict": "FAILED (import)", "time": ""})
+        sections.append(f"## {modname} — FAILED to import\n\n```\n{err}\n```\n")
     for name, exp in sorted(registry.items()):
         outdir = results_root / name / mode
         res_path, md_path = outdir / "results.json", outdir / "report.md"
         readme = exp.readme
         readme_link = os.path.relpath(readme, results_root) if readme else ""
+        blank = {"experiment": name, "claim": exp.title, "paper figure": "",
+                 "our figure (95% CI)": "", "time": ""}
         if name in failures:
-            rows.append({"experiment": name, "status": "FAILED", "wall time (s)": None,
-                         "paper": exp.title})
+            rows.append(dict(blank, verdict="FAILED"))
             sections.append(f"## {name} — FAILED\n\n```\n{failures[name]}\n```\n")
             continue
         if not res_path.exists() or not md_path.exists():
-            rows.append({"experiment": name, "status": "not run", "wall time (s)": None,
-                         "paper": exp.title})
+            rows.append(dict(blank, verdict="not run"))
             continue
         payload = json.loads(res_path.read_text())
-        rows.append({"experiment": name, "status": "ok",
-                     "wall time (s)": round(float(payload.get("elapsed_s", 0.0)), 1),
-                     "paper": exp.title})
+        secs = float(payload.get("compute_s", payload.get("elapsed_s", 0.0)))
+        claims = (payload.get("results") or {}).get("claims") or []
+        if claims:
+            for c in claims:
+                rows.append({"experiment": name, "claim": c["claim"], "paper figure": c["paper"],
+                             "our figure (95% CI)": c["ours"], "verdict": c["verdict"],
+                             "time": _duration(secs)})
+        else:
+            rows.append(dict(blank, verdict="no computed verdict (see its report)",
+                             time=_duration(secs)))
         body = _rel_images(md_path.read_text(), f"{name}/{mode}")
         head = f"## {name}: {exp.title}\n\n"
         if readme_link:
@@ -552,11 +815,14 @@ def write_report(results_root: pathlib.Path = DEFAULT_RESULTS, mode: str = "quic
     text = [
         "# subjax reproduction report",
         "",
-        f"Mode: `{mode}`. Generated {env['date']} on {env['platform']} "
-        f"({env['cpu_count']} cpus, JAX {env['versions'].get('jax')} on {env['jax_backend']}).",
-        "Regenerate with `make reproduce` (quick) or `make reproduce-<name> FULL=1`.",
+        markdown_table(rows, CLAIM_COLUMNS),
         "",
-        markdown_table(rows, ["experiment", "status", "wall time (s)", "paper"]),
+        f"Mode: `{mode}`"
+        + (" (verdicts from quick runs are indicative)" if mode == "quick" else "")
+        + f". Generated {env['date']} on {env['platform']} "
+        f"({env['cpu_count']} cpus, JAX {env['versions'].get('jax')} on {env['jax_backend']}). "
+        "Verdicts follow docs/reproductions.md. Regenerate with `make reproduce` (quick) or "
+        "`make reproduce-<name> FULL=1`.",
         "",
     ]
     bench = results_root / "bench" / "BENCH.md"
@@ -567,6 +833,88 @@ def write_report(results_root: pathlib.Path = DEFAULT_RESULTS, mode: str = "quic
     out = results_root / "REPORT.md"
     _atomic_write(out, "\n".join(text))
     return out
+
+
+# --------------------------------------------------------------------------- README tables
+
+README_BEGIN = ("<!-- results: generated by `make readme-tables` from results/summary.json "
+                "and figures/; do not edit by hand -->")
+README_END = "<!-- end of generated results -->"
+
+
+def summary_path(exp: Experiment) -> pathlib.Path:
+    return exp.directory / "results" / "summary.json"
+
+
+def readme_block(exp: Experiment, summary: dict) -> str:
+    """The generated README block (markers included) for a published ``summary``."""
+    body = exp.readme_tables(summary).strip()
+    figdir = exp.directory / "figures"
+    links = [f"![{pathlib.Path(f).stem.replace('_', ' ')}](figures/{f})" for f in exp.figures
+             if (figdir / f).exists()]
+    if links:
+        body += "\n\n" + "\n\n".join(links)
+    return f"{README_BEGIN}\n\n{body}\n\n{README_END}"
+
+
+def render_readme(exp: Experiment, text: str, summary: dict) -> str:
+    """``text`` with its generated block replaced (or appended under a Results heading)."""
+    block = readme_block(exp, summary)
+    if README_BEGIN in text:
+        head, rest = text.split(README_BEGIN, 1)
+        if README_END not in rest:
+            raise ValueError(f"{exp.readme}: generated block has no end marker")
+        tail = rest.split(README_END, 1)[1]
+        return head + block + tail
+    return text.rstrip("\n") + "\n\n## Results (full mode)\n\n" + block + "\n"
+
+
+def update_readme(exp: Experiment, check: bool = False) -> bool:
+    """Regenerate ``exp``'s README block from its committed summary.
+
+    Returns True when the README changed (with ``check``, when it would change;
+    nothing is written). An experiment with no published summary is left alone.
+    """
+    spath = summary_path(exp)
+    if exp.directory is None or not spath.exists():
+        return False
+    readme = exp.directory / "README.md"
+    text = readme.read_text() if readme.exists() else f"# {exp.name}\n"
+    new = render_readme(exp, text, json.loads(spath.read_text()))
+    if new == text:
+        return False
+    if not check:
+        _atomic_write(readme, new)
+    return True
+
+
+def publish(exp: Experiment, results_root: pathlib.Path = DEFAULT_RESULTS,
+            mode: str = "full") -> pathlib.Path:
+    """Commit-ready copy of a finished run: ``experiments/<dir>/results/summary.json``
+    (config, results, time; no dates or machine state), the figures named in
+    ``exp.figures`` into ``experiments/<dir>/figures/``, and the README block."""
+    outdir = pathlib.Path(results_root) / exp.name / mode
+    res = outdir / "results.json"
+    if not res.exists():
+        raise ConfigError(f"no {mode}-mode results for {exp.name!r} under {outdir}; run "
+                          f"`make reproduce-{exp.name}" + (" FULL=1`" if mode == "full" else "`"))
+    payload = json.loads(res.read_text())
+    summary = {"experiment": exp.name, "mode": mode, "config": payload["config"],
+               "results": payload["results"],
+               "compute_s": round(float(payload.get("compute_s", payload["elapsed_s"])), 1),
+               "cpu_count": payload.get("environment", {}).get("cpu_count")}
+    spath = summary_path(exp)
+    spath.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(spath, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    figdir = exp.directory / "figures"
+    for f in exp.figures:
+        src = outdir / f
+        if not src.exists():
+            raise FileNotFoundError(f"{exp.name}: figure {f} was not written by the run")
+        figdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, figdir / f)
+    update_readme(exp)
+    return spath
 
 
 # --------------------------------------------------------------------------- plots
