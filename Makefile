@@ -14,7 +14,7 @@ FAKE_DEVICES := --xla_force_host_platform_device_count=8
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: help venv test test-fast test-multidevice test-all lint bench reproduce readme-tables \
-	notebooks clean
+	notebooks notebooks-sync clean
 
 help:
 	@echo "make venv            create .venv and install -e .[test,bench] (idempotent)"
@@ -26,7 +26,8 @@ help:
 	@echo "make reproduce-NAME  one reproduction (quick); FULL=1 for the full protocol"
 	@echo "make publish-NAME    after a FULL=1 run: commit-ready summary, figures, README block"
 	@echo "make readme-tables   regenerate README results blocks from committed summaries"
-	@echo "make notebooks       execute every notebook in notebooks/"
+	@echo "make notebooks       check every notebook pair and execute it from its .py source"
+	@echo "make notebooks-sync  after editing a notebook's .py (or .ipynb), rewrite its pair"
 	@echo "make clean           remove results/, caches and the virtualenv"
 
 venv: $(STAMP)
@@ -70,6 +71,10 @@ readme-tables: $(STAMP)
 notebooks: $(STAMP)
 	$(PYTEST) tests/test_notebooks.py
 
+# Each notebook is a jupytext pair: notebooks/NN_name.py (the source) and .ipynb (no outputs).
+notebooks-sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
 clean:
-	rm -rf results .pytest_cache .ruff_cache .hypothesis $(VENV)
+	rm -rf results .pytest_cache .ruff_cache $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,33 +1,37 @@
-"""Builds notebooks/02_optimal_transport.ipynb (outputs stripped). Run:
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    .venv/bin/python notebooks/02_optimal_transport_build.py
-"""
+# %% [markdown]
+# # Optimal transport with `subjax.ot`
+#
+# Entropic optimal transport between weights `a` and `b` with cost `C`:
+# minimise `<C, P> + eps KL(P | a b^T)` over plans `P >= 0` with `P 1 = a`, `P^T 1 = b`.
+# The dual is maximised over potentials `f, g`, and the plan is
+# `P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`.
+#
+# `subjax.ot` has three solvers with one result type (`OTResult`):
+#
+# * `sinkhorn` — log-domain alternating maximisation (optionally with epsilon scaling, or
+#   KL-relaxed marginals for unbalanced OT);
+# * `sinkhorn_newton` — Newton steps on the dual, solved matrix-free with CG;
+# * `sparse_newton_sinkhorn` (SNS) — Newton with a sparsified Hessian.
+#
+# At small `eps` Sinkhorn needs thousands of iterations; the Newton solvers need tens.
 
-import pathlib
-
-import nbformat as nbf
-
-cells = []
-md = lambda s: cells.append(nbf.v4.new_markdown_cell(s))
-code = lambda s: cells.append(nbf.v4.new_code_cell(s))
-
-md("""# Optimal transport with `subjax.ot`
-
-Entropic optimal transport between weights `a` and `b` with cost `C`:
-minimise `<C, P> + eps KL(P | a b^T)` over plans `P >= 0` with `P 1 = a`, `P^T 1 = b`.
-The dual is maximised over potentials `f, g`, and the plan is
-`P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`.
-
-`subjax.ot` has three solvers with one result type (`OTResult`):
-
-* `sinkhorn` — log-domain alternating maximisation (optionally with epsilon scaling, or
-  KL-relaxed marginals for unbalanced OT);
-* `sinkhorn_newton` — Newton steps on the dual, solved matrix-free with CG;
-* `sparse_newton_sinkhorn` (SNS) — Newton with a sparsified Hessian.
-
-At small `eps` Sinkhorn needs thousands of iterations; the Newton solvers need tens.""")
-
-code("""import time
+# %%
+import time
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -42,10 +46,14 @@ out = ot.sinkhorn(C, epsilon=0.1, tol=1e-8)
 print("converged", bool(out.converged), "in", int(out.n_iters), "iterations")
 print("marginal errors", [float(e) for e in out.marginal_errors()])
 print("regularised cost", float(out.reg_ot_cost))
-print("transport cost <C,P>", float(out.transport_cost))""")
+print("transport cost <C,P>", float(out.transport_cost))
 
-md("## The plan\nEach source point is linked to where its mass goes (the heaviest entries of `P`).")
-code("""P = out.plan()
+# %% [markdown]
+# ## The plan
+# Each source point is linked to where its mass goes (the heaviest entries of `P`).
+
+# %%
+P = out.plan()
 fig, ax = plt.subplots(figsize=(5, 4))
 i, j = jnp.nonzero(P > 0.2 * P.max(), size=400, fill_value=0)
 for ii, jj in zip(i.tolist(), j.tolist()):
@@ -53,13 +61,16 @@ for ii, jj in zip(i.tolist(), j.tolist()):
 ax.scatter(*x.T, s=8, label="x (a)")
 ax.scatter(*y.T, s=8, label="y (b)")
 ax.legend(); ax.set_title("entropic plan, eps = 0.1")
-plt.show()""")
+plt.show()
 
-md("""## Small epsilon: Sinkhorn vs Newton
+# %% [markdown]
+# ## Small epsilon: Sinkhorn vs Newton
+#
+# Same problem with `eps = 0.003 * mean(C)`. The error history (`errors`, -1 padded) is
+# recorded every 10 sweeps for Sinkhorn and every outer step for the Newton solvers.
 
-Same problem with `eps = 0.003 * mean(C)`. The error history (`errors`, -1 padded) is
-recorded every 10 sweeps for Sinkhorn and every outer step for the Newton solvers.""")
-code("""eps = 0.003 * float(C.mean())
+# %%
+eps = 0.003 * float(C.mean())
 solvers = {
     "sinkhorn": jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=1e-8, max_iterations=20000)),
     "sinkhorn_newton": jax.jit(lambda C: ot.sinkhorn_newton(C, epsilon=eps, tol=1e-8)),
@@ -75,14 +86,17 @@ for name, fn in solvers.items():
     print(f"{name:16s} iterations {int(res.n_iters):6d}  converged {bool(res.converged)}  "
           f"{dt:.3f} s  cost {float(res.reg_ot_cost):.8f}")
 ax.axhline(1e-8, color="gray", lw=0.5); ax.set_xlabel("outer iteration")
-ax.set_ylabel("marginal error"); ax.legend(); plt.show()""")
+ax.set_ylabel("marginal error"); ax.legend(); plt.show()
 
-md("""## Gradients
+# %% [markdown]
+# ## Gradients
+#
+# `reg_ot_cost` is differentiable by the envelope theorem (`d/dC = P`), the potentials by
+# implicit differentiation — nothing is unrolled. Here the source cloud flows along
+# `-grad_x OT_eps(x, y)` towards the target.
 
-`reg_ot_cost` is differentiable by the envelope theorem (`d/dC = P`), the potentials by
-implicit differentiation — nothing is unrolled. Here the source cloud flows along
-`-grad_x OT_eps(x, y)` towards the target.""")
-code("""loss = jax.jit(jax.value_and_grad(
+# %%
+loss = jax.jit(jax.value_and_grad(
     lambda x: ot.sinkhorn_newton(ot.cost_matrix(x, y), epsilon=0.05, tol=1e-8).reg_ot_cost))
 xs, vals = x, []
 for _ in range(30):
@@ -92,13 +106,16 @@ for _ in range(30):
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
 a1.plot(vals); a1.set_xlabel("step"); a1.set_ylabel("reg. OT cost")
 a2.scatter(*x.T, s=5, alpha=0.3, label="start"); a2.scatter(*xs.T, s=5, label="after 30 steps")
-a2.scatter(*y.T, s=5, label="target"); a2.legend(); plt.show()""")
+a2.scatter(*y.T, s=5, label="target"); a2.legend(); plt.show()
 
-md("""## Batches, point clouds, unbalanced
+# %% [markdown]
+# ## Batches, point clouds, unbalanced
+#
+# `jax.vmap` solves a batch of problems of one shape. A `PointCloud` with `block_size` never
+# holds the `n x m` cost in Sinkhorn. `rho_a, rho_b` relax the marginals (unbalanced OT).
 
-`jax.vmap` solves a batch of problems of one shape. A `PointCloud` with `block_size` never
-holds the `n x m` cost in Sinkhorn. `rho_a, rho_b` relax the marginals (unbalanced OT).""")
-code("""batch = jax.vmap(lambda s: ot.cost_matrix(x * s, y))(jnp.array([0.5, 1.0, 1.5]))
+# %%
+batch = jax.vmap(lambda s: ot.cost_matrix(x * s, y))(jnp.array([0.5, 1.0, 1.5]))
 res = jax.jit(jax.vmap(lambda C: ot.sinkhorn_newton(C, epsilon=0.1, tol=1e-8)))(batch)
 # methods / properties of a batched result are per-problem: map them with vmap too
 print("batched costs", jax.vmap(lambda r: r.reg_ot_cost)(res), "converged", res.converged)
@@ -108,10 +125,4 @@ print("blockwise euclidean:", float(ot.sinkhorn(pc, epsilon=0.1, tol=1e-8).reg_o
 
 a = jnp.full((150,), 2.0 / 150)          # twice the mass of b: only possible unbalanced
 ub = ot.sinkhorn(C, a=a, epsilon=0.1, rho_a=1.0, rho_b=1.0, tol=1e-8)
-print("unbalanced: transported mass", float(ub.plan().sum()), "of", float(a.sum()), "vs", 1.0)""")
-
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-path = pathlib.Path(__file__).with_name("02_optimal_transport.ipynb")
-nbf.write(nb, path)
-print(path)
+print("unbalanced: transported mass", float(ub.plan().sum()), "of", float(a.sum()), "vs", 1.0)

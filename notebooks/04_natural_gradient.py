@@ -1,26 +1,28 @@
-"""Build notebooks/04_natural_gradient.ipynb (outputs stripped).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-Run: python notebooks/04_natural_gradient_make.py
-"""
+# %% [markdown]
+# # 04 — Fisher information and natural-gradient optimizers
+#
+# `subjax.fisher` gives the curvature of a model as pure functions over
+# `apply_fn(params, inputs) -> outputs` and a batch: diagonal Fishers,
+# matrix-free Fisher / Gauss-Newton vector products, low-rank Fishers, EWC
+# penalties and Fisher merging. `subjax.optim` turns it into optax transforms:
+# `natural_gradient` (CG solve per step), `kfac` and `fismo`.
 
-import pathlib
-
-import nbformat as nbf
-
-cells = []
-md = lambda s: cells.append(nbf.v4.new_markdown_cell(s.strip()))
-code = lambda s: cells.append(nbf.v4.new_code_cell(s.strip()))
-
-md("""
-# 04 — Fisher information and natural-gradient optimizers
-
-`subjax.fisher` gives the curvature of a model as pure functions over
-`apply_fn(params, inputs) -> outputs` and a batch: diagonal Fishers,
-matrix-free Fisher / Gauss-Newton vector products, low-rank Fishers, EWC
-penalties and Fisher merging. `subjax.optim` turns it into optax transforms:
-`natural_gradient` (CG solve per step), `kfac` and `fismo`.
-""")
-code("""
+# %%
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib
 matplotlib.use("Agg")
@@ -33,16 +35,17 @@ from subjax import fisher, optim
 digits = load_digits()
 X = jnp.asarray(digits.data / 16.0, jnp.float32)
 Y = jnp.asarray(digits.target, jnp.int32)
-""")
-md("""
-## Fisher-vector products are the dense Fisher, without forming it
 
-For a softmax classifier the true Fisher equals the Gauss-Newton matrix
-`(1/N) sum_i J_i^T (diag p_i - p_i p_i^T) J_i`. `fisher.fvp` applies it with one
-`jvp` and one `vjp`; here it is checked against the dense matrix built with
-`jax.jacobian` on a tiny MLP.
-""")
-code("""
+
+# %% [markdown]
+# ## Fisher-vector products are the dense Fisher, without forming it
+#
+# For a softmax classifier the true Fisher equals the Gauss-Newton matrix
+# `(1/N) sum_i J_i^T (diag p_i - p_i p_i^T) J_i`. `fisher.fvp` applies it with one
+# `jvp` and one `vjp`; here it is checked against the dense matrix built with
+# `jax.jacobian` on a tiny MLP.
+
+# %%
 def mlp(p, x):
     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
@@ -67,14 +70,14 @@ fig, ax = plt.subplots(figsize=(5, 3))
 ax.semilogy(np.maximum(np.asarray(eig), 1e-12), ".")
 ax.set_xlabel("index"); ax.set_ylabel("eigenvalue of F"); ax.set_title("Fisher spectrum")
 plt.show()
-""")
-md("""
-## Natural gradient vs gradient descent on logistic regression (digit 3 vs 8)
 
-`optim.natural_gradient` solves `(F + lambda I) d = g` by conjugate gradients each
-step; the model comes in through `update`'s extra arguments.
-""")
-code("""
+# %% [markdown]
+# ## Natural gradient vs gradient descent on logistic regression (digit 3 vs 8)
+#
+# `optim.natural_gradient` solves `(F + lambda I) d = g` by conjugate gradients each
+# step; the model comes in through `update`'s extra arguments.
+
+# %%
 m = (Y == 3) | (Y == 8)
 xb, yb = X[m], (Y[m] == 8).astype(jnp.float32)[:, None]
 lin = lambda p, x: x @ p["w"] + p["b"]
@@ -91,22 +94,23 @@ def train(opt, steps=30, **extra):
     return out
 
 gd = train(optax.sgd(1.0))
-ng = train(optim.natural_gradient(1.0, damping=1e-3, likelihood="bernoulli", maxiter=30),
+ng = train(optim.natural_gradient(1.0, damping=1e-3, likelihood="bernoulli", max_iters=30),
            apply_fn=lin, inputs=xb)
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.semilogy(gd, label="gradient descent (lr 1)"); ax.semilogy(ng, label="natural gradient")
 ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); plt.show()
 print(f"after 30 steps: GD {gd[-1]:.4f}, natural gradient {ng[-1]:.4f}")
-""")
-md("""
-## K-FAC on a Flax NNX model
 
-`fisher.register_dense(model)` makes every `nnx.Linear` record its inputs and
-output gradients (parameters and outputs unchanged);
-`fisher.kfac_grads_and_stats` returns loss, gradient and the Kronecker factors in
-one pass, and `optim.kfac` takes them as the extra argument `kfac_stats`.
-""")
-code("""
+
+# %% [markdown]
+# ## K-FAC on a Flax NNX model
+#
+# `fisher.register_dense(model)` makes every `nnx.Linear` record its inputs and
+# output gradients (parameters and outputs unchanged);
+# `fisher.kfac_grads_and_stats` returns loss, gradient and the Kronecker factors in
+# one pass, and `optim.kfac` takes them as the extra argument `kfac_stats`.
+
+# %%
 class MLP(nnx.Module):
     def __init__(self, rngs):
         self.l1 = nnx.Linear(64, 64, rngs=rngs)
@@ -143,14 +147,14 @@ a = run(optax.adam(1e-2), False)
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.semilogy(a, label="Adam 1e-2"); ax.semilogy(k, label="K-FAC")
 ax.set_xlabel("full-batch step"); ax.set_ylabel("training loss"); ax.legend(); plt.show()
-""")
-md("""
-## Fisher merging and EWC in three lines
 
-`fisher.fisher_merge` weights each parameter by its diagonal Fisher;
-`fisher.ewc_penalty` accepts a diagonal, a low-rank / rank-1 Fisher or an FVP.
-""")
-code("""
+# %% [markdown]
+# ## Fisher merging and EWC in three lines
+#
+# `fisher.fisher_merge` weights each parameter by its diagonal Fisher;
+# `fisher.ewc_penalty` accepts a diagonal, a low-rank / rank-1 Fisher or an FVP.
+
+# %%
 d_true = fisher.diag_true(mlp, p, x)
 q = jax.tree.map(lambda a: a + 0.1, p)
 merged = fisher.fisher_merge([p, q], [d_true, jax.tree.map(jnp.ones_like, d_true)])
@@ -162,11 +166,3 @@ fishers = [("diagonal", d_true), ("rank-1", r1), ("low-rank", lr),
            ("exact FVP", fisher.make_fvp(mlp, p, x))]
 for name, F_ in fishers:
     print(f"EWC penalty with {name:9s} Fisher: {float(fisher.ewc_penalty(q, p, F_, 1.0)):.5f}")
-""")
-
-nb = nbf.v4.new_notebook()
-nb["cells"] = cells
-nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-out = pathlib.Path(__file__).with_name("04_natural_gradient.ipynb")
-nbf.write(nb, out)
-print("wrote", out)

@@ -1,26 +1,28 @@
-"""Build notebooks/03_riemannian.ipynb (outputs stripped).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-Run: python notebooks/03_riemannian_make.py
-"""
+# %% [markdown]
+# # 03 — Riemannian optimization with `subjax.manifolds` and `subjax.optim`
+#
+# Points on a manifold are plain arrays (a `(C, n, p)` stack is `C` points); a manifold
+# object (`Sphere`, `Stiefel`, `Grassmann`, `SPD`) holds only static sizes and gives
+# projection, Riemannian gradient, retractions, exp / log, transport, distance.
+# `riemannian_sgd` / `riemannian_adam` are optax transforms whose update is
+# `R_x(step) - x`, so `optax.apply_updates` stays on the manifold.
 
-import pathlib
-
-import nbformat as nbf
-
-cells = []
-md = lambda s: cells.append(nbf.v4.new_markdown_cell(s.strip()))
-code = lambda s: cells.append(nbf.v4.new_code_cell(s.strip()))
-
-md("""
-# 03 — Riemannian optimization with `subjax.manifolds` and `subjax.optim`
-
-Points on a manifold are plain arrays (a `(C, n, p)` stack is `C` points); a manifold
-object (`Sphere`, `Stiefel`, `Grassmann`, `SPD`) holds only static sizes and gives
-projection, Riemannian gradient, retractions, exp / log, transport, distance.
-`riemannian_sgd` / `riemannian_adam` are optax transforms whose update is
-`R_x(step) - x`, so `optax.apply_updates` stays on the manifold.
-""")
-code("""
+# %%
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib
 matplotlib.use("Agg")
@@ -30,14 +32,14 @@ from subjax.manifolds import Sphere, Stiefel, Grassmann, SPD
 from subjax.optim import riemannian_sgd, manifold_labels
 from subjax.nn import GrassmannClassifier, manifolds_of
 jax.config.update("jax_enable_x64", True)
-""")
-md("""
-## Retractions agree with the exponential map to first order
 
-For a tangent vector `u`, `||R_x(t u) - exp_x(t u)||` shrinks like `t^2` (polar is
-second order: `t^3`). Grassmann(20, 4), float64.
-""")
-code("""
+# %% [markdown]
+# ## Retractions agree with the exponential map to first order
+#
+# For a tangent vector `u`, `||R_x(t u) - exp_x(t u)||` shrinks like `t^2` (polar is
+# second order: `t^3`). Grassmann(20, 4), float64.
+
+# %%
 gr = Grassmann(20, 4)
 x = gr.random_point(jax.random.key(0), (), jnp.float64)
 u = gr.random_tangent(jax.random.key(1), x); u = u / gr.norm(x, u)
@@ -49,14 +51,14 @@ for method in ["polar", "cholesky_qr", "qr", "cayley"]:
 ax.loglog(ts, ts**2, "k--", label="t^2"); ax.loglog(ts, ts**3, "k:", label="t^3")
 ax.set_xlabel("t"); ax.set_ylabel("||R_x(tu) - exp_x(tu)||"); ax.legend(fontsize=7)
 plt.show()
-""")
-md("""
-## Grassmann PCA with Riemannian SGD
 
-Minimise `-||X V||^2` over `V` in Grassmann(n, p): the principal angles between the
-iterate and the top-p eigenvectors go to 0.
-""")
-code("""
+# %% [markdown]
+# ## Grassmann PCA with Riemannian SGD
+#
+# Minimise `-||X V||^2` over `V` in Grassmann(n, p): the principal angles between the
+# iterate and the top-p eigenvectors go to 0.
+
+# %%
 n, p = 30, 3
 key = jax.random.key(2)
 scales = jnp.concatenate([jnp.array([4.0, 3.0, 2.0]), 0.5 * jnp.ones(n - p)])
@@ -84,14 +86,14 @@ fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.semilogy(angles + 1e-16); ax.set_xlabel("step"); ax.set_ylabel("principal angles (rad)")
 plt.show()
 print("final angles", angles[-1], "orthonormality error", float(gr.check(v)))
-""")
-md("""
-## A Grassmann class head in an NNX model, mixed optimizers
 
-`manifolds_of(model)` returns the manifold pytree; `manifold_labels` turns it into
-labels for `optax.partition`: the head's subspaces get Riemannian SGD, the body AdamW.
-""")
-code("""
+# %% [markdown]
+# ## A Grassmann class head in an NNX model, mixed optimizers
+#
+# `manifolds_of(model)` returns the manifold pytree; `manifold_labels` turns it into
+# labels for `optax.partition`: the head's subspaces get Riemannian SGD, the body AdamW.
+
+# %%
 jax.config.update("jax_enable_x64", False)
 
 class Net(nnx.Module):
@@ -125,15 +127,15 @@ print("accuracy", float(jnp.mean(jnp.argmax(model(xs), -1) == y)),
 fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(losses); ax.set_xlabel("step"); ax.set_ylabel("loss")
 plt.show()
-""")
-md("""
-## SPD geodesics under three metrics
 
-Between two 2x2 SPD matrices, the determinant along the geodesic: affine-invariant and
-log-Euclidean interpolate `log det` linearly; Bures–Wasserstein does not
-(the "swelling" behaviour differs).
-""")
-code("""
+# %% [markdown]
+# ## SPD geodesics under three metrics
+#
+# Between two 2x2 SPD matrices, the determinant along the geodesic: affine-invariant and
+# log-Euclidean interpolate `log det` linearly; Bures–Wasserstein does not
+# (the "swelling" behaviour differs).
+
+# %%
 a = jnp.diag(jnp.array([4.0, 0.25])); b = jnp.array([[1.0, 0.9], [0.9, 1.0]])
 ts = np.linspace(0, 1, 21)
 fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -143,11 +145,3 @@ for metric in ["affine", "log_euclidean", "bures_wasserstein"]:
     dets = [float(jnp.linalg.det(spd.exp(a, t * v))) for t in ts]
     ax.plot(ts, dets, label=metric)
 ax.set_xlabel("t"); ax.set_ylabel("det(gamma(t))"); ax.legend(); plt.show()
-""")
-
-nb = nbf.v4.new_notebook()
-nb["cells"] = cells
-nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-out = pathlib.Path(__file__).with_name("03_riemannian.ipynb")
-nbf.write(nb, out)
-print("wrote", out)
