@@ -129,7 +129,7 @@ def test_natural_gradient_logistic_regression_equals_dense_solve(x64):
     loss = lambda p: lk.mean_nll("bernoulli", apply(p, x), y)
     g = jax.grad(loss)(w)
     lam = 1e-3
-    opt = optim.natural_gradient(1.0, damping=lam, likelihood="bernoulli", maxiter=10, tol=1e-12)
+    opt = optim.natural_gradient(1.0, damping=lam, likelihood="bernoulli", max_iters=10, tol=1e-12)
     state = opt.init(w)
     upd, state = jax.jit(lambda g, s: opt.update(g, s, w, apply_fn=apply, inputs=x))(g, state)
     # dense Fisher of logistic regression: (1/N) sum s(1-s) [x,1][x,1]^T
@@ -210,11 +210,11 @@ def test_natural_gradient_axis_name_equals_full_batch(key):
     x = jax.random.normal(jax.random.key(10), (8, 3))
     y = jax.random.randint(jax.random.key(11), (8,), 0, 4)
     loss = lambda p, xb, yb: lk.mean_nll("categorical", mlp_apply(p, xb), yb)
-    opt = optim.natural_gradient(1.0, damping=1e-2, maxiter=8)
+    opt = optim.natural_gradient(1.0, damping=1e-2, max_iters=8)
     state = opt.init(params)
     g = jax.grad(loss)(params, x, y)
     full, _ = jax.jit(lambda g: opt.update(g, state, params, apply_fn=mlp_apply, inputs=x))(g)
-    opt_d = optim.natural_gradient(1.0, damping=1e-2, maxiter=8, axis_name="d")
+    opt_d = optim.natural_gradient(1.0, damping=1e-2, max_iters=8, axis_name="d")
 
     def shard(xs, ys):
         gs = jax.lax.pmean(jax.grad(loss)(params, xs, ys), "d")
@@ -238,7 +238,7 @@ def test_kfac_capture_under_vmap(key):
 
 def test_newton_schulz_orthogonalizes():
     m = jax.random.normal(jax.random.key(0), (12, 7))
-    o = optim.newton_schulz(m, steps=5)
+    o = optim.newton_schulz(m, n_steps=5)
     s = jnp.linalg.svd(o, compute_uv=False)
     assert float(s.min()) > 0.6 and float(s.max()) < 1.25
     u, _, vt = jnp.linalg.svd(m, full_matrices=False)
@@ -252,7 +252,7 @@ def test_fismo_first_step_matches_formula(x64):
     g = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
     params = {"w": jnp.zeros((5, 3), jnp.float64)}
     beta, gam, mu = 0.9, 0.8, 1e-2
-    opt = optim.fismo(1.0, beta=beta, decay=gam, damping=mu, ns_steps=5)
+    opt = optim.fismo(1.0, beta=beta, decay=gam, relative_damping=mu, ns_steps=5)
     state = opt.init(params)
     upd, _ = opt.update({"w": g}, state, params)
     # formula, with P0 = I, Q0 = I (inverses from the previous refresh = identity)
@@ -279,7 +279,7 @@ def test_bad_inputs(key):
     x = jax.random.normal(key, (4, 3))
     y = jnp.zeros((4,), jnp.int32)
     for make in (lambda d: optim.kfac(0.1, damping=d), lambda d: optim.natural_gradient(0.1, d),
-                 lambda d: optim.fismo(0.1, damping=d)):
+                 lambda d: optim.fismo(0.1, relative_damping=d)):
         with pytest.raises(ValueError, match="damping"):
             make(0.0)
         with pytest.raises(ValueError, match="damping"):

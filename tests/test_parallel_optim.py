@@ -105,7 +105,7 @@ def test_kfac_data_parallel_equals_single_device(mesh):
         return loss, grads, {"kfac_stats": stats}
 
     batch = data()
-    kw = dict(damping=0.1, inverse_every=2, norm_constraint=1e-2)
+    kw = dict(damping=0.1, refresh_every=2, norm_constraint=1e-2)
     opt1 = kfac(0.2, **kw)
     opt8 = kfac(0.2, axis_name="data", **kw)
     p1, s1, l1 = run(jax.jit(train_step(None, opt1, grad_fn=grad_fn)), params,

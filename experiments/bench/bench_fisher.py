@@ -22,7 +22,6 @@ import optax
 from experiments.bench import Case, Contender
 from experiments.kfac.autoencoder import (
     bce_loss,
-    fismo_step,
     kfac_step,
     load_digits_pixels,
     make_model,
@@ -92,11 +91,11 @@ def _step_time_case(x, quick):
     adam = optax.adam(ADAM_LR)
     contenders.append(Contender("adam", _stepper(optax_step(apply_fn, adam), params,
                                                  adam.init(params), x)))
-    ng = optim.natural_gradient(1.0, damping=1e-1, likelihood="bernoulli", maxiter=10)
+    ng = optim.natural_gradient(1.0, damping=1e-1, likelihood="bernoulli", max_iters=10)
     contenders.append(Contender("subjax natural_gradient (CG 10)",
                                 _stepper(ng_step(apply_fn, ng), params, ng.init(params), x)))
     fs = optim.fismo(2e-2)
-    contenders.append(Contender("subjax fismo", _stepper(fismo_step(apply_fn, fs), params,
+    contenders.append(Contender("subjax fismo", _stepper(optax_step(apply_fn, fs), params,
                                                          fs.init(params), x)))
     return Case(
         name="digits autoencoder: one full-batch step",

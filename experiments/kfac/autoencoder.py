@@ -94,7 +94,3 @@ def ng_step(apply_fn, opt):
         return optax.apply_updates(params, updates), state, loss
 
     return step
-
-
-def fismo_step(apply_fn, opt):
-    return optax_step(apply_fn, opt)

@@ -49,7 +49,7 @@ def _cells(cfg):
     cells += [("sgd momentum", {"lr": 0.1})]
     cells += [("subjax kfac", {"lr": 0.1, "damping": 0.03, "norm_constraint": 1e-2}),
               ("subjax fismo", {"lr": 2e-2}),
-              ("subjax natural gradient", {"lr": 1.0, "damping": 0.1, "maxiter": 10})]
+              ("subjax natural gradient", {"lr": 1.0, "damping": 0.1, "max_iters": 10})]
     if cfg.kfac_jax:
         cells += [("kfac-jax", {"initial_damping": 1.0})]
     return cells
@@ -85,7 +85,7 @@ def run_cell(cfg, name, setting, x):
         step, steps = optax_step(apply_fn, opt), cfg.second_order_steps
     elif name == "subjax natural gradient":
         opt = optim.natural_gradient(setting["lr"], damping=setting["damping"],
-                                     likelihood="bernoulli", maxiter=setting["maxiter"])
+                                     likelihood="bernoulli", max_iters=setting["max_iters"])
         step, steps = ng_step(apply_fn, opt), cfg.ng_steps
     else:
         return _run_kfac_jax(cfg, setting, x)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from subjax._core import compute_dtype, static_int
 from subjax.fisher import _likelihood as lk
 
 Params = Any
@@ -36,7 +37,7 @@ def _batch_size(inputs) -> int:
     return int(n)
 
 
-def _one(tree, i=None):
+def _one(tree):
     """Add back a batch axis of one to an example (vmapped over the batch)."""
     return jax.tree.map(lambda x: x[None], tree)
 
@@ -177,7 +178,7 @@ def diag_true(
         def one(x):
             x1 = _one(x)
             logits, vjp = jax.vjp(lambda p: apply_fn(p, x1), params)
-            logp = jax.nn.log_softmax(logits[0].astype(lk.wide(logits.dtype)))
+            logp = jax.nn.log_softmax(logits[0].astype(compute_dtype(logits.dtype)))
             w = jnp.sqrt(jnp.exp(logp))  # sqrt p_c
 
             def per_class(c):
@@ -195,10 +196,9 @@ def diag_true(
             raise ValueError(
                 f"`key` is required for the sampled true Fisher (likelihood={likelihood!r})"
             )
-        if int(num_samples) < 1:
-            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}")
+        num_samples = static_int(num_samples, "num_samples", minimum=1)
         outputs = apply_fn(params, inputs)
-        keys = jax.random.split(key, int(num_samples))
+        keys = jax.random.split(key, num_samples)
         ys = jax.vmap(lambda k: lk.sample(likelihood, k, outputs))(keys)
 
         def for_sample(y):
@@ -207,10 +207,6 @@ def diag_true(
 
         d = jax.tree.map(lambda s: jnp.mean(s, axis=0), jax.vmap(for_sample)(ys))
     return jax.tree.map(lambda di, p: di.astype(p.dtype), d, params)
-
-
-def _tree_scale(tree, s):
-    return jax.tree.map(lambda x: (x * s).astype(x.dtype), tree)
 
 
 def make_fvp(

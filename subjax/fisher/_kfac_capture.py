@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from subjax._core import compute_dtype, path_name
 from subjax.fisher import _likelihood as lk
 from subjax.fisher._core import _batch_size
 
@@ -98,7 +99,7 @@ class _Capture:
         if self.eps is None:  # shape pass
             self.shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
             return y
-        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(lk.wide(x.dtype))
+        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(compute_dtype(x.dtype))
         if has_bias:
             a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
         self.acts[key] = a
@@ -182,7 +183,7 @@ def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -
             continue
         if include is not None and not include(path, mod):
             continue
-        name = "/".join(str(p) for p in path)
+        name = path_name(path)
         if not getattr(type(mod), "_kfac_recording", False):
             mod.__class__ = _recording_class(type(mod))
         mod.kfac_name = name

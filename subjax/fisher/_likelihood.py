@@ -21,21 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from subjax._core import choice, compute_dtype
+
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
-def wide(dtype):
-    """``dtype`` if it is a float of at least 32 bits, else float32 (strict-promotion safe)."""
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
-        return dtype
-    return jnp.dtype(jnp.float32)
-
-
 def check_likelihood(likelihood: str) -> str:
-    if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
-        raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}")
-    return likelihood
+    return choice(likelihood, "likelihood", LIKELIHOODS)
 
 
 def check_outputs(likelihood: str, outputs) -> None:
@@ -79,7 +71,7 @@ def _sum_rest(x):
 
 def nll(likelihood: str, outputs, labels):
     """Per-example negative log-likelihood, shape ``(N,)``, in float32 or wider."""
-    z = outputs.astype(wide(outputs.dtype))
+    z = outputs.astype(compute_dtype(outputs.dtype))
     if likelihood == "categorical":
         logp = jax.nn.log_softmax(z, axis=-1)
         picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)
@@ -96,7 +88,7 @@ def mean_nll(likelihood: str, outputs, labels):
 
 def sample(likelihood: str, key, outputs):
     """Draw targets ``y ~ p(y | outputs)`` (stop-gradient)."""
-    z = jax.lax.stop_gradient(outputs).astype(wide(outputs.dtype))
+    z = jax.lax.stop_gradient(outputs).astype(compute_dtype(outputs.dtype))
     if likelihood == "categorical":
         return jax.random.categorical(key, z, axis=-1)
     if likelihood == "bernoulli":
@@ -108,10 +100,10 @@ def output_fisher_product(likelihood: str, outputs, v):
     """``F_z v`` for the output Fisher of ``likelihood`` at ``outputs`` (per example)."""
     z = jax.lax.stop_gradient(outputs)
     if likelihood == "categorical":
-        p = jax.nn.softmax(z.astype(wide(z.dtype)), axis=-1)
+        p = jax.nn.softmax(z.astype(compute_dtype(z.dtype)), axis=-1)
         p = p.astype(v.dtype)
         return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
     if likelihood == "bernoulli":
-        s = jax.nn.sigmoid(z.astype(wide(z.dtype))).astype(v.dtype)
+        s = jax.nn.sigmoid(z.astype(compute_dtype(z.dtype))).astype(v.dtype)
         return s * (1 - s) * v
     return v

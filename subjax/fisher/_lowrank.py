@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from subjax._core import compute_dtype
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
 from subjax.fisher._core import LowRankFisher
@@ -53,7 +54,7 @@ def fisher_operator(
     from subjax.linalg import LinearOperator
 
     flat, unravel = ravel_pytree(params)
-    dt = lk.wide(flat.dtype)
+    dt = compute_dtype(flat.dtype)
     params32 = unravel(flat.astype(dt))
     fv = _make_products(apply_fn, params32, inputs, labels, likelihood, kind)
 
@@ -104,7 +105,7 @@ def low_rank(
         apply_fn, params, inputs, labels=labels, likelihood=likelihood, kind=kind
     )
     oversample = max(0, min(int(oversample), op.shape[0] - int(rank)))
-    res = randomized_eigh(op, rank, key=key, oversample=oversample, n_iter=n_iter, psd=True)
+    res = randomized_eigh(op, rank, key=key, oversample=oversample, n_steps=n_iter, psd=True)
     return LowRankFisher(res.eigenvalues, _to_tree(res.eigenvectors, unravel))
 
 
@@ -148,7 +149,7 @@ def rank_one(
     if method != "mean_gradient":
         raise ValueError(f"`method` must be 'mean_gradient' or 'top', got {method!r}")
     lk.check_likelihood(likelihood)
-    p32 = jax.tree.map(lambda p: p.astype(lk.wide(p.dtype)), params)
+    p32 = jax.tree.map(lambda p: p.astype(compute_dtype(p.dtype)), params)
     g = jax.grad(lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(p32)
     gnorm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(g)))
     u = jax.tree.map(lambda x: x / jnp.maximum(gnorm, jnp.finfo(x.dtype).tiny), g)

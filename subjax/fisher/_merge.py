@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from subjax._core import as_compute, compute_dtype, positive
 from subjax.fisher._core import LowRankFisher, _check_like
-from subjax.fisher._likelihood import wide
 
 Params = Any
 
@@ -44,9 +44,8 @@ def ewc_penalty(params: Params, anchor: Params, fisher, strength=1.0) -> jax.Arr
       PNAS 2017.
     """
     _check_like(anchor, params, "anchor")
-    delta = jax.tree.map(
-        lambda p, a: p.astype(wide(p.dtype)) - a.astype(wide(p.dtype)), params, anchor
-    )
+    delta = jax.tree.map(lambda p, a: as_compute(p) - a.astype(compute_dtype(p.dtype)),
+                         params, anchor)
     if isinstance(fisher, LowRankFisher):
         coeffs = sum(
             jnp.tensordot(u.reshape(u.shape[0], -1).astype(d.dtype), d.reshape(-1), axes=1)
@@ -136,8 +135,7 @@ def fisher_merge(
         )
     for f in fishers:
         _check_like(f, params_list[0], "fishers")
-    if isinstance(floor, (int, float)) and not floor > 0:
-        raise ValueError(f"`floor` must be > 0, got {floor}")
+    positive(floor, "floor")
     w = _weights(weights, len(params_list))
     k = len(params_list)
 

@@ -18,7 +18,7 @@ This is the steepest-descent step under the spectral-norm trust region
 Non-matrix leaves (biases, scales) get Adam with ``b1 = beta`` (as Muon does).
 
 Implementation notes: ``P^-1``, ``P^-1/2`` (and ``Q``'s) come from an eigendecomposition
-refreshed every ``inverse_every`` steps under ``lax.cond`` (``inverse_every=1``
+refreshed every ``refresh_every`` steps under ``lax.cond`` (``refresh_every=1``
 recomputes them every step); both factor updates use the inverses of the last
 refresh (the paper's ``R`` uses the just-updated ``P``).
 """
@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subjax.optim._kfac import at_least, in_unit, leaf_paths, positive
+from subjax._core import positive, static_int, unit_interval
+from subjax.optim._kfac import param_names
 
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(m: jax.Array, steps: int = 5, coeffs=_NS_COEFFS, eps: float = 1e-7):
+def newton_schulz(m: jax.Array, n_steps: int = 5, coeffs=_NS_COEFFS, eps: float = 1e-7):
     """Approximate polar factor ``U V^T`` of ``m`` by a quintic Newton-Schulz iteration.
 
     ``X <- a X + (b X X^T + c (X X^T)^2) X`` from ``X = m / ||m||_F``; the
@@ -54,7 +55,7 @@ def newton_schulz(m: jax.Array, steps: int = 5, coeffs=_NS_COEFFS, eps: float = 
         s = x @ x.T
         return a * x + (b * s + c * (s @ s)) @ x
 
-    x = jax.lax.fori_loop(0, steps, body, x)
+    x = jax.lax.fori_loop(0, n_steps, body, x)
     return x.T if transpose else x
 
 
@@ -98,22 +99,20 @@ def scale_by_fismo(
     *,
     beta: float = 0.9,
     decay: float = 0.95,
-    damping: float = 1e-3,
-    inverse_every: int = 1,
+    relative_damping: float = 1e-3,
+    refresh_every: int = 1,
     ns_steps: int = 5,
     b2: float = 0.999,
     eps: float = 1e-8,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
     """FISMO direction (see module docstring); scale by ``-learning_rate`` after."""
-    in_unit(beta, "beta")
-    in_unit(decay, "decay")
-    positive(damping, "damping")
-    at_least(inverse_every, "inverse_every")
-    at_least(ns_steps, "ns_steps", 0)
-
-    def names(params):
-        return ["/".join(p) for p in leaf_paths(params)]
+    unit_interval(beta, "beta", closed_low=True)
+    unit_interval(decay, "decay", closed_low=True)
+    positive(relative_damping, "relative_damping")
+    refresh_every = static_int(refresh_every, "refresh_every", minimum=1)
+    ns_steps = static_int(ns_steps, "ns_steps", minimum=0)
+    names = param_names
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
@@ -150,10 +149,12 @@ def scale_by_fismo(
             pp, qq = state.p[k], state.q[k]
             q_inv = _pow(state.eig_q[k], -1.0)
             p_inv = _pow(state.eig_p[k], -1.0)
-            lft = g @ q_inv @ g.T / n + damping * jnp.trace(pp) / m * jnp.eye(m, dtype=g.dtype)
+            eye_m = jnp.eye(m, dtype=g.dtype)
+            lft = g @ q_inv @ g.T / n + relative_damping * jnp.trace(pp) / m * eye_m
             pt = decay * pp + (1 - decay) * lft
             new_p[k] = _sym(m * pt / jnp.trace(pt))
-            rgt = g.T @ p_inv @ g / m + damping * jnp.trace(qq) / n * jnp.eye(n, dtype=g.dtype)
+            eye_n = jnp.eye(n, dtype=g.dtype)
+            rgt = g.T @ p_inv @ g / m + relative_damping * jnp.trace(qq) / n * eye_n
             qt = decay * qq + (1 - decay) * rgt
             new_q[k] = _sym(n * qt / jnp.trace(qt))
 
@@ -162,7 +163,7 @@ def scale_by_fismo(
                     {k: _eigh(v) for k, v in new_q.items()})
 
         eig_p, eig_q = jax.lax.cond(
-            state.count % inverse_every == 0, refresh, lambda _: (state.eig_p, state.eig_q), None
+            state.count % refresh_every == 0, refresh, lambda _: (state.eig_p, state.eig_q), None
         )
         out, mus, nus = [], [], []
         bc1 = 1 - beta ** count.astype(jnp.float32)
@@ -195,8 +196,8 @@ def fismo(
     *,
     beta: float = 0.9,
     decay: float = 0.95,
-    damping: float = 1e-3,
-    inverse_every: int = 1,
+    relative_damping: float = 1e-3,
+    refresh_every: int = 1,
     ns_steps: int = 5,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -211,8 +212,9 @@ def fismo(
       learning_rate: step size (float or schedule).
       beta: momentum coefficient.
       decay: moving-average decay ``gamma`` of the factors.
-      damping: ``mu`` > 0, relative (trace-scaled) damping of the factor updates.
-      inverse_every: refresh ``P^-1, P^-1/2, Q^-1, Q^-1/2`` every ``T`` steps.
+      relative_damping: ``mu`` > 0, damping of the factor updates as a fraction of the
+        factor's mean eigenvalue (``tr / dim``).
+      refresh_every: refresh ``P^-1, P^-1/2, Q^-1, Q^-1/2`` every ``T`` steps.
       ns_steps: Newton-Schulz iterations.
       b2, eps: Adam parameters for the non-matrix leaves.
       axis_name: if set, the gradient is ``lax.pmean``-ed over this axis before the
@@ -228,8 +230,8 @@ def fismo(
     """
     return optax.chain(
         scale_by_fismo(
-            beta=beta, decay=decay, damping=damping, inverse_every=inverse_every,
-            ns_steps=ns_steps, b2=b2, eps=eps, axis_name=axis_name,
+            beta=beta, decay=decay, relative_damping=relative_damping,
+            refresh_every=refresh_every, ns_steps=ns_steps, b2=b2, eps=eps, axis_name=axis_name,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

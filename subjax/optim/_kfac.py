@@ -7,7 +7,7 @@ outputs). The statistics are computed by the caller, together with the gradient,
 by :func:`subjax.fisher.kfac_grads_and_stats`, and passed to ``update`` as the
 extra keyword argument ``kfac_stats``; this transform keeps their moving
 averages, refreshes an eigendecomposition of each factor every
-``inverse_every`` steps (under ``lax.cond``) and preconditions::
+``refresh_every`` steps (under ``lax.cond``) and preconditions::
 
     damping="kronecker":  Delta = Q_A [ (Q_A^T Gr Q_G) / (d_A d_G^T + lambda) ] Q_G^T
     damping="factored":   Delta = (A + pi sqrt(lambda) I)^-1 Gr (G + sqrt(lambda)/pi I)^-1
@@ -29,35 +29,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subjax.fisher._likelihood import wide
+from subjax._core import (
+    choice,
+    compute_dtype,
+    is_concrete,
+    path_name,
+    positive,
+    static_int,
+    unit_interval,
+    value_at,
+)
+from subjax.fisher import _likelihood as lk
 
 Params = Any
 
 
-def key_name(key) -> str | None:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def leaf_paths(tree) -> list[tuple[str, ...]]:
-    """Path of every leaf as a tuple of strings (a trailing ``.value`` dropped)."""
+def param_paths(tree) -> list[tuple]:
+    """Key path of every leaf, without the trailing ``.value`` of an NNX variable."""
     paths = []
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [key_name(k) for k in path]
-        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] in (
-            "value",
-            "raw_value",
-        ):
-            parts = parts[:-1]
-        paths.append(tuple(parts))
+        last = path[-1] if path else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("value", "raw_value"):
+            path = path[:-1]
+        paths.append(path)
     return paths
+
+
+def param_names(tree) -> list[str]:
+    """:func:`subjax._core.path_name` of every leaf of ``tree`` (NNX ``.value`` dropped)."""
+    return [path_name(p) for p in param_paths(tree)]
 
 
 class DenseLayer(NamedTuple):
@@ -71,16 +71,16 @@ class DenseLayer(NamedTuple):
 def find_dense_layers(params, layers=None) -> tuple[DenseLayer, ...]:
     """Dense layers of ``params``: 2-D ``kernel`` leaves with an optional 1-D ``bias``."""
     leaves = jax.tree.leaves(params)
-    paths = leaf_paths(params)
-    index = {p: i for i, p in enumerate(paths)}
+    names = param_names(params)
+    index = {n: i for i, n in enumerate(names)}
     found = []
-    for i, p in enumerate(paths):
-        if not p or p[-1] != "kernel" or jnp.ndim(leaves[i]) != 2:
+    for i, p in enumerate(param_paths(params)):
+        if not p or path_name(p[-1:]) != "kernel" or jnp.ndim(leaves[i]) != 2:
             continue
-        name = "/".join(p[:-1])
+        name = path_name(p[:-1])
         if layers is not None and name not in layers:
             continue
-        b = index.get(p[:-1] + ("bias",))
+        b = index.get(path_name(p[:-1] + (jax.tree_util.DictKey("bias"),)))
         if b is not None and (jnp.ndim(leaves[b]) != 1 or leaves[b].shape[0] != leaves[i].shape[1]):
             b = None
         found.append(DenseLayer(name, i, b, int(leaves[i].shape[0]), int(leaves[i].shape[1])))
@@ -122,21 +122,19 @@ def check_stats(stats, dense: tuple[DenseLayer, ...], arg="kfac_stats"):
             )
 
 
-def positive(value, name):
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0, got {value}")
-
-
-def in_unit(value, name):
-    if isinstance(value, (int, float)) and not 0 <= value < 1:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value}")
-
-
-def at_least(value, name, minimum=1):
-    """Check a Python int setting (arrays, e.g. from optax.inject_hyperparams, pass)."""
-    if isinstance(value, bool) or (isinstance(value, (int, float)) and not (
-            float(value).is_integer() and value >= minimum)):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+def _check_bounds(bounds):
+    """``damping_bounds`` as an ordered ``(low, high)`` pair of positive numbers."""
+    try:
+        low, high = bounds
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`damping_bounds` must be a (low, high) pair, got {bounds!r}") from None
+    positive(low, "damping_bounds[0]")
+    positive(high, "damping_bounds[1]")
+    if is_concrete(low) and is_concrete(high) and not float(low) <= float(high):
+        raise ValueError(
+            f"`damping_bounds` must be ordered (low, high) with low <= high, got {bounds!r}")
+    return low, high
 
 
 def pmean(tree, axis_name):
@@ -182,7 +180,7 @@ def scale_by_kfac(
     *,
     momentum: float = 0.9,
     decay: float = 0.95,
-    inverse_every: int = 10,
+    refresh_every: int = 10,
     damping_mode: str = "kronecker",
     norm_constraint: float | None = None,
     adaptive_damping: bool = False,
@@ -200,15 +198,14 @@ def scale_by_kfac(
     ``-learning_rate``); :func:`kfac` chains the learning rate.
     """
     positive(damping, "damping")
-    in_unit(momentum, "momentum")
-    in_unit(decay, "decay")
-    at_least(inverse_every, "inverse_every")
-    if damping_mode not in ("kronecker", "factored"):
-        raise ValueError(f"`damping_mode` must be 'kronecker' or 'factored', got {damping_mode!r}")
-    if norm_constraint is not None:
-        positive(norm_constraint, "norm_constraint")
-    if isinstance(damping_factor, (int, float)) and not 0 < damping_factor < 1:
-        raise ValueError(f"`damping_factor` must be in (0, 1), got {damping_factor}")
+    unit_interval(momentum, "momentum", closed_low=True)
+    unit_interval(decay, "decay", closed_low=True)
+    refresh_every = static_int(refresh_every, "refresh_every", minimum=1)
+    choice(damping_mode, "damping_mode", ("kronecker", "factored"))
+    positive(norm_constraint, "norm_constraint", allow_none=True)
+    unit_interval(damping_factor, "damping_factor")
+    lk.check_likelihood(likelihood)
+    damping_bounds = _check_bounds(damping_bounds)
     layers = None if layers is None else tuple(layers)
 
     def init_fn(params):
@@ -217,12 +214,12 @@ def scale_by_kfac(
         leaves = jax.tree.leaves(params)
         for d in dense:
             na = d.d_in + (d.bias is not None)
-            dt = wide(leaves[d.kernel].dtype)
+            dt = compute_dtype(leaves[d.kernel].dtype)
             fa[d.name] = jnp.zeros((na, na), dt)
             fg[d.name] = jnp.zeros((d.d_out, d.d_out), dt)
             ea[d.name] = (jnp.zeros((na,), dt), jnp.eye(na, dtype=dt))
             eg[d.name] = (jnp.zeros((d.d_out,), dt), jnp.eye(d.d_out, dtype=dt))
-        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), wide(p.dtype)), params)
+        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
         return KFACState(
             count=jnp.zeros((), jnp.int32),
             factor_a=fa,
@@ -271,7 +268,7 @@ def scale_by_kfac(
             return ({k: _eigh(v) for k, v in fa.items()}, {k: _eigh(v) for k, v in fg.items()})
 
         ea, eg = jax.lax.cond(
-            count % inverse_every == 0, refresh, lambda _: (state.eig_a, state.eig_g), None
+            count % refresh_every == 0, refresh, lambda _: (state.eig_a, state.eig_g), None
         )
 
         # Damping: adaptive (Levenberg-Marquardt on the lagged reduction ratio).
@@ -286,7 +283,7 @@ def scale_by_kfac(
 
         leaves = jax.tree.leaves(updates)
         treedef = jax.tree.structure(updates)
-        g32 = [x.astype(wide(x.dtype)) for x in leaves]
+        g32 = [x.astype(compute_dtype(x.dtype)) for x in leaves]
         out = list(g32)  # identity preconditioner for non-dense leaves
         for d in dense:
             gr = g32[d.kernel]
@@ -312,7 +309,7 @@ def scale_by_kfac(
                 out[d.bias] = delta[d.d_in].astype(g32[d.bias].dtype)
         if norm_constraint is not None and not adaptive_step:
             lr = learning_rate_for_constraint
-            lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+            lr = 1.0 if lr is None else value_at(lr, count)
             vg = sum(jnp.vdot(o, g).astype(jnp.float32) for o, g in zip(out, g32, strict=True))
             nu = jnp.minimum(1.0, jnp.sqrt(norm_constraint / (lr**2 * jnp.abs(vg) + 1e-30)))
             out = [o * nu.astype(o.dtype) for o in out]
@@ -331,7 +328,7 @@ def scale_by_kfac(
             # Quadratic model of the step -v (scaled by the learning rate outside; the
             # alias passes it in): M = -lr g.v + lr^2/2 (v.Fv + lam |v|^2), F from factors.
             lr = learning_rate_for_constraint
-            lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+            lr = 1.0 if lr is None else value_at(lr, count)
             quad = sum(jnp.vdot(x, x).astype(jnp.float32) for x in v) * lam
             for d in dense:
                 vr = v[d.kernel]
@@ -371,10 +368,8 @@ def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, 
     Returns the direction to emit (``-u / lr``, the chained learning rate multiplies it
     back) and the model's predicted change ``g.u + 1/2 u^T F u``.
     """
-    from subjax.fisher import _likelihood as lk
-
     treedef = jax.tree.structure(params)
-    p_w = jax.tree.map(lambda p: p.astype(wide(p.dtype)), params)
+    p_w = jax.tree.map(lambda p: p.astype(compute_dtype(p.dtype)), params)
     a = [-x for x in delta]
     b = list(prev)
     f = lambda p: apply_fn(p, inputs)
@@ -385,7 +380,7 @@ def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, 
     ja, jb = f_jvp(cast(a)), f_jvp(cast(b))
     fa_ = lk.output_fisher_product(likelihood, outputs, ja)
     fb_ = lk.output_fisher_product(likelihood, outputs, jb)
-    dt = wide(jax.tree.leaves(p_w)[0].dtype)
+    dt = compute_dtype(jax.tree.leaves(p_w)[0].dtype)
     quad = jnp.stack([jnp.vdot(ja, fa_), jnp.vdot(ja, fb_), jnp.vdot(jb, fb_)]).astype(dt) / n
     lin = jnp.stack([_tree_vdot(g, a, dt), _tree_vdot(g, b, dt)])
     norms = jnp.stack([_tree_vdot(a, a, dt), _tree_vdot(a, b, dt), _tree_vdot(b, b, dt)])
@@ -407,7 +402,7 @@ def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, 
     u = [alpha.astype(x.dtype) * x + mu.astype(y.dtype) * y for x, y in zip(a, b, strict=True)]
     pred = (alpha * lin[0] + mu * lin[1]
             + 0.5 * (alpha**2 * aFa + 2 * alpha * mu * aFb + mu**2 * bFb))
-    lr = 1.0 if lr is None else (lr(count) if callable(lr) else lr)
+    lr = 1.0 if lr is None else value_at(lr, count)
     lr = jnp.asarray(lr).astype(dt)
     safe = jnp.where(lr == 0, jnp.ones((), dt), lr)
     v = [-(x / safe.astype(x.dtype)) for x in u]
@@ -420,7 +415,7 @@ def kfac(
     *,
     momentum: float = 0.9,
     decay: float = 0.95,
-    inverse_every: int = 10,
+    refresh_every: int = 10,
     damping_mode: str = "kronecker",
     norm_constraint: float | None = None,
     adaptive_damping: bool = False,
@@ -454,7 +449,7 @@ def kfac(
       momentum: heavy-ball coefficient ``mu`` in [0, 1).
       decay: moving-average decay of the factors in [0, 1) (the first steps use a
         plain running mean).
-      inverse_every: refresh the eigendecompositions every ``T`` steps (static).
+      refresh_every: refresh the eigendecompositions every ``T`` steps (static).
       damping_mode: ``"kronecker"`` (exact inverse of ``A (x) G + lambda I`` in the
         factors' eigenbasis) or ``"factored"`` (Martens & Grosse's pi-adjusted
         factored Tikhonov damping).
@@ -494,7 +489,7 @@ def kfac(
             damping,
             momentum=momentum,
             decay=decay,
-            inverse_every=inverse_every,
+            refresh_every=refresh_every,
             damping_mode=damping_mode,
             norm_constraint=norm_constraint,
             adaptive_damping=adaptive_damping,

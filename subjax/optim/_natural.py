@@ -10,16 +10,19 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from subjax import linalg
+from subjax._core import as_compute, choice, compute_dtype, positive, static_int, unit_interval
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
-from subjax.fisher._likelihood import wide
-from subjax.optim._kfac import at_least, in_unit, positive
 
 Params = Any
 
 
 def _axpy(alpha, x, y):
     return jax.tree.map(lambda xi, yi: jnp.asarray(alpha).astype(xi.dtype) * xi + yi, x, y)
+
+
+def _zeros_compute(p):
+    return jnp.zeros(jnp.shape(p), compute_dtype(p.dtype))
 
 
 class NaturalGradientState(NamedTuple):
@@ -44,7 +47,7 @@ def scale_by_natural_gradient(
     *,
     curvature: str = "fisher",
     likelihood: str = "categorical",
-    maxiter: int = 20,
+    max_iters: int = 20,
     tol: float = 1e-5,
     momentum: float = 0.0,
     warm_start: bool = True,
@@ -52,16 +55,16 @@ def scale_by_natural_gradient(
 ) -> optax.GradientTransformationExtraArgs:
     """Direction ``d = (F + lambda I)^-1 g`` by CG (see :func:`natural_gradient`)."""
     positive(damping, "damping")
-    in_unit(momentum, "momentum")
+    unit_interval(momentum, "momentum", closed_low=True)
     lk.check_likelihood(likelihood)
-    if curvature not in ("fisher", "empirical"):
-        raise ValueError(f"`curvature` must be 'fisher' or 'empirical', got {curvature!r}")
-    at_least(maxiter, "maxiter")
+    choice(curvature, "curvature", ("fisher", "empirical"))
+    max_iters = static_int(max_iters, "max_iters", minimum=1)
+    positive(tol, "tol")
 
     def init_fn(params):
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32),
-            direction=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), wide(p.dtype)), params),
+            direction=jax.tree.map(lambda p: jnp.zeros_like(as_compute(p)), params),
             cg_iters=jnp.zeros((), jnp.int32),
             cg_residual=jnp.zeros((), jnp.float32),
         )
@@ -81,13 +84,13 @@ def scale_by_natural_gradient(
             raise ValueError("curvature='empirical' needs `labels` in update")
         if not callable(apply_fn):
             raise TypeError(f"`apply_fn` must be callable, got {type(apply_fn).__name__}")
-        p32 = jax.tree.map(lambda p: p.astype(wide(p.dtype)), params)
+        p32 = jax.tree.map(as_compute, params)
         if curvature == "fisher":
             fv = _core.make_fvp(apply_fn, p32, inputs, likelihood=likelihood)
         else:
             fv = _core.make_empirical_fvp(apply_fn, p32, inputs, labels, likelihood=likelihood)
         lam = jnp.asarray(damping, jnp.float32)
-        g = jax.tree.map(lambda x: x.astype(wide(x.dtype)), updates)
+        g = jax.tree.map(as_compute, updates)
         g_flat, unravel = ravel_pytree(g)
         lam = lam.astype(g_flat.dtype)
 
@@ -100,7 +103,7 @@ def scale_by_natural_gradient(
         x0 = ravel_pytree(state.direction)[0].astype(g_flat.dtype)
         if not warm_start:
             x0 = jnp.zeros_like(g_flat)
-        res = linalg.cg(matvec, g_flat, x0=x0, tol=tol, maxiter=maxiter)
+        res = linalg.cg(matvec, g_flat, x0=x0, tol=tol, max_iters=max_iters)
         d = unravel(res.x)
         k = res.n_iters
         gnorm = jnp.maximum(jnp.linalg.norm(g_flat), jnp.finfo(g_flat.dtype).tiny)
@@ -118,7 +121,7 @@ def natural_gradient(
     *,
     curvature: str = "fisher",
     likelihood: str = "categorical",
-    maxiter: int = 20,
+    max_iters: int = 20,
     tol: float = 1e-5,
     momentum: float = 0.0,
     warm_start: bool = True,
@@ -147,7 +150,7 @@ def natural_gradient(
       curvature: ``"fisher"`` (true Fisher = GGN; no labels) or ``"empirical"``
         (needs ``labels=`` in update).
       likelihood: ``"categorical" | "bernoulli" | "gaussian"``.
-      maxiter: CG iteration cap (static).
+      max_iters: cap on the CG iterations of each solve (static).
       tol: relative residual tolerance of CG.
       momentum: heavy-ball coefficient on the natural-gradient direction.
       warm_start: start CG from the previous solution.
@@ -167,7 +170,7 @@ def natural_gradient(
             damping,
             curvature=curvature,
             likelihood=likelihood,
-            maxiter=maxiter,
+            max_iters=max_iters,
             tol=tol,
             momentum=momentum,
             warm_start=warm_start,
