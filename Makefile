@@ -20,7 +20,7 @@ help:
 	@echo "make venv            create .venv and install -e .[test,bench] (idempotent)"
 	@echo "make test            fast suite, then the multi-device suite on 8 fake CPU devices"
 	@echo "make test-all        everything, slow tests included"
-	@echo "make lint            ruff"
+	@echo "make lint            ruff, and the text check (no tracker numbers, no outside paths)"
 	@echo "make bench           all benchmarks -> results/bench/"
 	@echo "make reproduce       every reproduction in quick mode -> results/REPORT.md"
 	@echo "make reproduce-NAME  one reproduction (quick); FULL=1 for the full protocol"
@@ -51,7 +51,8 @@ test-all: $(STAMP)
 	XLA_FLAGS="$(FAKE_DEVICES)" $(PYTEST) -m "multidevice"
 
 lint: $(STAMP)
-	$(PY) -m ruff check subjax experiments tests
+	$(PY) -m ruff check subjax experiments tests .ci
+	$(PY) .ci/check_text.py
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench $(if $(QUICK),--quick,)
