@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Low-rank training and adaptation with subjax
 #
-# What the issue-7 primitives do, on problems small enough to run in seconds:
+# What the low-rank primitives do, on problems small enough to run in seconds:
 #
 # 1. the four GaLore projectors (exact SVD, warm subspace iteration, DCT, random),
 # 2. a warm-started projector following a rotating gradient subspace,

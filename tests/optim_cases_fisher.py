@@ -1,4 +1,4 @@
-"""Conformance cases for subjax.optim's curvature optimizers (issue 6).
+"""Conformance cases for subjax.optim's curvature optimizers.
 
 K-FAC gets its statistics and natural gradient its model function through
 ``grad_and_extra`` (optax extra arguments), exactly as a user's step would.

@@ -181,7 +181,7 @@ def test_nnx_register_dense_and_training_lowers_loss():
 
 
 def test_kfac_stats_axis_name_pmean_equals_full_batch(key):
-    """The issue-8 contract: per-shard stats pmean-ed in update == full-batch update."""
+    """The data-parallel contract: per-shard stats pmean-ed in update == full-batch update."""
     params = mlp_params(key, sizes=(3, 5, 4))
     x = jax.random.normal(jax.random.key(8), (8, 3))
     y = jax.random.randint(jax.random.key(9), (8,), 0, 4)

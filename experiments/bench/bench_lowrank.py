@@ -9,7 +9,7 @@ least-squares problem of the same matrix shape (``min_W ||X W - Y||^2 / 2n``,
 of subjax is listed for the "within 1% of exact SVD" comparison.
 
 The update time averaged over a refresh period of ``T`` steps is
-``(refresh + (T - 1) * step) / T``; ``docs/notes/issue7.md`` derives it from the
+``(refresh + (T - 1) * step) / T``; ``docs/lowrank.md`` derives it from the
 two cases' medians for ``T = 200`` (GaLore's default gap).
 """
 
