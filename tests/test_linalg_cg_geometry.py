@@ -20,7 +20,7 @@ def _spd(rng, n, cond=100.0):
 def test_cg_solves_and_reports(rng, x64):
     a = _spd(rng, 60)
     b = rng.standard_normal(60)
-    res = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-10, maxiter=300)
+    res = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-10, max_iters=300)
     assert bool(res.converged)
     np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
     it = int(res.n_iters)
@@ -38,8 +38,8 @@ def test_cg_preconditioner_and_operators(rng):
     off = rng.standard_normal((n, n)) * 0.01
     a = (np.diag(d) + off @ off.T).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    plain = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-5, maxiter=400)
-    jac = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-5, maxiter=400,
+    plain = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-5, max_iters=400)
+    jac = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-5, max_iters=400,
                 m=jnp.asarray(1.0 / np.diag(a)))
     assert bool(jac.converged)
     assert int(jac.n_iters) < int(plain.n_iters) / 3
@@ -50,7 +50,7 @@ def test_cg_preconditioner_and_operators(rng):
     for op in (jsparse.BCOO.fromdense(aj),
                sl.LinearOperator((n, n), jnp.float32, matvec=lambda x: aj @ x, symmetric=True),
                lambda x: aj @ x):
-        r = sl.cg(op, jnp.asarray(b), tol=1e-5, maxiter=400, m=lambda r: r / jnp.diag(aj))
+        r = sl.cg(op, jnp.asarray(b), tol=1e-5, max_iters=400, m=lambda r: r / jnp.diag(aj))
         assert bool(r.converged)
         np.testing.assert_allclose(np.asarray(r.x), x_ref, rtol=1e-3, atol=1e-6)
 
@@ -61,7 +61,7 @@ def test_cg_not_spd_or_capped_is_not_converged(rng):
     res = sl.cg(jnp.asarray(a), jnp.asarray(b), tol=1e-6)
     assert not bool(res.converged)
     assert np.all(np.isfinite(np.asarray(res.x)))
-    capped = sl.cg(jnp.asarray(_spd(rng, 50, 1e4), jnp.float32), jnp.ones(50), maxiter=3,
+    capped = sl.cg(jnp.asarray(_spd(rng, 50, 1e4), jnp.float32), jnp.ones(50), max_iters=3,
                    tol=1e-8)
     assert not bool(capped.converged) and int(capped.n_iters) == 3
 
@@ -121,8 +121,8 @@ def test_cg_bad_input():
         sl.cg(jnp.eye(3), jnp.ones(3), m=jnp.ones(2))
     with pytest.raises(TypeError, match="`a`"):
         sl.cg("eye", jnp.ones(3))
-    with pytest.raises(ValueError, match="maxiter"):
-        sl.cg(jnp.eye(3), jnp.ones(3), maxiter=0)
+    with pytest.raises(ValueError, match="max_iters"):
+        sl.cg(jnp.eye(3), jnp.ones(3), max_iters=0)
 
 
 # ------------------------------------------------------------------------ geometry

@@ -138,7 +138,7 @@ def test_randomized_svd_bad_input(rng):
         sl.randomized_svd(a, 3, key=key, method="lanczos")
     bad = np.asarray(rng.standard_normal((20, 20)), np.float32)
     bad[3, 4] = np.nan
-    with pytest.raises(ValueError, match="`a` has non-finite"):
+    with pytest.raises(ValueError, match="`a` contains NaN or inf"):
         sl.randomized_svd(jnp.asarray(bad), 3, key=key)
     # Under jit the check cannot raise; the result reports it.
     res = jax.jit(lambda a: sl.randomized_svd(a, 3, key=key))(jnp.asarray(bad))
@@ -150,7 +150,7 @@ def test_randomized_svd_bad_input(rng):
 
 def test_range_finder_captures_range(rng):
     a, u, s, _ = _known_spectrum(rng, 120, 90, SPECTRA["fast"](90), np.float32)
-    q = sl.randomized_range_finder(jnp.asarray(a), 20, key=jax.random.key(0), n_iter=2)
+    q = sl.randomized_range_finder(jnp.asarray(a), 20, key=jax.random.key(0), n_steps=2)
     assert q.shape == (120, 20) and _orth_err(q) < 1e-5
     resid = np.linalg.norm(a - np.asarray(q) @ (np.asarray(q).T @ a), 2)
     assert resid < 2.0 * s[20]
@@ -163,12 +163,13 @@ def test_subspace_iteration_warm_start_converges_faster(rng, x64):
     s = np.concatenate([np.linspace(2.0, 1.5, k), 0.8 ** np.arange(1, n - k + 1)])
     a, u, _, v = _known_spectrum(rng, n, n, s)
     a = jnp.asarray(a)
-    cold = sl.subspace_iteration(a, jnp.asarray(rng.standard_normal((n, k))), n_iter=100, tol=1e-8)
+    cold = sl.subspace_iteration(a, jnp.asarray(rng.standard_normal((n, k))), max_iters=100,
+                                 tol=1e-8)
     # warm start: the previous basis of a slightly perturbed matrix (a periodic refresh).
     a_prev = a + 1e-3 * jnp.asarray(rng.standard_normal((n, n))) / np.sqrt(n)
-    prev = sl.subspace_iteration(a_prev, jnp.asarray(rng.standard_normal((n, k))), n_iter=100,
+    prev = sl.subspace_iteration(a_prev, jnp.asarray(rng.standard_normal((n, k))), max_iters=100,
                                  tol=1e-8)
-    warm = sl.subspace_iteration(a, prev.u, n_iter=100, tol=1e-8)
+    warm = sl.subspace_iteration(a, prev.u, max_iters=100, tol=1e-8)
     assert bool(cold.converged) and bool(warm.converged)
     assert int(warm.n_iters) < int(cold.n_iters) / 2
     for res in (cold, warm):
@@ -184,7 +185,7 @@ def test_subspace_iteration_fixed_iterations_jit_vmap(rng):
     mats = jnp.asarray(np.stack([_known_spectrum(rng, 50, 40, SPECTRA["fast"](40),
                                                  np.float32)[0] for _ in range(2)]))
     q0 = jnp.asarray(rng.standard_normal((50, 3)).astype(np.float32))
-    f = jax.jit(jax.vmap(lambda a: sl.subspace_iteration(a, q0, n_iter=30)))
+    f = jax.jit(jax.vmap(lambda a: sl.subspace_iteration(a, q0, max_iters=30)))
     res = f(mats)
     assert res.u.shape == (2, 50, 3) and np.all(np.asarray(res.n_iters) == 30)
     ref = np.linalg.svd(np.asarray(mats), compute_uv=False)[:, :3]
@@ -201,7 +202,7 @@ def test_subspace_iteration_not_converged_is_reported(rng):
     s[:3] = [1.0, 0.999, 0.998]
     a, _, _, _ = _known_spectrum(rng, n, n, s, np.float32)
     res = sl.subspace_iteration(jnp.asarray(a), jnp.asarray(rng.standard_normal((n, 3)),
-                                jnp.float32), n_iter=5, tol=1e-7)
+                                jnp.float32), max_iters=5, tol=1e-7)
     assert not bool(res.converged) and int(res.n_iters) == 5
 
 
@@ -218,7 +219,7 @@ def test_randomized_eigh_psd(psd, rng, x64):
     n = 200
     w = np.exp(-np.arange(n) / 5.0)
     a, q = _sym_known(rng, n, w)
-    res = sl.randomized_eigh(jnp.asarray(a), 8, key=jax.random.key(0), n_iter=3, psd=psd)
+    res = sl.randomized_eigh(jnp.asarray(a), 8, key=jax.random.key(0), n_steps=3, psd=psd)
     np.testing.assert_allclose(np.asarray(res.eigenvalues), w[:8], rtol=1e-6)
     assert _max_angle(res.eigenvectors[:, :4], q[:, :4]) < 1e-4
     assert _orth_err(res.eigenvectors) < 1e-10
@@ -230,7 +231,7 @@ def test_randomized_eigh_indefinite_which(which, rng, x64):
     n = 120
     w = np.concatenate([-(0.7 ** np.arange(n // 2)) * 3.0, 0.7 ** np.arange(n // 2)])
     a, _ = _sym_known(rng, n, w)
-    res = sl.randomized_eigh(jnp.asarray(a), 3, key=jax.random.key(1), n_iter=6, which=which)
+    res = sl.randomized_eigh(jnp.asarray(a), 3, key=jax.random.key(1), n_steps=6, which=which)
     ref = {"LA": np.sort(w)[::-1][:3], "SA": np.sort(w)[:3],
            "LM": w[np.argsort(-np.abs(w))][:3]}[which]
     np.testing.assert_allclose(np.asarray(res.eigenvalues), ref, rtol=1e-6)

@@ -40,14 +40,14 @@ def assert_same_svd(res, ref, atol=2e-5):
     np.testing.assert_allclose(np.asarray(res.vt) * sgn[:, None], ref.vt, atol=atol)
 
 
-@pytest.mark.parametrize("method,n_iter", [
+@pytest.mark.parametrize("method,n_steps", [
     ("block_krylov", 1), pytest.param("subspace", 1, marks=pytest.mark.slow)])
-def test_sharded_randomized_svd_equals_single_device(mesh, method, n_iter):
+def test_sharded_randomized_svd_equals_single_device(mesh, method, n_steps):
     a = decaying(256, 48)
     key = jax.random.key(3)
     res = sharded_randomized_svd(a, 6, key=key, mesh=mesh, axis_name="rows", oversample=6,
-                                 n_iter=n_iter, method=method)
-    ref = randomized_svd(a, 6, key=key, oversample=6, n_iter=n_iter, method=method)
+                                 n_steps=n_steps, method=method)
+    ref = randomized_svd(a, 6, key=key, oversample=6, n_steps=n_steps, method=method)
     assert bool(res.converged)
     assert_same_svd(res, ref)
     # and it is the SVD: the spectrum used to build `a`
@@ -57,7 +57,7 @@ def test_sharded_randomized_svd_equals_single_device(mesh, method, n_iter):
     assert res.u.addressable_shards[0].data.shape == (32, 6)
     # a different key gives a different sketch (the key is really used)
     other = sharded_randomized_svd(a, 6, key=jax.random.key(4), mesh=mesh, axis_name="rows",
-                                   oversample=6, n_iter=n_iter, method=method)
+                                   oversample=6, n_steps=n_steps, method=method)
     assert float(jnp.max(jnp.abs(jnp.abs(other.u) - jnp.abs(res.u)))) > 0
 
 
@@ -67,9 +67,9 @@ def test_sharded_randomized_svd_equals_single_device(mesh, method, n_iter):
 def test_sharded_subspace_iteration_equals_single_device(mesh, orth_method, ref_method):
     a = decaying(128, 32, decay=0.7)
     q0 = jax.random.normal(jax.random.key(5), (128, 3))
-    res = sharded_subspace_iteration(a, q0, mesh=mesh, axis_name="rows", n_iter=25, tol=1e-4,
+    res = sharded_subspace_iteration(a, q0, mesh=mesh, axis_name="rows", max_iters=25, tol=1e-4,
                                      orth_method=orth_method)
-    ref = subspace_iteration(a, q0, n_iter=25, tol=1e-4, orth_method=ref_method)
+    ref = subspace_iteration(a, q0, max_iters=25, tol=1e-4, orth_method=ref_method)
     assert int(res.n_iters) == int(ref.n_iters) < 25
     assert bool(res.converged) and bool(ref.converged)
     np.testing.assert_allclose(res.errors, ref.errors, rtol=1e-3, atol=1e-6)
@@ -132,7 +132,7 @@ def test_traceable_under_eval_shape_and_vmap(mesh):
     out = jax.eval_shape(jax.vmap(svd), a)
     assert out.u.shape == (2, 64, 3) and out.s.shape == (2, 3) and out.vt.shape == (2, 3, 16)
     sub = lambda a: sharded_subspace_iteration(a, a[:, :2], mesh=mesh, axis_name="rows",
-                                               n_iter=3)
+                                               max_iters=3)
     res = jax.eval_shape(jax.jit(sub), jax.ShapeDtypeStruct((64, 16), jnp.float32))
     assert res.u.shape == (64, 2) and res.errors.shape == (3,)
 

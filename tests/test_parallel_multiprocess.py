@@ -82,9 +82,9 @@ def worker():
     u0, _ = jnp.linalg.qr(jax.random.normal(ka, (64, 24)))
     v0, _ = jnp.linalg.qr(jax.random.normal(kb, (24, 24)))
     a = np.asarray((u0 * 0.7 ** jnp.arange(24.0)) @ v0.T)
-    ref = randomized_svd(a, 4, key=kk, oversample=4, n_iter=1, method="subspace")
+    ref = randomized_svd(a, 4, key=kk, oversample=4, n_steps=1, method="subspace")
     a_sharded = shard_batch(a[rank * 32:(rank + 1) * 32], mesh)  # each process: its rows
-    res = sharded_randomized_svd(a_sharded, 4, key=kk, mesh=mesh, oversample=4, n_iter=1,
+    res = sharded_randomized_svd(a_sharded, 4, key=kk, mesh=mesh, oversample=4, n_steps=1,
                                  method="subspace")
     s, vt = np.asarray(res.s), np.asarray(res.vt)
     np.testing.assert_allclose(s, np.asarray(ref.s), rtol=1e-5)

@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 import subjax.linalg as sl
 from experiments.bench import Case, Contender
 
-RANK, OVERSAMPLE, N_ITER = 32, 10, 4
+RANK, OVERSAMPLE, N_STEPS = 32, 10, 4
 # `make` exports OPENBLAS_NUM_THREADS=1. On the shared 2-core machine this was
 # measured on, multi-threaded OpenBLAS suffers badly from contention (scikit-learn's
 # randomized_svd 2048^2: ~70 ms with 1 thread, ~0.5-1.2 s with 2), so the peers run
@@ -96,15 +96,15 @@ def _svd_case(n: int, with_dense: bool) -> Case:
     keys = [jax.random.key(s) for s in SEEDS]
 
     bk = jax.jit(functools.partial(sl.randomized_svd, rank=RANK, oversample=OVERSAMPLE,
-                                   n_iter=N_ITER))
+                                   n_steps=N_STEPS))
     ss = jax.jit(functools.partial(sl.randomized_svd, rank=RANK, oversample=OVERSAMPLE,
-                                   n_iter=N_ITER, method="subspace"))
+                                   n_steps=N_STEPS, method="subspace"))
 
     def acc_jax(f):
         return lambda out: float(np.median([_rel_err(f(a, key=k).s, sigma) for k in keys]))
 
     def sk_raw(seed=0):
-        return sk_randomized_svd(a_np, RANK, n_oversamples=OVERSAMPLE, n_iter=N_ITER,
+        return sk_randomized_svd(a_np, RANK, n_oversamples=OVERSAMPLE, n_iter=N_STEPS,
                                  random_state=seed)
 
     sk = _peer(sk_raw)
@@ -113,7 +113,7 @@ def _svd_case(n: int, with_dense: bool) -> Case:
     def acc_sk(out):
         return float(np.median([_rel_err(sk(s)[1], sigma) for s in SEEDS]))
 
-    floor = _floor_fn(2 * N_ITER + 2)
+    floor = _floor_fn(2 * N_STEPS + 2)
     x0 = jnp.asarray(np.random.default_rng(1).standard_normal((n, l)), jnp.float32)
     contenders = [
         Contender("subjax", lambda: bk(a, key=keys[0]), accuracy=acc_jax(bk),
@@ -121,12 +121,12 @@ def _svd_case(n: int, with_dense: bool) -> Case:
         Contender("subjax subspace", lambda: ss(a, key=keys[0]), accuracy=acc_jax(ss),
                   note="method='subspace' (sklearn's algorithm)"),
         Contender("scikit-learn", sk, accuracy=acc_sk,
-                  note=f"randomized_svd(n_oversamples={OVERSAMPLE}, n_iter={N_ITER}), "
+                  note=f"randomized_svd(n_oversamples={OVERSAMPLE}, n_iter={N_STEPS}), "
                        "1 BLAS thread"),
         Contender("scikit-learn all threads", sk_all,
                   note=f"same, {ALL_THREADS} BLAS threads"),
         Contender("matmul floor", lambda: floor(a, x0),
-                  note=f"{2 * N_ITER + 2} chained products with N x {l} blocks"),
+                  note=f"{2 * N_STEPS + 2} chained products with N x {l} blocks"),
     ]
     if with_dense:
         jsvd = jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=True, full_matrices=False))
@@ -138,7 +138,7 @@ def _svd_case(n: int, with_dense: bool) -> Case:
         ]
     return Case(
         name=f"randomized_svd {n}x{n} r{RANK}",
-        params={"m": n, "n": n, "rank": RANK, "oversample": OVERSAMPLE, "n_iter": N_ITER,
+        params={"m": n, "n": n, "rank": RANK, "oversample": OVERSAMPLE, "n_steps": N_STEPS,
                 "spectrum": "sigma_i = 1/i", "dtype": "float32"},
         contenders=contenders,
         reference="subjax",

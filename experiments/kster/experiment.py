@@ -88,7 +88,7 @@ def _attack(dw_obs: np.ndarray, cov_inv_keys: jax.Array, n_pred: int, r_max: int
     r_hat = int(sl.marchenko_pastur_rank(jnp.asarray(s_full), (d_out, d), margin=1.05))
     r_hat = max(1, min(r_hat, r_max))
     # one static rank (one compilation) for every cell; keep the top r_hat vectors
-    res = sl.randomized_svd(jnp.asarray(dw_obs.T), r_max, key=key, oversample=10, n_iter=4)
+    res = sl.randomized_svd(jnp.asarray(dw_obs.T), r_max, key=key, oversample=10, n_steps=4)
     v = res.u[:, :r_hat]  # right singular vectors of Delta W = left ones of Delta W^T
     rel = sl.residual_norms(cov_inv_keys.T, v, relative=True)  # sin of the angle
     score = np.sqrt(np.maximum(0.0, 1.0 - np.asarray(rel, np.float64) ** 2))

@@ -65,7 +65,7 @@ def _pca_scores(train: np.ndarray, test: np.ndarray, energy: float, key) -> tupl
     xc = jnp.asarray((train - mu).T)  # (64, n): principal directions = left vectors
     full = min(xc.shape)
     rank = full - 1  # centring removes one dimension
-    res = sl.randomized_svd(xc, rank, key=key, oversample=full - rank, n_iter=4)
+    res = sl.randomized_svd(xc, rank, key=key, oversample=full - rank, n_steps=4)
     k = int(sl.energy_rank(res.s, energy))
     q = res.u[:, :k]
     return np.asarray(sl.residual_norms(centred_test, q)), k

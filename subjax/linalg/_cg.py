@@ -6,8 +6,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from subjax._core import (
+    LoopOutput,
+    fixed_point_loop,
+    floating_array,
+    is_concrete,
+    nonnegative,
+    positive,
+    static_int,
+)
 from subjax.linalg import _validate as V
 from subjax.linalg._operator import LinearOperator, aslinearoperator
 
@@ -21,8 +31,8 @@ class CGResult(NamedTuple):
       x: ``(n,)`` solution.
       converged: ``()`` bool, ``||b - A x|| <= max(tol ||b||, atol)``.
       n_iters: ``()`` int32, iterations run.
-      residual_norm: ``()`` final ``||b - A x||`` (recursive estimate).
-      errors: ``(maxiter,)`` relative residual ``||r_t|| / ||b||`` per iteration,
+      residual_norm: ``()`` final ``||b - A x||`` (recomputed, not the recursive estimate).
+      errors: ``(max_iters,)`` relative residual ``||r_t|| / ||b||`` per iteration,
         padded with -1.
     """
 
@@ -31,6 +41,11 @@ class CGResult(NamedTuple):
     n_iters: jax.Array
     residual_norm: jax.Array
     errors: jax.Array
+
+
+def _is_zero(v) -> bool:
+    """``v == 0`` when ``v`` can be read now (False for a traced value)."""
+    return is_concrete(v) and np.ndim(v) == 0 and float(v) == 0.0
 
 
 def _as_matvec(a, n, name):
@@ -76,12 +91,12 @@ def cg(
     x0: jax.Array | None = None,
     tol: float | jax.Array = 1e-5,
     atol: float | jax.Array = 0.0,
-    maxiter: int | None = None,
+    max_iters: int | None = None,
     m=None,
 ) -> CGResult:
     r"""Solve ``A x = b`` for symmetric positive definite ``A`` by preconditioned CG.
 
-    Iterates until ``||r_t|| <= max(tol ||b||, atol)`` or ``maxiter`` steps. Breakdown
+    Iterates until ``||r_t|| <= max(tol ||b||, atol)`` or ``max_iters`` steps. Breakdown
     (``p^T A p <= 0``, i.e. ``A`` not positive definite, or non-finite values) stops
     the loop with ``converged=False``.
 
@@ -95,8 +110,9 @@ def cg(
         ``x -> A x``.
       b: ``(n,)`` right-hand side (use ``jax.vmap`` for several).
       x0: initial guess (default zeros).
-      tol, atol: relative / absolute residual tolerances (may be traced).
-      maxiter: iteration cap (static; default ``10 n``, as scipy); size of ``errors``.
+      tol, atol: relative / absolute residual tolerances (may be traced); ``tol > 0``
+        unless ``atol > 0``.
+      max_iters: iteration cap (static; default ``10 n``, as scipy); size of ``errors``.
       m: preconditioner approximating ``A^{-1}``: ``(n, n)`` array or operator,
         ``(n,)`` vector (diagonal, e.g. ``1 / diag(A)``), or callable.
 
@@ -115,15 +131,18 @@ def cg(
       Hestenes, Stiefel, "Methods of conjugate gradients for solving linear
       systems", 1952. Saad, "Iterative Methods for Sparse Linear Systems", 2003.
     """
-    b = jnp.asarray(b)
+    b = floating_array(b, "b")
     if b.ndim != 1:
         raise ValueError(f"`b` must be a vector (n,), got shape {b.shape}; vmap for several")
-    if not jnp.issubdtype(b.dtype, jnp.floating):
-        raise TypeError(f"`b` must have a real floating dtype, got {b.dtype}")
     n = b.shape[0]
     matvec = _as_matvec(a, n, "a")
     precond = _as_precond(m, n)
-    maxiter = 10 * n if maxiter is None else V.static_int(maxiter, "maxiter", 1)
+    max_iters = 10 * n if max_iters is None else static_int(max_iters, "max_iters", 1)
+    nonnegative(atol, "atol")
+    if _is_zero(atol):
+        positive(tol, "tol")  # with atol = 0 the loop could only stop at an exact solution
+    else:
+        nonnegative(tol, "tol")
     dt = b.dtype
     if x0 is None:
         x0 = jnp.zeros_like(b)
@@ -136,10 +155,10 @@ def cg(
     atol = jnp.asarray(atol, dt)
 
     def solve(mv, rhs):
-        return _pcg(mv, rhs, lax.stop_gradient(x0), precond, tol, atol, maxiter)
+        return _pcg(mv, rhs, lax.stop_gradient(x0), precond, tol, atol, max_iters)
 
     def tsolve(mv, rhs):
-        return _pcg(mv, rhs, jnp.zeros_like(rhs), precond, tol, atol, maxiter)
+        return _pcg(mv, rhs, jnp.zeros_like(rhs), precond, tol, atol, max_iters)
 
     x, aux = lax.custom_linear_solve(
         matvec, b, solve, transpose_solve=tsolve, symmetric=True, has_aux=True
@@ -148,39 +167,51 @@ def cg(
     return CGResult(x, converged, n_iters, rnorm, errors)
 
 
-def _pcg(matvec, b, x0, precond, tol, atol, maxiter):
+class _CGState(NamedTuple):
+    x: jax.Array
+    r: jax.Array
+    p: jax.Array
+    rz: jax.Array  # r^T M r
+    rnorm: jax.Array
+    ok: jax.Array  # no breakdown, everything finite
+
+
+def _pcg(matvec, b, x0, precond, tol, atol, max_iters):
     dt = b.dtype
     bnorm = jnp.linalg.norm(b)
     thresh = jnp.maximum(tol * bnorm, atol)
     safe_b = jnp.where(bnorm > 0, bnorm, jnp.ones_like(bnorm))
     r = b - matvec(x0)
     z = precond(r)
-    rz = jnp.vdot(r, z)
     rnorm = jnp.linalg.norm(r)
-    errors = -jnp.ones((maxiter,), dt)
+    state0 = _CGState(x0, r, z, jnp.vdot(r, z), rnorm, jnp.isfinite(rnorm))
 
-    def cond(c):
-        i, _, _, _, _, rnorm, ok, _ = c
-        return (i < maxiter) & (rnorm > thresh) & ok
-
-    def body(c):
-        i, x, r, p, rz, _, _, errors = c
-        ap = matvec(p)
-        pap = jnp.vdot(p, ap)
+    def step(s, _):
+        ap = matvec(s.p)
+        pap = jnp.vdot(s.p, ap)
         good = (pap > 0) & jnp.isfinite(pap)
-        alpha = jnp.where(good, rz / jnp.where(good, pap, jnp.ones_like(pap)), jnp.zeros_like(pap))
-        x = x + alpha * p
-        r = r - alpha * ap
+        alpha = jnp.where(good, s.rz / jnp.where(good, pap, jnp.ones_like(pap)), 0).astype(dt)
+        x = s.x + alpha * s.p
+        r = s.r - alpha * ap
         z = precond(r)
-        rz_new = jnp.vdot(r, z)
-        beta = rz_new / jnp.where(rz != 0, rz, jnp.ones_like(rz))
-        p = z + beta * p
+        rz = jnp.vdot(r, z)
+        beta = rz / jnp.where(s.rz != 0, s.rz, jnp.ones_like(s.rz))
         rnorm = jnp.linalg.norm(r)
-        ok = good & jnp.isfinite(rnorm)
-        errors = errors.at[i].set(rnorm / safe_b)
-        return i + 1, x, r, p, rz_new, rnorm, ok, errors
+        return _CGState(x, r, z + beta * s.p, rz, rnorm, good & jnp.isfinite(rnorm)), rnorm / safe_b
 
-    init = (jnp.array(0, jnp.int32), x0, r, z, rz, rnorm, jnp.isfinite(rnorm), errors)
-    i, x, r, p, rz, rnorm, ok, errors = lax.while_loop(cond, body, init)
-    converged = ok & (rnorm <= thresh)
-    return x, (converged, i, rnorm, errors)
+    def run(state):
+        return fixed_point_loop(
+            step, state, max_iters=max_iters, dtype=dt,
+            stop=lambda s, err: (s.rnorm <= thresh) | ~s.ok,
+        )
+
+    def skip(state):  # x0 already solves the system (or b = 0): no step
+        return LoopOutput(state, jnp.zeros((), jnp.int32), state.rnorm / safe_b,
+                          -jnp.ones((max_iters,), dt))
+
+    out = lax.cond(state0.ok & (rnorm > thresh), run, skip, state0)
+    x = out.state.x
+    # The recursive residual drifts from b - A x in finite precision: report the true one.
+    rnorm = jnp.linalg.norm(b - matvec(x))
+    converged = out.state.ok & (rnorm <= thresh)
+    return x, (converged, out.n_iters, rnorm, out.errors)

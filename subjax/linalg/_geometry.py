@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from subjax.linalg._orth import compute_dtype, orthonormalize
+from subjax._core import compute_dtype
+from subjax.linalg._orth import orthonormalize
 
 __all__ = [
     "principal_angles",

@@ -6,16 +6,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from subjax._core import all_finite, check_key, choice, compute_dtype, fixed_point_loop, static_int
 from subjax.linalg import _validate as V
-from subjax.linalg._orth import compute_dtype, orth_robust
-from subjax.linalg._randomized import (
-    EighResult,
-    _all_finite,
-    _cast_operator,
-    _rayleigh_ritz_sym,
-)
+from subjax.linalg._orth import orth_robust
+from subjax.linalg._randomized import EighResult, _in_compute_dtype, _rayleigh_ritz_sym
 
 __all__ = ["lanczos_eigh"]
 
@@ -74,21 +69,20 @@ def lanczos_eigh(
       problems", SIAM J. Matrix Anal. Appl. 2000. Saad, "Numerical Methods for
       Large Eigenvalue Problems", 2011.
     """
-    if which not in ("LM", "LA", "SA"):
-        raise ValueError(f"`which` must be 'LM', 'LA' or 'SA', got {which!r}")
+    choice(which, "which", ("LM", "LA", "SA"))
     op = V.as_operator(a, square=True, what="an eigendecomposition")
     n = op.shape[0]
-    rank = V.static_int(rank, "rank", 1)
+    rank = static_int(rank, "rank", 1)
     if rank > n:
         raise ValueError(f"rank={rank} exceeds min(m, n)={n} for argument `a`")
     if block_size is None:
         p = rank + max(4, rank // 2)
     else:
-        p = V.static_int(block_size, "block_size", 1)
+        p = static_int(block_size, "block_size", 1)
     if p < rank:
         raise ValueError(f"`block_size`={p} must be >= rank={rank}")
-    n_blocks = V.static_int(n_blocks, "n_blocks", 1)
-    max_restarts = V.static_int(max_restarts, "max_restarts", 1)
+    n_blocks = static_int(n_blocks, "n_blocks", 1)
+    max_restarts = static_int(max_restarts, "max_restarts", 1)
     if p * (n_blocks + 1) > n:
         if block_size is None and p > rank and rank * (n_blocks + 1) <= n:
             p = max(rank, n // (n_blocks + 1))
@@ -99,7 +93,7 @@ def lanczos_eigh(
             )
     ct = compute_dtype(op.dtype)
     if v0 is None:
-        V.check_key(key)
+        check_key(key)
         v0 = jax.random.normal(key, (n, p), ct)
     else:
         v0 = V.check_basis(v0, n, "v0")
@@ -115,41 +109,30 @@ def lanczos_eigh(
 @functools.partial(jax.jit, static_argnames=("rank", "p", "n_blocks", "max_restarts", "which"))
 def _lanczos_impl(op, v0, tol, *, rank, p, n_blocks, max_restarts, which):
     dt = op.dtype
-    ct = compute_dtype(dt)
-    if ct != dt:
-        op = _cast_operator(op, ct)
+    op, ct = _in_compute_dtype(op)
 
-    def cycle(y, ay):
+    def cycle(state, _):
+        y, ay, _ = state
         vs, ws = [y], [ay]
         for _ in range(n_blocks):
-            kmat = jnp.concatenate(vs, axis=1)
-            q = orth_robust(ws[-1], kmat)[0]
+            q = orth_robust(ws[-1], jnp.concatenate(vs, axis=1))[0]
             vs.append(q)
             ws.append(op.matmat(q))
-        vmat = jnp.concatenate(vs, axis=1)
-        wmat = jnp.concatenate(ws, axis=1)
-        theta, y, ay = _rayleigh_ritz_sym(vmat, wmat, p, which)
+        theta, y, ay = _rayleigh_ritz_sym(
+            jnp.concatenate(vs, axis=1), jnp.concatenate(ws, axis=1), p, which
+        )
         res = ay[:, :rank] - y[:, :rank] * theta[None, :rank]
         rn = jnp.sqrt(jnp.sum(jnp.square(res), axis=0))
         scale = jnp.maximum(jnp.max(jnp.abs(theta[:rank])), jnp.finfo(ct).tiny)
-        return theta, y, ay, jnp.max(rn) / scale
+        return (y, ay, theta), jnp.max(rn) / scale
 
     y0 = orth_robust(v0)[0]
-    ay0 = op.matmat(y0)
-    errors0 = -jnp.ones((max_restarts,), ct)
-    theta0 = jnp.zeros((p,), ct)
-
-    def cond(c):
-        i, _, _, _, err, _ = c
-        return (i < max_restarts) & ~(err <= tol)
-
-    def body(c):
-        i, y, ay, _, _, errors = c
-        theta, y, ay, err = cycle(y, ay)
-        err = jnp.where(jnp.isfinite(err), err, jnp.asarray(jnp.inf, ct))
-        return i + 1, y, ay, theta, err, errors.at[i].set(err)
-
-    init = (jnp.array(0, jnp.int32), y0, ay0, theta0, jnp.asarray(jnp.inf, ct), errors0)
-    i, y, ay, theta, err, errors = lax.while_loop(cond, body, init)
-    converged = (err <= tol) & _all_finite(theta, y)
-    return EighResult(theta[:rank].astype(dt), y[:, :rank].astype(dt), i, converged, errors)
+    state0 = (y0, op.matmat(y0), jnp.zeros((p,), ct))
+    out = fixed_point_loop(
+        cycle, state0, max_iters=max_restarts, stop=lambda s, err: err <= tol, dtype=ct
+    )
+    y, _, theta = out.state
+    converged = (out.error <= tol) & all_finite(theta, y)
+    return EighResult(
+        theta[:rank].astype(dt), y[:, :rank].astype(dt), out.n_iters, converged, out.errors
+    )

@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import sparse as jsparse
 
 __all__ = ["LinearOperator", "aslinearoperator"]
@@ -194,30 +193,44 @@ class LinearOperator:
     def matmat(self, x: jax.Array) -> jax.Array:
         """``A @ x`` for ``x`` of shape ``(n, k)``."""
         _check_operand(x, self.shape[1], 2, "x")
-        return self._mm(self.operands, x)
+        return self._checked(self._mm(self.operands, x), (self.shape[0], x.shape[1]), "matmat")
 
     def rmatmat(self, x: jax.Array) -> jax.Array:
         """``A^T @ x`` for ``x`` of shape ``(m, k)``."""
         _check_operand(x, self.shape[0], 2, "x")
+        want = (self.shape[1], x.shape[1])
         if self._rmm is None:
             if self.symmetric:
-                return self._mm(self.operands, x)
+                return self._checked(self._mm(self.operands, x), want, "matmat")
             return _transpose_via_autodiff(self)(self.operands, x)
-        return self._rmm(self.operands, x)
+        return self._checked(self._rmm(self.operands, x), want, "rmatmat")
 
     def matvec(self, x: jax.Array) -> jax.Array:
         """``A @ x`` for ``x`` of shape ``(n,)``."""
         _check_operand(x, self.shape[1], 1, "x")
         if self._mv is not None:
-            return self._mv(self.operands, x)
-        return self._mm(self.operands, x[:, None])[:, 0]
+            return self._checked(self._mv(self.operands, x), (self.shape[0],), "matvec")
+        return self.matmat(x[:, None])[:, 0]
 
     def rmatvec(self, x: jax.Array) -> jax.Array:
         """``A^T @ x`` for ``x`` of shape ``(m,)``."""
         _check_operand(x, self.shape[0], 1, "x")
         if self._rmv is not None:
-            return self._rmv(self.operands, x)
+            return self._checked(self._rmv(self.operands, x), (self.shape[1],), "rmatvec")
         return self.rmatmat(x[:, None])[:, 0]
+
+    def _checked(self, y, want, what):
+        """``y`` if it has shape ``want``; else an error naming the operator's callable."""
+        shape = getattr(y, "shape", None)
+        if shape != want:
+            fn = self._mm if what == "matmat" else self._rmm if what == "rmatmat" else None
+            if isinstance(fn, _Closure) and fn.vmapped:  # the user gave a vector product
+                what = "matvec" if what == "matmat" else "rmatvec"
+            raise ValueError(
+                f"`{what}` of the LinearOperator of shape {self.shape} returned an array of "
+                f"shape {shape}; expected {want}"
+            )
+        return y
 
     def __matmul__(self, x):
         x = jnp.asarray(x)
@@ -310,28 +323,7 @@ def aslinearoperator(a: Any, *, transpose_once: bool = False, name: str = "a") -
     return LinearOperator._from_operands((a,), a.shape, a.dtype, _dense_matmat, _dense_rmatmat)
 
 
-@jax.jit
-def _all_finite(a):
-    return jnp.all(jnp.isfinite(a))
-
-
 def is_dense(a) -> bool:
+    """True for a dense array (not an operator or a sparse matrix)."""
     return not isinstance(a, (LinearOperator, jsparse.BCOO, jsparse.BCSR)) and hasattr(a, "shape")
 
-
-def check_finite_if_concrete(a, name: str = "a") -> None:
-    """Raise ``ValueError`` if ``a`` is a concrete dense array with NaN / inf entries."""
-    if not is_dense(a) or isinstance(a, jax.core.Tracer):
-        return
-    if isinstance(a, np.ndarray):
-        finite = bool(np.all(np.isfinite(a)))
-    else:
-        # On the array's own device (no host copy of the matrix). Inside an outer
-        # jit trace the reduction is staged out; then the check is skipped and the
-        # result's `converged` flag reports non-finite values instead.
-        try:
-            finite = bool(_all_finite(a))
-        except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError):
-            return
-    if not finite:
-        raise ValueError(f"`{name}` has non-finite entries (NaN or inf)")

@@ -8,17 +8,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from subjax._core import (
+    check_finite_if_concrete,
+    choice,
+    compute_dtype,
+    floating_array,
+    static_int,
+)
+
 __all__ = ["orthonormalize", "ORTH_METHODS"]
 
 ORTH_METHODS = ("householder", "cholesky_qr2", "shifted_cholesky_qr3", "polar_eigh", "polar_ns")
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """At least float32: the dtype QR / Cholesky / eigh run in."""
-    dtype = jnp.dtype(dtype)
-    if dtype.itemsize < 4:
-        return jnp.dtype(jnp.float32)
-    return dtype
 
 
 def _mT(x):  # noqa: N802
@@ -189,7 +189,9 @@ def orthonormalize(x: jax.Array, method: str = "householder", *, ns_steps: int =
     QR-type methods return the same ``q`` (up to rounding); polar methods return a
     different basis of the same span.
 
-    Computation runs in at least float32 and is cast back to ``x.dtype``.
+    Computation runs in at least float32 and is cast back to ``x.dtype``. A concrete
+    ``x`` with NaN / inf entries is an error; under ``jit`` (no check possible) such
+    an ``x`` gives a non-finite ``q``, so test ``jnp.isfinite`` on the result there.
 
     Args:
       x: ``(..., m, k)`` floating array, ``m >= k``.
@@ -213,13 +215,12 @@ def orthonormalize(x: jax.Array, method: str = "householder", *, ns_steps: int =
       Yanagisawa, "Shifted Cholesky QR for computing the QR factorization of
       ill-conditioned matrices", 2020. Higham, "Functions of Matrices", 2008 (ch. 8).
     """
-    if method not in ORTH_METHODS:
-        raise ValueError(f"`method` must be one of {ORTH_METHODS}, got {method!r}")
-    x = jnp.asarray(x)
+    choice(method, "method", ORTH_METHODS)
+    x = floating_array(x, "x")
     if x.ndim < 2:
         raise ValueError(f"`x` must have shape (..., m, k), got {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`x` must have a real floating dtype, got {x.dtype}")
+    check_finite_if_concrete(x, "x")
+    ns_steps = static_int(ns_steps, "ns_steps", 1)
     m, k = x.shape[-2:]
     if k > m:
         raise ValueError(f"`x` has k={k} columns > m={m} rows; cannot orthonormalize")

@@ -15,14 +15,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from subjax._core import (
+    all_finite,
+    check_key,
+    choice,
+    compute_dtype,
+    fixed_point_loop,
+    positive,
+    static_int,
+)
 from subjax.linalg import _validate as V
 from subjax.linalg._operator import LinearOperator
-from subjax.linalg._orth import (
-    ORTH_METHODS,
-    compute_dtype,
-    orth_robust,
-    orthonormalize,
-)
+from subjax.linalg._orth import ORTH_METHODS, orth_robust, orthonormalize
 
 __all__ = [
     "RandomizedSVDResult",
@@ -62,7 +66,7 @@ class SubspaceIterationResult(NamedTuple):
       n_iters: ``()`` int32, iterations run.
       converged: ``()`` bool: ``errors`` fell below ``tol`` (with ``tol=None``: all
         values finite).
-      errors: ``(n_iter,)`` subspace change ``||sin Theta(Q_t, Q_{t+1})||_F / sqrt(k)``
+      errors: ``(max_iters,)`` subspace change ``||sin Theta(Q_t, Q_{t+1})||_F / sqrt(k)``
         per iteration, padded with -1.
     """
 
@@ -96,16 +100,9 @@ class EighResult(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _proj_out(y, k):
-    """``y - k (k^T y)``."""
-    return y - k @ (k.T @ y)
-
-
-def _all_finite(*xs):
-    ok = jnp.array(True)
-    for x in xs:
-        ok = ok & jnp.all(jnp.isfinite(x))
-    return ok
+def _orth_q(y, kmat=None):
+    """The ``q`` of :func:`orth_robust` (orthonormal basis of ``y`` minus ``span(kmat)``)."""
+    return orth_robust(y, kmat)[0]
 
 
 def _gaussian(key, shape, dtype):
@@ -136,7 +133,7 @@ def _svd_from_range(k, w, rank: int, l: int):
     d = jnp.sqrt(jnp.sum(jnp.square(p), axis=0))
     tiny = jnp.finfo(p.dtype).tiny ** 0.5
     d = jnp.maximum(d, tiny)
-    qp, rs = _qr_with_r(p / d[None, :])
+    qp, rs = orth_robust(p / d[None, :])
     rp = rs * d[None, :]
     u2, s, v2t = jnp.linalg.svd(rp, full_matrices=False)
     # w_l = qp @ rp = (qp u2) diag(s) v2t  =>  B restricted = (vl v2) diag(s) (qp u2)^T
@@ -148,47 +145,34 @@ def _svd_from_range(k, w, rank: int, l: int):
     return u, s[:rank], vt
 
 
-def _qr_with_r(x):
-    return orth_robust(x)
-
-
-def _orth(y, kmat=None):
-    return orth_robust(y, kmat)[0]
-
-
-def _cond_basis(w):
-    """An orthonormal basis of ``span(w)`` (only its conditioning matters here)."""
-    return orth_robust(w)[0]
-
-
-def _block_krylov(op: LinearOperator, omega, n_iter: int):
+def _block_krylov(op: LinearOperator, omega, n_steps: int):
     """Orthonormal block-Krylov basis ``K = [Q_0..Q_q]`` of ``span{(A A^T)^i A omega}``
-    and ``W = A^T K``. ``2 q + 2`` block products with ``A`` (``q = n_iter``), exactly
+    and ``W = A^T K``. ``2 q + 2`` block products with ``A`` (``q = n_steps``), exactly
     as many as ``q`` power iterations plus the final projection.
     """
-    qs = [_orth(op.matmat(omega))]
+    qs = [_orth_q(op.matmat(omega))]
     ws = []
-    for _ in range(n_iter):
+    for _ in range(n_steps):
         w = op.rmatmat(qs[-1])
         ws.append(w)
-        y = op.matmat(_cond_basis(w))
-        qs.append(_orth(y, jnp.concatenate(qs, axis=1)))
+        y = op.matmat(_orth_q(w))
+        qs.append(_orth_q(y, jnp.concatenate(qs, axis=1)))
     ws.append(op.rmatmat(qs[-1]))
     return jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
 
 
-def _power_range(op: LinearOperator, omega, n_iter: int):
-    """Subspace (power) iteration: ``Q = orth((A A^T)^q A omega)``, ``W = A^T Q``."""
-    q = _orth(op.matmat(omega))
-    for _ in range(n_iter):
-        q = _orth(op.matmat(_cond_basis(op.rmatmat(q))))
-    return q, op.rmatmat(q)
+def _power_range(op: LinearOperator, omega, n_steps: int):
+    """Subspace (power) iteration: ``Q = orth((A A^T)^q A omega)`` (``2 q + 1`` products)."""
+    q = _orth_q(op.matmat(omega))
+    for _ in range(n_steps):
+        q = _orth_q(op.matmat(_orth_q(op.rmatmat(q))))
+    return q
 
 
 # ----------------------------------------------------------------------------- API
 
 
-def randomized_range_finder(a, size: int, *, key: jax.Array, n_iter: int = 4) -> jax.Array:
+def randomized_range_finder(a, size: int, *, key: jax.Array, n_steps: int = 4) -> jax.Array:
     r"""Orthonormal ``(m, size)`` basis ``Q`` approximating the range of ``a``.
 
     ``Q = orth((A A^T)^q A Omega)`` with Gaussian ``Omega`` (``n x size``), each power
@@ -199,7 +183,7 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_iter: int = 4) ->
       a: ``(m, n)`` array, BCOO matrix or :class:`LinearOperator`.
       size: number of columns (static).
       key: ``jax.random`` key.
-      n_iter: power iterations ``q`` (static).
+      n_steps: power iterations ``q`` (static).
 
     Returns:
       ``(m, size)`` array with orthonormal columns.
@@ -217,37 +201,34 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_iter: int = 4) ->
       Halko, Martinsson, Tropp, "Finding structure with randomness", SIAM Review 2011.
     """
     op = V.as_operator(a)
-    V.check_key(key)
-    size = V.static_int(size, "size", 1)
-    n_iter = V.static_int(n_iter, "n_iter", 0)
+    check_key(key)
+    size = static_int(size, "size", 1)
+    n_steps = static_int(n_steps, "n_steps", 0)
     if size > min(op.shape):
         raise ValueError(f"size={size} exceeds min(m, n)={min(op.shape)} for argument `a`")
-    return _range_finder_impl(op, key, size=size, n_iter=n_iter)
+    return _range_finder_impl(op, key, size=size, n_steps=n_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "n_iter"))
-def _range_finder_impl(op, key, *, size, n_iter):
-    ct = compute_dtype(op.dtype)
-    omega = _gaussian(key, (op.shape[1], size), ct).astype(op.dtype)
-    q = _orth(op.matmat(omega).astype(ct))
-    for _ in range(n_iter):
-        z = _cond_basis(op.rmatmat(q.astype(op.dtype)).astype(ct))
-        q = _orth(op.matmat(z.astype(op.dtype)).astype(ct))
-    return q.astype(op.dtype)
+@functools.partial(jax.jit, static_argnames=("size", "n_steps"))
+def _range_finder_impl(op, key, *, size, n_steps):
+    dt = op.dtype
+    op, ct = _in_compute_dtype(op)
+    q = _power_range(op, _gaussian(key, (op.shape[1], size), ct), n_steps)
+    return q.astype(dt)
 
 
 def subspace_iteration(
     a,
     q0: jax.Array,
     *,
-    n_iter: int = 10,
+    max_iters: int = 10,
     tol: float | jax.Array | None = None,
     orth_method: str = "cholesky_qr2",
 ) -> SubspaceIterationResult:
     r"""Block power iteration for the dominant left singular subspace, warm-startable.
 
     ``Q_{t+1} = orth(A orth(A^T Q_t))`` from ``Q_0 = orth(q0)``; stops after
-    ``n_iter`` steps, or earlier once the subspace change
+    ``max_iters`` steps, or earlier once the subspace change
     ``||sin Theta(Q_t, Q_{t+1})||_F / sqrt(k) <= tol``. A final Rayleigh–Ritz step
     (one more product, SVD of ``Q^T A``) orders the basis and gives singular values.
     Passing the previous basis as ``q0`` (periodic refreshes, GaLore-style) starts
@@ -259,7 +240,7 @@ def subspace_iteration(
     Args:
       a: ``(m, n)`` array, BCOO matrix or :class:`LinearOperator`.
       q0: ``(m, k)`` starting basis (need not be orthonormal), ``k <= min(m, n)``.
-      n_iter: iteration cap (static).
+      max_iters: iteration cap (static); size of ``errors``.
       tol: optional tolerance on the subspace change (may be traced).
       orth_method: orthonormalization used in each step (see :func:`orthonormalize`).
 
@@ -272,7 +253,7 @@ def subspace_iteration(
       >>> u, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (60, 60)))
       >>> a = (u * (0.5 ** jnp.arange(60.0))) @ u.T
       >>> res = subspace_iteration(a, jax.random.normal(jax.random.key(1), (60, 3)), tol=1e-5,
-      ...                          n_iter=50)
+      ...                          max_iters=50)
       >>> bool(res.converged), [round(float(x), 3) for x in res.s]
       (True, [1.0, 0.5, 0.25])
 
@@ -283,55 +264,36 @@ def subspace_iteration(
     op = V.as_operator(a)
     m, n = op.shape
     q0 = V.check_basis(q0, m, "q0", max_cols=min(m, n))
-    n_iter = V.static_int(n_iter, "n_iter", 1)
-    if orth_method not in ORTH_METHODS:
-        raise ValueError(f"`orth_method` must be one of {ORTH_METHODS}, got {orth_method!r}")
+    max_iters = static_int(max_iters, "max_iters", 1)
+    choice(orth_method, "orth_method", ORTH_METHODS)
+    positive(tol, "tol", allow_none=True)
     tol = None if tol is None else jnp.asarray(tol, compute_dtype(op.dtype))
-    return _subspace_iteration_impl(op, q0, tol, n_iter=n_iter, orth_method=orth_method)
+    return _subspace_iteration_impl(op, q0, tol, max_iters=max_iters, orth_method=orth_method)
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter", "orth_method"))
-def _subspace_iteration_impl(op, q0, tol, *, n_iter, orth_method):
+@functools.partial(jax.jit, static_argnames=("max_iters", "orth_method"))
+def _subspace_iteration_impl(op, q0, tol, *, max_iters, orth_method):
     k = q0.shape[1]
-    ct = compute_dtype(op.dtype)
+    dt = op.dtype
+    op, ct = _in_compute_dtype(op)
 
     def orth(x):
-        return orthonormalize(x.astype(ct), orth_method)
+        return orthonormalize(x, orth_method)
 
-    def step(q):
-        z = orth(op.rmatmat(q.astype(op.dtype)))
-        return orth(op.matmat(z.astype(op.dtype)))
+    def step(q, _):
+        q_new = orth(op.matmat(orth(op.rmatmat(q))))
+        r = q_new - q @ (q.T @ q_new)  # ||sin Theta(Q_t, Q_{t+1})||_F
+        return q_new, jnp.sqrt(jnp.sum(jnp.square(r)) / k)
 
-    def change(q_old, q_new):
-        r = q_new - q_old @ (q_old.T @ q_new)
-        return jnp.sqrt(jnp.sum(jnp.square(r)) / k)
-
-    q = orth(q0)
-    errors0 = -jnp.ones((n_iter,), ct)
-    use_tol = tol is not None
-    tol_arr = jnp.asarray(tol if use_tol else 0.0, ct)
-
-    def cond(carry):
-        i, _, err, _ = carry
-        keep = i < n_iter
-        if use_tol:
-            keep = keep & ~(err <= tol_arr)
-        return keep
-
-    def body(carry):
-        i, q, _, errors = carry
-        q_new = step(q)
-        err = change(q, q_new)
-        return i + 1, q_new, err, errors.at[i].set(err)
-
-    init = (jnp.array(0, jnp.int32), q, jnp.array(jnp.inf, ct), errors0)
-    n_iters, q, err, errors = lax.while_loop(cond, body, init)
-    w = op.rmatmat(q.astype(op.dtype)).astype(ct)
-    u, s, vt = _svd_from_range(q, w, k, k)
-    finite = _all_finite(u, s, vt)
-    converged = finite & (err <= tol_arr) if use_tol else finite
+    stop = None if tol is None else (lambda q, err: err <= tol)
+    out = fixed_point_loop(step, orth(q0.astype(ct)), max_iters=max_iters, stop=stop, dtype=ct)
+    q = out.state
+    u, s, vt = _svd_from_range(q, op.rmatmat(q), k, k)
+    converged = all_finite(u, s, vt)
+    if tol is not None:
+        converged = converged & (out.error <= tol)
     return SubspaceIterationResult(
-        u.astype(op.dtype), s.astype(op.dtype), vt.astype(op.dtype), n_iters, converged, errors
+        u.astype(dt), s.astype(dt), vt.astype(dt), out.n_iters, converged, out.errors
     )
 
 
@@ -341,12 +303,12 @@ def randomized_svd(
     *,
     key: jax.Array,
     oversample: int = 10,
-    n_iter: int = 4,
+    n_steps: int = 4,
     method: str = "block_krylov",
 ) -> RandomizedSVDResult:
     r"""Truncated SVD by randomized range finding.
 
-    With ``l = rank + oversample`` Gaussian test vectors ``Omega`` and ``q = n_iter``:
+    With ``l = rank + oversample`` Gaussian test vectors ``Omega`` and ``q = n_steps``:
 
     - ``method="block_krylov"`` (default): Rayleigh–Ritz on the block Krylov space
       ``span[A Omega, (A A^T) A Omega, ..., (A A^T)^q A Omega]`` (``(q + 1) l``
@@ -366,7 +328,7 @@ def randomized_svd(
       rank: number of singular triplets (static), ``rank + oversample <= min(m, n)``.
       key: ``jax.random`` key.
       oversample: extra test vectors (static).
-      n_iter: power / Krylov steps ``q`` (static).
+      n_steps: power / Krylov steps ``q`` (static).
       method: ``"block_krylov"`` or ``"subspace"``.
 
     Returns:
@@ -387,36 +349,40 @@ def randomized_svd(
       approximate singular value decomposition", NeurIPS 2015.
       Yamamoto et al., "Roundoff error analysis of the CholeskyQR2 algorithm", 2015.
     """
-    if method not in ("block_krylov", "subspace"):
-        raise ValueError(f"`method` must be 'block_krylov' or 'subspace', got {method!r}")
+    choice(method, "method", ("block_krylov", "subspace"))
     op = V.as_operator(a)
-    V.check_key(key)
+    check_key(key)
     rank, oversample = V.check_rank(rank, op, "a", oversample)
-    n_iter = V.static_int(n_iter, "n_iter", 0)
+    n_steps = static_int(n_steps, "n_steps", 0)
     return _randomized_svd_impl(
-        op, key, rank=rank, oversample=oversample, n_iter=n_iter, method=method
+        op, key, rank=rank, oversample=oversample, n_steps=n_steps, method=method
     )
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_iter", "method"))
-def _randomized_svd_impl(op, key, *, rank, oversample, n_iter, method):
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_steps", "method"))
+def _randomized_svd_impl(op, key, *, rank, oversample, n_steps, method):
     m, n = op.shape
     l = rank + oversample
     dt = op.dtype
-    ct = compute_dtype(op.dtype)
-    if ct != op.dtype:
-        op = _cast_operator(op, ct)
+    op, ct = _in_compute_dtype(op)
     if method == "block_krylov":
         # The Krylov basis cannot have more than min(m, n) independent columns.
-        n_blocks = min(n_iter, max(min(m, n) // l - 1, 0))
+        n_blocks = min(n_steps, max(min(m, n) // l - 1, 0))
         omega = _gaussian(key, (n, l), ct)
         kmat, w = _block_krylov(op, omega, n_blocks)
     else:
         omega = _gaussian(key, (n, l), ct)
-        kmat, w = _power_range(op, omega, n_iter)
+        kmat = _power_range(op, omega, n_steps)
+        w = op.rmatmat(kmat)
     u, s, vt = _svd_from_range(kmat, w, rank, l)
-    ok = _all_finite(u, s, vt)
+    ok = all_finite(u, s, vt)
     return RandomizedSVDResult(u.astype(dt), s.astype(dt), vt.astype(dt), ok)
+
+
+def _in_compute_dtype(op: LinearOperator):
+    """``(op', ct)``: ``op`` with products in its compute dtype ``ct`` (``op`` itself if equal)."""
+    ct = compute_dtype(op.dtype)
+    return (op if ct == op.dtype else _cast_operator(op, ct)), ct
 
 
 def _cast_operator(op: LinearOperator, ct) -> LinearOperator:
@@ -456,11 +422,11 @@ def _rayleigh_ritz_sym(vmat, wmat, k: int, which: str):
     return theta_k, y, ay
 
 
-def _nystrom(op: LinearOperator, omega, rank: int, n_iter: int, ct):
+def _nystrom(op: LinearOperator, omega, rank: int, n_steps: int, ct):
     """Stabilised Nyström approximation ``A ~= (A Q)(Q^T A Q)^+ (A Q)^T`` for PSD ``A``."""
-    q = _orth(omega)
-    for _ in range(n_iter):
-        q = _orth(op.matmat(q))
+    q = _orth_q(omega)
+    for _ in range(n_steps):
+        q = _orth_q(op.matmat(q))
     y = op.matmat(q)
     nu = jnp.sqrt(jnp.asarray(op.shape[0], ct)) * jnp.finfo(ct).eps * jnp.linalg.norm(y)
     y = y + nu * q
@@ -471,7 +437,7 @@ def _nystrom(op: LinearOperator, omega, rank: int, n_iter: int, ct):
     inv_sqrt = jnp.where(w > floor, lax.rsqrt(jnp.maximum(w, floor)), jnp.zeros_like(w))
     b = y @ (v * inv_sqrt[None, :])  # b b^T = y M^+ y^T
     d = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(b), axis=0)), jnp.finfo(ct).tiny ** 0.5)
-    qb, rb = _qr_with_r(b / d[None, :])
+    qb, rb = orth_robust(b / d[None, :])
     u2, sig, _ = jnp.linalg.svd(rb * d[None, :], full_matrices=False)
     lam = jnp.maximum(jnp.square(sig) - nu, jnp.zeros_like(sig))
     vecs = qb @ u2[:, :rank]
@@ -484,7 +450,7 @@ def randomized_eigh(
     *,
     key: jax.Array,
     oversample: int = 10,
-    n_iter: int = 2,
+    n_steps: int = 2,
     psd: bool = False,
     which: str = "LM",
 ) -> EighResult:
@@ -493,9 +459,9 @@ def randomized_eigh(
     - ``psd=True``: stabilised Nyström approximation (Tropp et al. 2017, Alg. 3):
       ``Y = A Q`` for ``Q = orth(A^q Omega)``, a shift ``nu = sqrt(n) u ||Y||`` to make
       the core ``Q^T Y`` safely positive definite, eigenvalues ``max(sigma^2 - nu, 0)``.
-      ``n_iter + 1`` block products; the top-``rank`` eigenvalues (``which`` ignored).
+      ``n_steps + 1`` block products; the top-``rank`` eigenvalues (``which`` ignored).
     - ``psd=False``: Rayleigh–Ritz on the block Krylov space ``[Omega, A Omega, ...,
-      A^q Omega]`` (``q = n_iter``), ``n_iter + 1`` block products; ``which`` selects
+      A^q Omega]`` (``q = n_steps``), ``n_steps + 1`` block products; ``which`` selects
       ``"LM"`` (largest magnitude), ``"LA"`` (largest) or ``"SA"`` (smallest).
 
     Args:
@@ -503,12 +469,12 @@ def randomized_eigh(
       rank: eigenpairs wanted (static); ``rank + oversample <= n``.
       key: ``jax.random`` key.
       oversample: extra test vectors (static).
-      n_iter: power / Krylov steps (static).
+      n_steps: power / Krylov steps (static).
       psd: use the Nyström method (``a`` must be positive semidefinite).
       which: ``"LM"``, ``"LA"`` or ``"SA"``.
 
     Returns:
-      :class:`EighResult` (``n_iters = n_iter``, ``errors`` holds the largest relative
+      :class:`EighResult` (``n_iters = n_steps``, ``errors`` holds the largest relative
       Ritz residual ``||A y - theta y|| / |theta|_max``, one entry).
 
     Example:
@@ -516,10 +482,10 @@ def randomized_eigh(
       >>> from subjax.linalg import randomized_eigh
       >>> x = jax.random.normal(jax.random.key(0), (100, 30))
       >>> ref = jnp.linalg.eigvalsh(x @ x.T)[::-1][:5]
-      >>> res = randomized_eigh(x @ x.T, 5, key=jax.random.key(1), psd=True, n_iter=8)
+      >>> res = randomized_eigh(x @ x.T, 5, key=jax.random.key(1), psd=True, n_steps=8)
       >>> bool(jnp.allclose(res.eigenvalues, ref, rtol=1e-4))
       True
-      >>> res = randomized_eigh(x @ x.T, 5, key=jax.random.key(1), n_iter=3)
+      >>> res = randomized_eigh(x @ x.T, 5, key=jax.random.key(1), n_steps=3)
       >>> bool(jnp.allclose(res.eigenvalues, ref, rtol=1e-5))
       True
 
@@ -527,37 +493,34 @@ def randomized_eigh(
       Tropp, Yurtsever, Udell, Cevher, "Fixed-rank approximation of a positive-
       semidefinite matrix from streaming data", NeurIPS 2017. Halko et al. 2011.
     """
-    if which not in ("LM", "LA", "SA"):
-        raise ValueError(f"`which` must be 'LM', 'LA' or 'SA', got {which!r}")
+    choice(which, "which", ("LM", "LA", "SA"))
     op = V.as_operator(a, square=True, what="an eigendecomposition")
-    V.check_key(key)
+    check_key(key)
     rank, oversample = V.check_rank(rank, op, "a", oversample)
-    n_iter = V.static_int(n_iter, "n_iter", 0)
+    n_steps = static_int(n_steps, "n_steps", 0)
     return _randomized_eigh_impl(
-        op, key, rank=rank, oversample=oversample, n_iter=n_iter, psd=bool(psd), which=which
+        op, key, rank=rank, oversample=oversample, n_steps=n_steps, psd=bool(psd), which=which
     )
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_iter", "psd", "which"))
-def _randomized_eigh_impl(op, key, *, rank, oversample, n_iter, psd, which):
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_steps", "psd", "which"))
+def _randomized_eigh_impl(op, key, *, rank, oversample, n_steps, psd, which):
     n = op.shape[0]
     l = rank + oversample
     dt = op.dtype
-    ct = compute_dtype(op.dtype)
-    if ct != op.dtype:
-        op = _cast_operator(op, ct)
+    op, ct = _in_compute_dtype(op)
     omega = _gaussian(key, (n, l), ct)
     if psd:
-        lam, vecs = _nystrom(op, omega, rank, n_iter, ct)
+        lam, vecs = _nystrom(op, omega, rank, n_steps, ct)
         res = op.matmat(vecs) - vecs * lam[None, :]
     else:
-        n_blocks = min(n_iter, max(n // l - 1, 0))
-        q = _orth(omega)
+        n_blocks = min(n_steps, max(n // l - 1, 0))
+        q = _orth_q(omega)
         qs, ws = [q], []
         for _ in range(n_blocks):
             w = op.matmat(qs[-1])
             ws.append(w)
-            qs.append(_orth(w, jnp.concatenate(qs, axis=1)))
+            qs.append(_orth_q(w, jnp.concatenate(qs, axis=1)))
         ws.append(op.matmat(qs[-1]))
         lam, vecs, avecs = _rayleigh_ritz_sym(
             jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1), rank, which
@@ -565,11 +528,11 @@ def _randomized_eigh_impl(op, key, *, rank, oversample, n_iter, psd, which):
         res = avecs - vecs * lam[None, :]
     scale = jnp.maximum(jnp.max(jnp.abs(lam)), jnp.finfo(ct).tiny)
     err = jnp.max(jnp.sqrt(jnp.sum(jnp.square(res), axis=0))) / scale
-    ok = _all_finite(lam, vecs)
+    ok = all_finite(lam, vecs)
     return EighResult(
         lam.astype(dt),
         vecs.astype(dt),
-        jnp.array(n_iter, jnp.int32),
+        jnp.array(n_steps, jnp.int32),
         ok,
         err[None].astype(ct),
     )

@@ -8,6 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subjax._core import (
+    check_finite_if_concrete,
+    floating_array,
+    nonnegative,
+    positive,
+    unit_interval,
+)
+
 __all__ = [
     "energy_rank",
     "marchenko_pastur_rank",
@@ -17,17 +25,18 @@ __all__ = [
 
 
 def _check_s(s, name="s"):
-    s = jnp.asarray(s)
+    """A non-empty real floating spectrum (finite when concrete)."""
+    s = floating_array(s, name)
     if s.ndim < 1 or s.shape[-1] < 1:
         raise ValueError(f"`{name}` must be a non-empty vector of singular values, got {s.shape}")
-    if not jnp.issubdtype(s.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must have a real floating dtype, got {s.dtype}")
+    check_finite_if_concrete(s, name)
     return s
 
 
-def _check_fraction(x, name, lo_open=True):
-    if isinstance(x, (int, float)) and not (0.0 < x <= 1.0 if lo_open else 0.0 <= x <= 1.0):
-        raise ValueError(f"`{name}` must be in (0, 1], got {x}")
+def _valid(s, threshold):
+    """Traced validity of a spectrum and a fraction: all finite, threshold in ``(0, 1]``."""
+    thr = jnp.asarray(threshold, s.dtype)
+    return jnp.all(jnp.isfinite(s), axis=-1) & (thr > 0) & (thr <= 1)
 
 
 def energy_rank(s: jax.Array, threshold: float | jax.Array = 0.9) -> jax.Array:
@@ -41,7 +50,9 @@ def energy_rank(s: jax.Array, threshold: float | jax.Array = 0.9) -> jax.Array:
       threshold: fraction of the squared Frobenius norm to keep, in ``(0, 1]``.
 
     Returns:
-      ``(...)`` int32 ranks in ``[1, p]`` (0 for an all-zero spectrum).
+      ``(...)`` int32 ranks in ``[1, p]`` (0 for an all-zero spectrum). Invalid input
+      is an error when concrete; under ``jit`` a NaN / inf in ``s`` or a ``threshold``
+      outside ``(0, 1]`` gives ``-1``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -50,7 +61,7 @@ def energy_rank(s: jax.Array, threshold: float | jax.Array = 0.9) -> jax.Array:
       2
     """
     s = _check_s(s)
-    _check_fraction(threshold, "threshold")
+    unit_interval(threshold, "threshold", closed_high=True)
     e = jnp.square(s)
     total = jnp.sum(e, axis=-1, keepdims=True)
     frac = jnp.cumsum(e, axis=-1) / jnp.where(total > 0, total, jnp.ones_like(total))
@@ -58,11 +69,16 @@ def energy_rank(s: jax.Array, threshold: float | jax.Array = 0.9) -> jax.Array:
     # Tolerance for the cumulative sum rounding at threshold 1.
     slack = jnp.asarray(8 * jnp.finfo(s.dtype).eps * s.shape[-1], s.dtype)
     r = jnp.sum((frac < thr - slack).astype(jnp.int32), axis=-1) + 1
-    return jnp.where(total[..., 0] > 0, jnp.minimum(r, s.shape[-1]), 0).astype(jnp.int32)
+    r = jnp.where(total[..., 0] > 0, jnp.minimum(r, s.shape[-1]), 0)
+    return jnp.where(_valid(s, threshold), r, -1).astype(jnp.int32)
 
 
 def normalized_spectrum_rank(s: jax.Array, threshold: float | jax.Array = 1e-2) -> jax.Array:
     r"""Number of singular values with ``s_i / s_1 >= threshold``.
+
+    ``threshold`` in ``(0, 1]`` (may be traced). Invalid input is an error when
+    concrete; under ``jit`` a NaN / inf in ``s`` or a ``threshold`` outside ``(0, 1]``
+    gives ``-1``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -71,10 +87,11 @@ def normalized_spectrum_rank(s: jax.Array, threshold: float | jax.Array = 1e-2) 
       2
     """
     s = _check_s(s)
-    _check_fraction(threshold, "threshold")
+    unit_interval(threshold, "threshold", closed_high=True)
     top = jnp.max(s, axis=-1, keepdims=True)
     thr = jnp.asarray(threshold, s.dtype) * top
-    return jnp.sum(((s >= thr) & (top > 0)).astype(jnp.int32), axis=-1)
+    r = jnp.sum(((s >= thr) & (top > 0)).astype(jnp.int32), axis=-1)
+    return jnp.where(_valid(s, threshold), r, -1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=256)
@@ -162,8 +179,8 @@ def marchenko_pastur_rank(
         med = jnp.median(s, axis=-1)
         sig = med / jnp.sqrt(jnp.asarray(big * mu, s.dtype))
     else:
-        if isinstance(sigma, (int, float)) and sigma < 0:
-            raise ValueError(f"`sigma` must be >= 0, got {sigma}")
+        nonnegative(sigma, "sigma")
         sig = jnp.asarray(sigma, s.dtype)
+    positive(margin, "margin")
     edge = sig * jnp.asarray(np.sqrt(m) + np.sqrt(n), s.dtype) * jnp.asarray(margin, s.dtype)
     return jnp.sum((s > edge[..., None]).astype(jnp.int32), axis=-1)

@@ -1,29 +1,17 @@
-"""Trace-time argument checks shared by the linalg primitives."""
+"""Argument checks specific to the linalg primitives (the generic ones live in the core)."""
 
 from __future__ import annotations
 
-import operator
-
-import jax
 import jax.numpy as jnp
 
-from subjax.linalg._operator import LinearOperator, aslinearoperator, check_finite_if_concrete
-
-
-def static_int(value, name: str, minimum: int | None = None) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"`{name}` must be a static Python int, got {type(value).__name__}"
-        ) from None
-    if minimum is not None and v < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {v}")
-    return v
+from subjax._core import check_finite_if_concrete, static_int
+from subjax.linalg._operator import LinearOperator, aslinearoperator, is_dense
 
 
 def as_operator(a, name: str = "a", *, square: bool = False, what: str = "") -> LinearOperator:
-    check_finite_if_concrete(a, name)
+    """``a`` as a real floating :class:`LinearOperator` (a concrete dense ``a`` must be finite)."""
+    if is_dense(a):
+        check_finite_if_concrete(a, name)
     op = aslinearoperator(a, name=name)
     if not jnp.issubdtype(op.dtype, jnp.floating):
         raise TypeError(f"`{name}` must have a real floating dtype, got {op.dtype}")
@@ -34,7 +22,8 @@ def as_operator(a, name: str = "a", *, square: bool = False, what: str = "") -> 
     return op
 
 
-def check_rank(rank, op: LinearOperator, name: str = "a", oversample: int = 0) -> tuple[int, int]:
+def check_rank(rank, op, name: str = "a", oversample: int = 0) -> tuple[int, int]:
+    """Static ``rank >= 1`` and ``oversample >= 0`` with ``rank + oversample <= min(m, n)``."""
     rank = static_int(rank, "rank", 1)
     oversample = static_int(oversample, "oversample", 0)
     mn = min(op.shape)
@@ -48,15 +37,8 @@ def check_rank(rank, op: LinearOperator, name: str = "a", oversample: int = 0) -
     return rank, oversample
 
 
-def check_key(key, name: str = "key"):
-    if key is None:
-        raise TypeError(f"`{name}` is required (a jax.random key)")
-    if not isinstance(key, jax.Array):
-        raise TypeError(f"`{name}` must be a jax.random key, got {type(key).__name__}")
-    return key
-
-
 def check_basis(q, m: int, name: str, max_cols: int | None = None):
+    """A real floating ``(m, k)`` block with ``1 <= k <= max_cols``."""
     q = jnp.asarray(q)
     if q.ndim != 2 or q.shape[0] != m:
         raise ValueError(f"`{name}` must have shape ({m}, k), got {q.shape}")
@@ -66,4 +48,5 @@ def check_basis(q, m: int, name: str, max_cols: int | None = None):
         raise ValueError(f"`{name}` must have at least one column, got {q.shape}")
     if max_cols is not None and q.shape[1] > max_cols:
         raise ValueError(f"`{name}` has {q.shape[1]} columns > {max_cols}")
+    check_finite_if_concrete(q, name)
     return q

@@ -27,8 +27,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from subjax._core import check_key, compute_dtype, static_int
 from subjax.linalg import _validate as V
-from subjax.linalg._orth import compute_dtype, householder
+from subjax.linalg._orth import householder
 from subjax.linalg._orth import qr_fast as _qr_replicated
 from subjax.linalg._randomized import (
     RandomizedSVDResult,
@@ -240,7 +241,7 @@ def _row_sharding(mesh, axis_name):
 # ----------------------------------------------------------------------------- randomized SVD
 
 
-def _rsvd_shard(a, omega, *, axis, rank, l, n_iter, method, m_global):
+def _rsvd_shard(a, omega, *, axis, rank, l, n_steps, method, m_global):
     def qr(x):
         return _qr_cascade(x, axis, m_global)
 
@@ -248,7 +249,7 @@ def _rsvd_shard(a, omega, *, axis, rank, l, n_iter, method, m_global):
     if method == "block_krylov":
         qs = [qr(y)]
         ws = []
-        for _ in range(n_iter):
+        for _ in range(n_steps):
             w = _rmatmat(a, qs[-1], axis)
             ws.append(w)
             y = a @ _qr_replicated(w)
@@ -260,7 +261,7 @@ def _rsvd_shard(a, omega, *, axis, rank, l, n_iter, method, m_global):
         kmat, w = jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
     else:
         kmat = qr(y)
-        for _ in range(n_iter):
+        for _ in range(n_steps):
             kmat = qr(a @ _qr_replicated(_rmatmat(a, kmat, axis)))
         w = _rmatmat(a, kmat, axis)
     u, s, vt = _svd_from_range(kmat, w, rank, l)
@@ -276,7 +277,7 @@ def sharded_randomized_svd(
     mesh: Mesh,
     axis_name: str = "data",
     oversample: int = 10,
-    n_iter: int = 4,
+    n_steps: int = 4,
     method: str = "block_krylov",
 ) -> RandomizedSVDResult:
     r"""Randomized SVD of a tall matrix whose rows are split over a mesh axis.
@@ -298,7 +299,7 @@ def sharded_randomized_svd(
       mesh: the device mesh.
       axis_name: mesh axis the rows are split over.
       oversample: extra sketch columns (static).
-      n_iter: power / Krylov steps (static).
+      n_steps: power / Krylov steps (static).
       method: ``"block_krylov"`` or ``"subspace"`` (as in ``randomized_svd``).
 
     Returns:
@@ -330,17 +331,17 @@ def sharded_randomized_svd(
     if method not in ("block_krylov", "subspace"):
         raise ValueError(f"`method` must be 'block_krylov' or 'subspace', got {method!r}")
     _check_tall(a, mesh, axis_name)
-    V.check_key(key)
+    check_key(key)
     op_shape = a.shape
     rank, oversample = V.check_rank(rank, _Shape(op_shape), "a", oversample)
-    n_iter = V.static_int(n_iter, "n_iter", 0)
+    n_steps = static_int(n_steps, "n_steps", 0)
     m, n = op_shape
     l = rank + oversample
     dt = jnp.dtype(a.dtype)
     ct = compute_dtype(dt)
-    n_blocks = n_iter
+    n_blocks = n_steps
     if method == "block_krylov":
-        n_blocks = min(n_iter, max(min(m, n) // l - 1, 0))
+        n_blocks = min(n_steps, max(min(m, n) // l - 1, 0))
     return _rsvd_jit(a, key, mesh, axis_name, rank, l, n_blocks, method, ct, dt)
 
 
@@ -356,7 +357,7 @@ def _rsvd_impl(a, key, mesh, axis_name, rank, l, n_blocks, method, ct, dt):
     omega = _gaussian(key, (n, l), ct)
     body = jax.shard_map(
         lambda a, omega: _rsvd_shard(
-            a.astype(ct), omega, axis=axis_name, rank=rank, l=l, n_iter=n_blocks,
+            a.astype(ct), omega, axis=axis_name, rank=rank, l=l, n_steps=n_blocks,
             method=method, m_global=m,
         ),
         mesh=mesh,
@@ -374,7 +375,7 @@ _rsvd_jit = jax.jit(_rsvd_impl, static_argnums=(2, 3, 4, 5, 6, 7, 8, 9))
 # ----------------------------------------------------------------------------- subspace iteration
 
 
-def _subspace_shard(a, q0, tol_arr, *, axis, n_iter, orth_method, use_tol, m_global, k):
+def _subspace_shard(a, q0, tol_arr, *, axis, max_iters, orth_method, use_tol, m_global, k):
     ct = q0.dtype
 
     def orth_tall(x):
@@ -394,11 +395,11 @@ def _subspace_shard(a, q0, tol_arr, *, axis, n_iter, orth_method, use_tol, m_glo
         return jnp.sqrt(lax.psum(jnp.sum(jnp.square(r)), axis) / k)
 
     q = orth_tall(q0)
-    errors0 = -jnp.ones((n_iter,), ct)
+    errors0 = -jnp.ones((max_iters,), ct)
 
     def cond(carry):
         i, _, err, _ = carry
-        keep = i < n_iter
+        keep = i < max_iters
         if use_tol:
             keep = keep & ~(err <= tol_arr)
         return keep
@@ -424,14 +425,14 @@ def sharded_subspace_iteration(
     *,
     mesh: Mesh,
     axis_name: str = "data",
-    n_iter: int = 10,
+    max_iters: int = 10,
     tol: float | jax.Array | None = None,
     orth_method: str = "cholesky_qr2",
 ) -> SubspaceIterationResult:
     r"""Block power iteration on a row-sharded tall matrix (warm-startable).
 
     Same iteration and result as :func:`subjax.linalg.subspace_iteration`:
-    ``Q_{t+1} = orth(A orth(A^T Q_t))`` until ``n_iter`` steps or the subspace change
+    ``Q_{t+1} = orth(A orth(A^T Q_t))`` until ``max_iters`` steps or the subspace change
     ``||sin Theta(Q_t, Q_{t+1})||_F / sqrt(k) <= tol``, then Rayleigh–Ritz. Here
     ``A`` and ``Q`` (``(m, k)``) are split by rows over ``axis_name``; ``A^T Q`` is a
     ``psum`` of local products, the tall orthonormalization is Cholesky-QR2 with a
@@ -442,7 +443,7 @@ def sharded_subspace_iteration(
       a: ``(m, n)`` matrix, ``m`` divisible by the axis size.
       q0: ``(m, k)`` starting basis (sharded like ``a``'s rows).
       mesh, axis_name: where the rows live.
-      n_iter: iteration cap (static).
+      max_iters: iteration cap (static).
       tol: optional tolerance on the subspace change (may be traced).
       orth_method: ``"cholesky_qr2"``, ``"shifted_cholesky_qr3"`` or ``"tsqr"``.
 
@@ -462,7 +463,7 @@ def sharded_subspace_iteration(
       >>> u, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (40, 40)))
       >>> a = (u * 0.5 ** jnp.arange(40.0)) @ u.T
       >>> res = sharded_subspace_iteration(a, jax.random.normal(jax.random.key(1), (40, 2)),
-      ...                                  mesh=mesh, axis_name="rows", n_iter=40, tol=1e-5)
+      ...                                  mesh=mesh, axis_name="rows", max_iters=40, tol=1e-5)
       >>> [round(float(x), 3) for x in res.s]
       [1.0, 0.5]
 
@@ -479,20 +480,20 @@ def sharded_subspace_iteration(
     _check_tall(a, mesh, axis_name)
     m, n = a.shape
     q0 = V.check_basis(q0, m, "q0", max_cols=min(m, n))
-    n_iter = V.static_int(n_iter, "n_iter", 1)
+    max_iters = static_int(max_iters, "max_iters", 1)
     dt = jnp.dtype(a.dtype)
     ct = compute_dtype(dt)
     use_tol = tol is not None
     tol_arr = jnp.asarray(tol if use_tol else 0.0, ct)
-    return _subspace_jit(a, q0, tol_arr, mesh, axis_name, n_iter, orth_method, use_tol, ct, dt)
+    return _subspace_jit(a, q0, tol_arr, mesh, axis_name, max_iters, orth_method, use_tol, ct, dt)
 
 
-def _subspace_impl(a, q0, tol_arr, mesh, axis_name, n_iter, orth_method, use_tol, ct, dt):
+def _subspace_impl(a, q0, tol_arr, mesh, axis_name, max_iters, orth_method, use_tol, ct, dt):
     m = a.shape[0]
     k = q0.shape[1]
     body = jax.shard_map(
         lambda a, q0, tol_arr: _subspace_shard(
-            a.astype(ct), q0.astype(ct), tol_arr, axis=axis_name, n_iter=n_iter,
+            a.astype(ct), q0.astype(ct), tol_arr, axis=axis_name, max_iters=max_iters,
             orth_method=orth_method, use_tol=use_tol, m_global=m, k=k,
         ),
         mesh=mesh,

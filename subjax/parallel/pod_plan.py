@@ -205,7 +205,7 @@ def _worker(args) -> list[dict]:
     a = jax.ShapeDtypeStruct((m, n), jnp.float32, sharding=rows)
     key = jax.random.key(0)
     fn = jax.jit(lambda a, k: sharded_randomized_svd(a, 32, key=k, mesh=mesh, oversample=10,
-                                                     n_iter=2))
+                                                     n_steps=2))
     t0 = time.perf_counter()
     r = _measure("sharded_svd", fn.lower(a, key), t0)
     r["shape"] = f"A {m:,} x {n} ({args.rows_per_device}/device), rank 32+10, block Krylov q=2"
