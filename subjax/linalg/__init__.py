@@ -2,7 +2,7 @@
 
 Every function accepts a dense ``(m, n)`` array, a ``jax.experimental.sparse.BCOO``
 matrix or a :class:`LinearOperator`, works under ``jax.jit`` / ``jax.vmap``, in
-float32 and float64. See ``docs/notes/linalg_api.md`` for the signatures.
+float32 and float64. ``docs/linalg.md`` describes the methods.
 """
 
 from subjax.linalg._cg import CGResult, cg

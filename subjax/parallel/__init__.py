@@ -10,7 +10,7 @@
   log-sum-exp; equal to ``subjax.ot.sinkhorn``.
 
 Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.distributed``
-from ``SUBJAX_*`` environment variables; see ``docs/readme/parallel.md``).
+from ``SUBJAX_*`` environment variables; see ``docs/parallel.md``).
 """
 
 from subjax.parallel._data import (
