@@ -491,8 +491,11 @@ class Cells:
     """
 
     def __init__(self, exp: CellExperiment, cfg, directory: pathlib.Path, *, log=print,
-                 stop_after: int | None = None, progress: bool = False):
+                 stop_after: int | None = None, progress: bool = False, mode: str = "quick"):
         self.exp, self.cfg, self.directory = exp, cfg, pathlib.Path(directory)
+        self.mode = mode
+        #: verdicts of this sweep are indicative (quick mode): pass to ``stats.compare``.
+        self.quick = mode != "full"
         self.directory.mkdir(parents=True, exist_ok=True)
         self.log, self.stop_after = log, stop_after
         self.records: list[dict] = []
@@ -555,11 +558,12 @@ class Cells:
 
 
 def _run_cells(exp: CellExperiment, cfg, outdir: pathlib.Path, *, fresh: bool, progress: bool,
-               stop_after: int | None, log) -> tuple[dict, list, int, float] | None:
+               stop_after: int | None, log, mode: str) -> tuple[dict, list, int, float] | None:
     directory = outdir / "cells"
     if fresh and directory.exists():
         shutil.rmtree(directory)
-    cells = Cells(exp, cfg, directory, log=log, stop_after=stop_after, progress=progress)
+    cells = Cells(exp, cfg, directory, log=log, stop_after=stop_after, progress=progress,
+                  mode=mode)
     try:
         results = exp.sweep(cfg, cells)
     except _StopSweep:
@@ -631,7 +635,7 @@ def run_experiment(
     if isinstance(exp, CellExperiment):
         t0 = time.perf_counter()
         swept = _run_cells(exp, cfg, outdir, fresh=fresh, progress=progress,
-                           stop_after=stop_after, log=log)
+                           stop_after=stop_after, log=log, mode=mode)
         if swept is None:
             return None
         results, history, cached, compute_s = swept

@@ -53,7 +53,7 @@ class Toy(harness.CellExperiment):
                                cfg.lr_grid, budget=cfg.budget) for m in ("a", "b")}
         per = {m: [cells(method=m, lr=tuned[m].best, seed=s)["score"] for s in seeds]
                for m in ("a", "b")}
-        cmp = stats.compare(per["b"], per["a"])
+        cmp = stats.compare(per["b"], per["a"], quick=cells.quick)
         return {"tuned": {m: t.to_dict() for m, t in tuned.items()},
                 "claims": [stats.claim("b beats a", "b is better", cmp, names=("b", "a"))],
                 "tables": {"scores": [{"method": m, "score": stats.mean_ci(v).format()}
@@ -65,8 +65,8 @@ class Toy(harness.CellExperiment):
         return harness.save_figure(fig, outdir, "toy.png")
 
 
-def _run(exp, root, cfg=None, **kw):
-    return harness.run_experiment(exp, cfg or ToyConfig(), "quick", root, progress=False,
+def _run(exp, root, cfg=None, mode="quick", **kw):
+    return harness.run_experiment(exp, cfg or ToyConfig(), mode, root, progress=False,
                                   log=lambda m: None, **kw)
 
 
@@ -119,7 +119,7 @@ def test_sweep_tunes_on_validation_and_extends_the_grid(tmp_path):
         assert t["best"] == pytest.approx(0.1) and not t["at_edge"]
         assert len(t["tried"]) <= ToyConfig.budget
     claim = res["claims"][0]
-    assert claim["verdict"] == "held (indicative)"  # 4 seeds < 5: indicative
+    assert claim["verdict"] == "held (indicative)"  # quick mode, and 4 seeds < 5
     assert claim["difference"]["lo"] > 0
 
 
@@ -138,7 +138,7 @@ def test_publish_writes_summary_figures_and_readme_block(tmp_path):
     _run(exp, tmp_path / "results", ToyConfig(seeds=5))
     with pytest.raises(harness.ConfigError, match="no full-mode results"):
         harness.publish(exp, tmp_path / "results")
-    (tmp_path / "results" / "toy" / "quick").rename(tmp_path / "results" / "toy" / "full")
+    _run(exp, tmp_path / "results", ToyConfig(seeds=5), mode="full")
     spath = harness.publish(exp, tmp_path / "results")
     summary = json.loads(spath.read_text())
     assert "date" not in json.dumps(summary) and "environment" not in summary
