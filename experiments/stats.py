@@ -302,3 +302,25 @@ def tune_methods(evaluators: Mapping[str, Callable[[float], float]],
         raise ValueError(f"`grids` lacks a grid for method(s) {', '.join(missing)}")
     return {m: tune(f, grids[m], budget=budget, maximize=maximize, spacing=spacing)
             for m, f in evaluators.items()}
+
+
+def claim(text: str, paper: str, comparison: Mapping, *, names: tuple[str, str],
+          fmt: str = ".3f") -> dict:
+    """A row of the claims table: the claim, the paper's figure, ours with its interval.
+
+    Args:
+      text: the claim in one line (e.g. ``"Fisher merging beats averaging"``).
+      paper: the paper's own figure for it, in words and numbers.
+      comparison: the output of :func:`compare` (claimed method first).
+      names: labels of the claimed method and its foil.
+      fmt: number format.
+    """
+    a, b = (Estimate.from_dict(comparison[k]) for k in ("claimed", "foil"))
+    d = Estimate.from_dict(comparison["difference"])
+    sign = "+" if d.mean >= 0 else "-"
+    diff = Estimate(abs(d.mean), d.lo, d.hi, d.n, d.sd, d.level).format(fmt)
+    ours = (f"{names[0]} − {names[1]} = {sign}{diff} ({names[0]} {a.format(fmt)}, "
+            f"{names[1]} {b.format(fmt)}; {d.n} seeds, {round(100 * d.level)}% CI)")
+    return {"claim": text, "paper": paper, "ours": ours, "verdict": comparison["verdict"],
+            **{k: comparison[k] for k in ("claimed", "foil", "difference", "outcome",
+                                          "indicative")}}
