@@ -8,6 +8,7 @@ the families (``subjax.linalg``, ``subjax.ot``, ...), never ``subjax._core``.
 
 from subjax._core.checks import (
     all_finite,
+    bound_axis_size,
     check_finite_if_concrete,
     check_key,
     choice,
@@ -29,6 +30,7 @@ __all__ = [
     "LoopOutput",
     "all_finite",
     "as_compute",
+    "bound_axis_size",
     "check_finite_if_concrete",
     "check_key",
     "choice",

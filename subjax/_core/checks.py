@@ -215,3 +215,16 @@ def check_key(key, name: str = "key"):
     if not isinstance(key, jax.Array):
         raise TypeError(f"`{name}` must be a jax.random key, got {type(key).__name__}")
     return key
+
+
+def bound_axis_size(axis_name, name: str = "axis_name") -> int:
+    """The size of the mesh axis ``axis_name``, which must be bound (inside ``shard_map``)."""
+    if not isinstance(axis_name, str):
+        raise TypeError(f"`{name}` must be a mesh axis name (str), got {type(axis_name).__name__}")
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError:
+        raise ValueError(
+            f"`{name}`={axis_name!r} is not a bound mesh axis: call this inside "
+            f"`jax.shard_map` over a mesh with that axis (or pass `{name}=None`)"
+        ) from None
