@@ -13,15 +13,16 @@ export JAX_PLATFORMS ?= cpu
 FAKE_DEVICES := --xla_force_host_platform_device_count=8
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: help venv test test-fast test-multidevice test-all lint bench reproduce readme-tables \
-	notebooks notebooks-sync clean
+.PHONY: help venv test test-fast test-multidevice test-all lint bench bench-publish reproduce \
+	readme-tables notebooks notebooks-sync clean
 
 help:
 	@echo "make venv            create .venv and install -e .[test,bench] (idempotent)"
 	@echo "make test            fast suite, then the multi-device suite on 8 fake CPU devices"
 	@echo "make test-all        everything, slow tests included"
 	@echo "make lint            ruff, and the text check (no tracker numbers, no outside paths)"
-	@echo "make bench           all benchmarks -> results/bench/"
+	@echo "make bench           all benchmarks -> results/bench/ (QUICK=1: smaller sizes)"
+	@echo "make bench-publish   results/bench/ -> docs/benchmarks/ and the README's table"
 	@echo "make reproduce       every reproduction in quick mode -> results/REPORT.md"
 	@echo "make reproduce-NAME  one reproduction (quick); FULL=1 for the full protocol"
 	@echo "make publish-NAME    after a FULL=1 run: commit-ready summary, figures, README block"
@@ -56,6 +57,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench $(if $(QUICK),--quick,)
+
+# After `make bench`: commit results/bench/*.json as docs/benchmarks/ and regenerate
+# the README's benchmark table from them.
+bench-publish: $(STAMP)
+	$(PY) -m experiments.bench.headline --results results/bench
 
 reproduce: $(STAMP)
 	$(PY) -m experiments reproduce --quick
