@@ -43,8 +43,8 @@ import subjax.linalg as sl
 from experiments.bench import Case, Contender
 
 RANK, OVERSAMPLE, N_STEPS = 32, 10, 4
-# `make` exports OPENBLAS_NUM_THREADS=1. On the shared 2-core machine this was
-# measured on, multi-threaded OpenBLAS suffers badly from contention (scikit-learn's
+# `make` exports OPENBLAS_NUM_THREADS=1. On a busy 2-core machine multi-threaded
+# OpenBLAS suffers badly from contention (scikit-learn's
 # randomized_svd 2048^2: ~70 ms with 1 thread, ~0.5-1.2 s with 2), so the peers run
 # with 1 BLAS thread (their best setting there) and scikit-learn is also timed with
 # every core ("all BLAS threads") for reference.
