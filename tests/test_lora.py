@@ -1,4 +1,4 @@
-"""Tests for the LoRA utilities on Flax's nnx.LoRA / nnx.LoRALinear (issue 7)."""
+"""Tests for the LoRA utilities on Flax's nnx.LoRA / nnx.LoRALinear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for SLTrain / Maestro layers and the spectral tools (issue 7)."""
+"""Tests for SLTrain / Maestro layers and the spectral tools."""
 
 from __future__ import annotations
 

@@ -18,22 +18,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from subjax._core import as_compute, compute_dtype, is_concrete
+
 Array = jax.Array
-
-
-def work_dtype(dtype) -> jnp.dtype:
-    """The dtype linear algebra runs in: at least float32 (bf16/f16 are upcast)."""
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"expected a floating-point array, got dtype {dtype}")
-    if jnp.finfo(dtype).bits < 32:
-        return jnp.dtype(jnp.float32)
-    return dtype
-
-
-def as_work(x: Array) -> Array:
-    x = jnp.asarray(x)
-    return x.astype(work_dtype(x.dtype))
 
 
 def sym(a: Array) -> Array:
@@ -50,11 +37,6 @@ def mT(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 
 
-def eye_like(a: Array, k: int | None = None) -> Array:
-    k = a.shape[-1] if k is None else k
-    return jnp.eye(k, dtype=a.dtype)
-
-
 def eigh_fn(x: Array, fn) -> Array:
     """``U fn(lambda) U^T`` for symmetric ``x`` (batched), computed in >= float32."""
     w, u = jnp.linalg.eigh(sym(x))
@@ -62,11 +44,7 @@ def eigh_fn(x: Array, fn) -> Array:
 
 
 def randn(key: Array, shape, dtype) -> Array:
-    return jax.random.normal(key, shape, dtype=work_dtype(dtype)).astype(dtype)
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return jax.random.normal(key, shape, dtype=compute_dtype(dtype)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +164,7 @@ class Manifold:
         Traced values (inside ``jit`` / ``eval_shape``) are only shape-checked.
         """
         self.validate_shape(x, name)
-        if not _is_concrete(x):
+        if not is_concrete(x):
             return
         tol = self.default_tol(jnp.result_type(x)) if tol is None else tol
         err = float(jnp.max(self.check(jnp.asarray(x)))) if jnp.size(x) else 0.0
@@ -211,7 +189,7 @@ class Manifold:
         back with :meth:`project_point` (periodic re-orthonormalisation).
         Computed in the working dtype; subclasses override with fused kernels.
         """
-        xw, gw, mw = as_work(x), as_work(g), as_work(m)
+        xw, gw, mw = as_compute(x), as_compute(g), as_compute(m)
         rg = self.egrad2rgrad(xw, gw)
         m_new = self.proj(xw, beta * mw) + rg
         d = rg + beta * m_new if nesterov else m_new

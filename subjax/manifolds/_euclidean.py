@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from subjax.manifolds._base import Array, Manifold, as_work, randn
+from subjax._core import as_compute
+from subjax.manifolds._base import Array, Manifold, randn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,8 @@ class Euclidean(Manifold):
         return jnp.zeros(self.batch_shape(x) if self.shape is not None else (), x.dtype)
 
     def momentum_step(self, x, g, m, lr, beta, nesterov, retraction, refresh=None):
-        m_new = beta * as_work(m) + as_work(g)
-        d = as_work(g) + beta * m_new if nesterov else m_new
+        m_new = beta * as_compute(m) + as_compute(g)
+        d = as_compute(g) + beta * m_new if nesterov else m_new
         return -lr * d, m_new
 
 
@@ -149,10 +150,10 @@ class Sphere(Manifold):
         return self.project_point(randn(key, tuple(batch_shape) + (self.n,), dtype))
 
     def project_point(self, x):
-        xw = as_work(x)
+        xw = as_compute(x)
         return (xw / jnp.linalg.norm(xw, axis=-1, keepdims=True)).astype(x.dtype)
 
     def check(self, x):
-        xw = as_work(x)
+        xw = as_compute(x)
         return jnp.abs(jnp.linalg.norm(xw, axis=-1) - 1).astype(x.dtype)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
-from subjax.manifolds._base import Manifold, as_work, eigh_fn, mT, randn, sym
+from subjax._core import as_compute, is_concrete
+from subjax.manifolds._base import Manifold, eigh_fn, mT, randn, sym
 
 _METRICS = ("affine", "bures_wasserstein", "log_euclidean")
 
@@ -19,6 +19,13 @@ def _eig(x):
 
 def _from_eig(w, u):
     return (u * w[..., None, :]) @ mT(u)
+
+
+def _sqrt_pair(x):
+    """``(x^{1/2}, x^{-1/2})`` of SPD ``x`` from one eigendecomposition."""
+    w, q = _eig(x)
+    r = jnp.sqrt(w)
+    return _from_eig(r, q), _from_eig(1 / r, q)
 
 
 def _divided_difference(w, f, df):
@@ -95,7 +102,7 @@ class SPD(Manifold):
     # -- metric ----------------------------------------------------------------
     def inner(self, x, u, v):
         dtype = u.dtype
-        x, u, v = as_work(x), as_work(u), as_work(v)
+        x, u, v = as_compute(x), as_compute(u), as_compute(v)
         if self.metric == "affine":
             xi = jnp.linalg.inv(x)
             val = jnp.sum((xi @ u) * mT(xi @ v), axis=(-2, -1))
@@ -115,7 +122,7 @@ class SPD(Manifold):
 
     def egrad2rgrad(self, x, g):
         dtype = g.dtype
-        x, g = as_work(x), as_work(sym(g))
+        x, g = as_compute(x), as_compute(sym(g))
         if self.metric == "affine":
             r = x @ g @ x
         elif self.metric == "bures_wasserstein":
@@ -129,11 +136,9 @@ class SPD(Manifold):
     # -- maps ------------------------------------------------------------------
     def exp(self, x, u):
         dtype = x.dtype
-        x, u = as_work(x), as_work(sym(u))
+        x, u = as_compute(x), as_compute(sym(u))
         if self.metric == "affine":
-            w, q = _eig(x)
-            sq = _from_eig(jnp.sqrt(w), q)
-            isq = _from_eig(1 / jnp.sqrt(w), q)
+            sq, isq = _sqrt_pair(x)
             y = sq @ eigh_fn(isq @ u @ isq, jnp.exp) @ sq
         elif self.metric == "bures_wasserstein":
             l = self._lyap(x, u)
@@ -146,16 +151,12 @@ class SPD(Manifold):
 
     def log(self, x, y):
         dtype = x.dtype
-        x, y = as_work(x), as_work(y)
+        x, y = as_compute(x), as_compute(y)
         if self.metric == "affine":
-            w, q = _eig(x)
-            sq = _from_eig(jnp.sqrt(w), q)
-            isq = _from_eig(1 / jnp.sqrt(w), q)
+            sq, isq = _sqrt_pair(x)
             v = sq @ eigh_fn(isq @ y @ isq, jnp.log) @ sq
         elif self.metric == "bures_wasserstein":
-            w, q = _eig(x)
-            sq = _from_eig(jnp.sqrt(w), q)
-            isq = _from_eig(1 / jnp.sqrt(w), q)
+            sq, isq = _sqrt_pair(x)
             # (x y)^{1/2} = x^{1/2} (x^{1/2} y x^{1/2})^{1/2} x^{-1/2}
             xy_half = sq @ eigh_fn(sq @ y @ sq, jnp.sqrt) @ isq
             v = xy_half + mT(xy_half) - 2 * x
@@ -175,16 +176,14 @@ class SPD(Manifold):
         if self.metric != "affine":
             return sym(v)
         dtype = v.dtype
-        x, y, v = as_work(x), as_work(y), as_work(v)
-        w, q = _eig(x)
-        sq = _from_eig(jnp.sqrt(w), q)
-        isq = _from_eig(1 / jnp.sqrt(w), q)
+        x, y, v = as_compute(x), as_compute(y), as_compute(v)
+        sq, isq = _sqrt_pair(x)
         e = sq @ eigh_fn(isq @ y @ isq, jnp.sqrt) @ isq  # (y x^{-1})^{1/2}
         return sym(e @ v @ mT(e)).astype(dtype)
 
     def dist(self, x, y):
         dtype = x.dtype
-        x, y = as_work(x), as_work(y)
+        x, y = as_compute(x), as_compute(y)
         if self.metric == "affine":
             w, q = _eig(x)
             isq = _from_eig(1 / jnp.sqrt(w), q)
@@ -203,7 +202,7 @@ class SPD(Manifold):
 
     # -- points ----------------------------------------------------------------
     def random_point(self, key, batch_shape=(), dtype=jnp.float32):
-        a = as_work(randn(key, tuple(batch_shape) + (self.n, self.n), dtype))
+        a = as_compute(randn(key, tuple(batch_shape) + (self.n, self.n), dtype))
         return sym(eigh_fn(a + mT(a), lambda w: jnp.exp(0.5 * w / jnp.sqrt(self.n)))).astype(dtype)
 
     def random_tangent(self, key, x):
@@ -211,22 +210,22 @@ class SPD(Manifold):
 
     def project_point(self, x):
         """Symmetrise and clip eigenvalues below at ``eps * max|eig|``."""
-        xw = as_work(x)
+        xw = as_compute(x)
         w, q = _eig(xw)
         floor = jnp.finfo(w.dtype).eps * jnp.max(jnp.abs(w), axis=-1, keepdims=True)
         return sym(_from_eig(jnp.maximum(w, floor), q)).astype(x.dtype)
 
     def check(self, x):
         """``max(||x - x^T||_F, max(0, -lambda_min))`` per point (0 iff SPD up to ties at 0)."""
-        xw = as_work(x)
+        xw = as_compute(x)
         asym = jnp.sqrt(jnp.sum((xw - mT(xw)) ** 2, axis=(-2, -1)))
         lmin = jnp.linalg.eigvalsh(sym(xw))[..., 0]
         return jnp.maximum(asym, jnp.maximum(-lmin, 0)).astype(x.dtype)
 
     def assert_on_manifold(self, x, name="x", tol=None):
         self.validate_shape(x, name)
-        if not _traced(x):
-            xw = as_work(jnp.asarray(x))
+        if is_concrete(x):
+            xw = as_compute(jnp.asarray(x))
             scale = jnp.max(jnp.abs(xw)) if xw.size else 1.0
             asym = float(jnp.max(jnp.abs(xw - mT(xw)))) if xw.size else 0.0
             t = self.default_tol(xw.dtype) if tol is None else tol
@@ -241,8 +240,3 @@ class SPD(Manifold):
                     f"argument `{name}` is not positive definite (smallest eigenvalue "
                     f"{lmin:.3g}); {self!r} needs symmetric positive-definite matrices"
                 )
-
-
-
-def _traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)

@@ -18,8 +18,9 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jax.scipy.linalg import expm, solve_triangular
 
-from subjax.manifolds._base import Array, Manifold, as_work, eigh_fn, mT, randn, skew, sym
-from subjax.manifolds._orth import orthonormalize
+from subjax._core import as_compute
+from subjax.linalg import orthonormalize
+from subjax.manifolds._base import Array, Manifold, eigh_fn, mT, randn, skew, sym
 
 _UNROLL_MAX = 16
 
@@ -142,7 +143,7 @@ class Stiefel(Manifold):
     def retract(self, x, u, method=None):
         method = self._check_method(method)
         dtype = x.dtype
-        x, u = as_work(x), as_work(u)
+        x, u = as_compute(x), as_compute(u)
         y = x + u
         if method == "polar":
             out = mm_small(y, _inv_sqrt_spd(gram(y, y)))
@@ -171,7 +172,7 @@ class Stiefel(Manifold):
 
     def exp(self, x, u):
         dtype = x.dtype
-        x, u = as_work(x), as_work(u)
+        x, u = as_compute(x), as_compute(u)
         a = skew(gram(x, u))
         s = gram(u, u)
         eye = jnp.broadcast_to(jnp.eye(self.p, dtype=x.dtype), a.shape)
@@ -191,7 +192,7 @@ class Stiefel(Manifold):
                 f"Stiefel: no inverse of the {method!r} retraction (only 'polar')"
             )
         dtype = x.dtype
-        x, y = as_work(x), as_work(y)
+        x, y = as_compute(x), as_compute(y)
         # y R = x + u with R sym; x^T u skew  =>  (x^T y) R + R (y^T x) = 2 I (Lyapunov)
         a = gram(x, y)
         p = self.p
@@ -204,7 +205,7 @@ class Stiefel(Manifold):
         return (mm_small(y, sym(r)) - x).astype(dtype)
 
     def dist(self, x, y):
-        return jnp.sqrt(self._reduce((as_work(x) - as_work(y)) ** 2)).astype(x.dtype)
+        return jnp.sqrt(self._reduce((as_compute(x) - as_compute(y)) ** 2)).astype(x.dtype)
 
     # -- points ----------------------------------------------------------------
     def random_point(self, key, batch_shape=(), dtype=jnp.float32):
@@ -212,11 +213,11 @@ class Stiefel(Manifold):
 
     def project_point(self, x):
         """Closest frame in Frobenius norm (the polar factor, via the ``p x p`` Gram)."""
-        xw = as_work(x)
+        xw = as_compute(x)
         return mm_small(xw, _inv_sqrt_spd(gram(xw, xw))).astype(x.dtype)
 
     def check(self, x):
-        xw = as_work(x)
+        xw = as_compute(x)
         err = gram(xw, xw) - jnp.eye(self.p, dtype=xw.dtype)
         return jnp.sqrt(jnp.sum(err * err, axis=(-2, -1))).astype(x.dtype)
 
@@ -234,7 +235,7 @@ class Stiefel(Manifold):
         method = self._check_method(retraction)
         if nesterov or method not in ("polar", "cholesky_qr", "qr"):
             return super().momentum_step(x, g, m, lr, beta, nesterov, method, refresh)
-        return _fused_gram_step(as_work(x), as_work(g), as_work(m), lr, beta,
+        return _fused_gram_step(as_compute(x), as_compute(g), as_compute(m), lr, beta,
                                 self._normal_coef, method, exact_gram=True)
 
 
@@ -305,7 +306,7 @@ class Grassmann(Stiefel):
 
     def exp(self, x, u):
         dtype = x.dtype
-        x, u = as_work(x), as_work(u)
+        x, u = as_compute(x), as_compute(u)
         w, v = jnp.linalg.eigh(sym(gram(u, u)))
         s = jnp.sqrt(jnp.maximum(w, 0))
         safe = jnp.where(s > 0, s, jnp.ones_like(s))
@@ -319,7 +320,7 @@ class Grassmann(Stiefel):
 
     def log(self, x, y):
         dtype = x.dtype
-        x, y = as_work(x), as_work(y)
+        x, y = as_compute(x), as_compute(y)
         a = gram(x, y)  # cosines live in its singular values
         mmat = mT(jnp.linalg.solve(mT(a), mT(y - mm_small(x, a))))  # (I - x x^T) y (x^T y)^{-1}
         w, v = jnp.linalg.eigh(sym(gram(mmat, mmat)))
@@ -335,13 +336,13 @@ class Grassmann(Stiefel):
         if method in ("polar", "qr", "cholesky_qr"):
             # any retraction of the form span(x + u): u = y (x^T y)^{-1} - x
             dtype = x.dtype
-            xw, yw = as_work(x), as_work(y)
+            xw, yw = as_compute(x), as_compute(y)
             return (mT(jnp.linalg.solve(mT(gram(xw, yw)), mT(yw))) - xw).astype(dtype)
         raise NotImplementedError(f"Grassmann: no inverse of the {method!r} retraction")
 
     def principal_angles(self, x, y):
         """Principal angles between ``span(x)`` and ``span(y)``, ascending, ``batch + (p,)``."""
-        xw, yw = as_work(x), as_work(y)
+        xw, yw = as_compute(x), as_compute(y)
         a = gram(xw, yw)
         c = jnp.linalg.svd(a, compute_uv=False)  # descending cosines
         r = yw - mm_small(xw, a)
@@ -349,7 +350,7 @@ class Grassmann(Stiefel):
         return jnp.arctan2(jnp.sqrt(jnp.maximum(s2, 0)), c).astype(x.dtype)
 
     def dist(self, x, y):
-        th = as_work(self.principal_angles(x, y))
+        th = as_compute(self.principal_angles(x, y))
         return jnp.sqrt(jnp.sum(th * th, axis=-1)).astype(x.dtype)
 
     def project_point(self, x):

@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-
-def _f32(x: jax.Array) -> jax.Array:
-    return jnp.asarray(x).astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
+from subjax._core import as_compute
 
 
 def _parts(layer, name: str = "layer"):
@@ -79,7 +77,7 @@ def pissa_init(layer):
       Adaptation of Large Language Models, NeurIPS 2024.
     """
     kernel, a_var, b_var, _ = _parts(layer)
-    w = _f32(kernel[...])
+    w = as_compute(kernel[...])
     r = a_var[...].shape[1]
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
     root = jnp.sqrt(s[:r])
@@ -142,7 +140,7 @@ def sclora_subspace(
       Luo et al., SC-LoRA: Balancing Efficient Fine-tuning and Knowledge
       Preservation via Subspace-Constrained LoRA, 2025.
     """
-    c_ft, c_keep = _f32(c_ft), _f32(c_keep)
+    c_ft, c_keep = as_compute(c_ft), as_compute(c_keep)
     if c_ft.ndim != 2 or c_ft.shape[0] != c_ft.shape[1] or c_keep.shape != c_ft.shape:
         raise ValueError(
             f"`c_ft` and `c_keep` must be square and of the same shape, got "
@@ -204,13 +202,13 @@ def sclora_init(
       The :class:`SCLoRASubspace` used.
     """
     kernel, a_var, b_var, _ = _parts(layer)
-    w = _f32(kernel[...])
+    w = as_compute(kernel[...])
     if x_ft.ndim != 2 or x_ft.shape[1] != w.shape[0]:
         raise ValueError(f"`x_ft` must be (n, {w.shape[0]}), got {x_ft.shape}")
     if x_keep.ndim != 2 or x_keep.shape[1] != w.shape[0]:
         raise ValueError(f"`x_keep` must be (n, {w.shape[0]}), got {x_keep.shape}")
-    y_ft = _f32(x_ft).astype(w.dtype) @ w
-    y_keep = _f32(x_keep).astype(w.dtype) @ w
+    y_ft = as_compute(x_ft).astype(w.dtype) @ w
+    y_keep = as_compute(x_keep).astype(w.dtype) @ w
     c_ft = y_ft.T @ y_ft / x_ft.shape[0]
     c_keep = y_keep.T @ y_keep / x_keep.shape[0]
     sub = sclora_subspace(c_ft, c_keep, a_var[...].shape[1], beta=beta, method=method,
@@ -241,12 +239,12 @@ def merge_lora(layer) -> nnx.Linear:
     """
     kernel, a_var, b_var, base = _parts(layer)
     w = kernel[...]
-    delta = _f32(a_var[...]) @ _f32(b_var[...])
+    delta = as_compute(a_var[...]) @ as_compute(b_var[...])
     out = nnx.Linear(
         w.shape[0], w.shape[1], use_bias=base.use_bias, dtype=base.dtype,
         param_dtype=base.param_dtype, precision=base.precision, rngs=nnx.Rngs(0),
     )
-    _set(out.kernel, _f32(w) + delta.astype(_f32(w).dtype))
+    _set(out.kernel, as_compute(w) + delta.astype(as_compute(w).dtype))
     if base.use_bias:
         _set(out.bias, base.bias[...])
     return out
@@ -272,8 +270,8 @@ def unmerge_lora(linear: nnx.Linear, lora_a: jax.Array, lora_b: jax.Array) -> nn
         param_dtype=linear.param_dtype, precision=linear.precision,
         lora_param_dtype=lora_a.dtype, rngs=nnx.Rngs(0),
     )
-    delta = _f32(lora_a) @ _f32(lora_b)
-    _set(out.kernel, _f32(w) - delta.astype(_f32(w).dtype))
+    delta = as_compute(lora_a) @ as_compute(lora_b)
+    _set(out.kernel, as_compute(w) - delta.astype(as_compute(w).dtype))
     _set(out.lora.lora_a, lora_a)
     _set(out.lora.lora_b, lora_b)
     if linear.use_bias:

@@ -8,12 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from subjax._core import as_compute, choice, static_int, unit_interval
 from subjax.linalg import normalized_spectrum_rank
-
-
-def _f32(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
 
 def _check_matrix(w, name: str) -> None:
@@ -33,7 +29,7 @@ def stable_rank(w: jax.Array) -> jax.Array:
       1.5
     """
     _check_matrix(w, "w")
-    s = jnp.linalg.svd(_f32(w), compute_uv=False)
+    s = jnp.linalg.svd(as_compute(w), compute_uv=False)
     return jnp.sum(s * s, axis=-1) / (s[..., 0] ** 2)
 
 
@@ -56,13 +52,12 @@ def welore_ranks(params: Any, threshold: float = 0.01) -> Any:
       Jaiswal et al., From GaLore to WeLore: How Low-Rank Weights Non-uniformly
       Emerge from Low-Rank Gradients, 2024.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"`threshold` must be in (0, 1], got {threshold}")
+    unit_interval(threshold, "threshold", closed_high=True)
 
     def one(w):
         if jnp.ndim(w) != 2:
             return None
-        s = jnp.linalg.svd(_f32(w), compute_uv=False)
+        s = jnp.linalg.svd(as_compute(w), compute_uv=False)
         return normalized_spectrum_rank(s, threshold).astype(jnp.int32)
 
     return jax.tree.map(one, params)
@@ -117,14 +112,13 @@ def intruder_dimensions(
             f"`w_pre` and `w_ft` must have the same shape, got {jnp.shape(w_pre)} "
             f"and {jnp.shape(w_ft)}"
         )
-    if not isinstance(top_k, int) or not 1 <= top_k <= min(jnp.shape(w_ft)[-2:]):
-        raise ValueError(f"`top_k` must be an int in [1, min(m, n)], got {top_k!r}")
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"`epsilon` must be in (0, 1), got {epsilon}")
-    if side not in ("left", "right"):
-        raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
-    u0, _, v0t = jnp.linalg.svd(_f32(w_pre), full_matrices=False)
-    u1, _, v1t = jnp.linalg.svd(_f32(w_ft), full_matrices=False)
+    top_k = static_int(top_k, "top_k", 1)
+    if top_k > min(jnp.shape(w_ft)[-2:]):
+        raise ValueError(f"`top_k` must be <= min(m, n) = {min(jnp.shape(w_ft)[-2:])}, got {top_k}")
+    unit_interval(epsilon, "epsilon")
+    choice(side, "side", ("left", "right"))
+    u0, _, v0t = jnp.linalg.svd(as_compute(w_pre), full_matrices=False)
+    u1, _, v1t = jnp.linalg.svd(as_compute(w_ft), full_matrices=False)
     if side == "left":
         base, new = u0, u1[..., :, :top_k]
     else:
