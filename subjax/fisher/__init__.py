@@ -17,6 +17,7 @@ from subjax.fisher._core import (
     make_fvp,
     per_example_grads,
 )
+from subjax.fisher._fwsvd import fisher_weighted_svd
 from subjax.fisher._kfac_capture import (
     KFACStats,
     kfac_grads_and_stats,
@@ -37,6 +38,7 @@ __all__: list[str] = [
     "ewc_penalty",
     "fisher_merge",
     "fisher_operator",
+    "fisher_weighted_svd",
     "fvp",
     "ggn_vp",
     "kfac_grads_and_stats",

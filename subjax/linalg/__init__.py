@@ -31,6 +31,7 @@ from subjax.linalg._rank import (
     marchenko_pastur_rank,
     normalized_spectrum_rank,
 )
+from subjax.linalg._weighted import WeightedLowRank, weighted_low_rank
 
 __all__ = [
     "CGResult",
@@ -39,6 +40,7 @@ __all__ = [
     "ORTH_METHODS",
     "RandomizedSVDResult",
     "SubspaceIterationResult",
+    "WeightedLowRank",
     "aslinearoperator",
     "cg",
     "energy_rank",
@@ -56,4 +58,5 @@ __all__ = [
     "residual_norms",
     "subspace_distance",
     "subspace_iteration",
+    "weighted_low_rank",
 ]
