@@ -324,3 +324,41 @@ def claim(text: str, paper: str, comparison: Mapping, *, names: tuple[str, str],
     return {"claim": text, "paper": paper, "ours": ours, "verdict": comparison["verdict"],
             **{k: comparison[k] for k in ("claimed", "foil", "difference", "outcome",
                                           "indicative")}}
+
+
+def smallest_reaching(evaluate: Callable[[float], float], grid: Sequence[float], target: float,
+                      *, budget: int, spacing: str = "auto",
+                      bounds: tuple[float | None, float | None] = (None, None)) -> Tuned:
+    """The smallest value whose validation score reaches ``target`` (matched-score selection).
+
+    For comparisons at matched quality: e.g. each method's smallest learning rate
+    that reaches a given validation accuracy. When the smallest value tried already
+    reaches ``target`` the grid is extended downwards, and when none does it is
+    extended upwards, while the budget lasts. ``at_edge`` is True when the search
+    stopped without a bracketing pair (then ``best`` is the smallest value reaching
+    the target, or the best-scoring value when none does).
+    """
+    values = list(dict.fromkeys(grid))
+    if len(values) < 2:
+        raise ValueError("`grid` needs at least two distinct values")
+    budget = static_int(budget, "budget", minimum=len(values))
+    tried = {v: float(evaluate(v)) for v in values}
+
+    def state():
+        keys = sorted(tried)
+        hits = [k for k in keys if tried[k] >= target]
+        if not hits:
+            return keys, None, "high"
+        return keys, hits[0], "low" if hits[0] == keys[0] else None
+
+    while True:
+        keys, hit, side = state()
+        if side is None or len(tried) >= budget:
+            break
+        new = extend_grid(keys, side, spacing, bounds)
+        if new is None or new in tried:
+            break
+        tried[new] = float(evaluate(new))
+    keys, hit, side = state()
+    best = hit if hit is not None else max(keys, key=lambda k: tried[k])
+    return Tuned(best, tried[best], tuple((k, tried[k]) for k in keys), side is not None)

@@ -168,3 +168,20 @@ def test_tune_methods_shares_one_budget():
                              {"a": [1.0, 2.0], "b": [1.0, 2.0]}, budget=3)
     assert all(len(t.tried) == 3 for t in res.values())
     assert res["a"].best == 4.0 and res["b"].best == 0.5
+
+
+def test_smallest_reaching_brackets_the_target():
+    calls = []
+
+    def acc(lr):  # accuracy rises with lr: 0.77 at 1e-4, 1.0 from 1e-3 on
+        calls.append(lr)
+        return min(1.0, 0.5 + 0.4 * math.log10(lr / 1e-5) / math.log10(30.0))
+
+    t = stats.smallest_reaching(acc, [1e-3, 1e-2], 0.9, budget=6)
+    assert t.best == 1e-3 and not t.at_edge  # 1e-4 was added below and misses
+    assert [v for v, _ in t.tried] == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert len(calls) == 3
+    none = stats.smallest_reaching(lambda lr: 0.5, [1e-3, 1e-2], 0.9, budget=4)
+    assert none.at_edge and len(none.tried) == 4  # extended upwards, never reached
+    easy = stats.smallest_reaching(lambda lr: 1.0, [1e-3, 1e-2], 0.9, budget=3)
+    assert easy.at_edge and easy.best == pytest.approx(1e-4)  # still reaching at the bottom
