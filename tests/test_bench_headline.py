@@ -42,7 +42,7 @@ def test_render_states_command_date_and_ratio():
     assert "`python -m experiments.bench toy --quick`, measured 2026-01-02" in text
     assert "| solve n=10 | subjax | peer | 0.5x | 2 ms | 4 ms | 1e-07 / 0.001 |" in text
     assert "| broken peer | failed |" in text
-    assert "Accuracy: solve n=10: error." in text
+    assert "Accuracy: error." in text
 
 
 def test_publish_drops_load_and_rewrites_block(tmp_path):
