@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from optim_conformance import OptimCase
 
 from subjax.manifolds import Grassmann, Stiefel
-from subjax.optim import riemannian_adam, riemannian_sgd
+from subjax.optim import manifold_muon, riemannian_adam, riemannian_sgd
 
 _ST = Stiefel(6, 3)
 _GR = Grassmann(5, 2)
@@ -49,25 +49,18 @@ def _loss(params, batch):
     return brockett + pca - batch["fmin"] + jnp.sum((b - batch["target"]) ** 2)
 
 
-def _sgd(learning_rate, momentum=0.9, nesterov=False):
-    return riemannian_sgd(learning_rate, momentum, nesterov, manifolds=_MANIFOLDS)
-
-
-def _sgd_nesterov_cayley(learning_rate, momentum=0.9):
-    return riemannian_sgd(learning_rate, momentum, True, manifolds=_MANIFOLDS,
-                          retraction="cayley")
-
-
-def _adam(learning_rate, b1=0.9, b2=0.999):
-    return riemannian_adam(learning_rate, b1, b2, manifolds=_MANIFOLDS)
-
-
 _common = dict(init_params=_init_params, make_batch=_batch, loss=_loss, decrease_steps=150,
                decrease_factor=0.5)
 
 CASES = [
-    OptimCase("riemannian_sgd_momentum", _sgd, {"learning_rate": 0.05}, **_common),
-    OptimCase("riemannian_sgd_nesterov_cayley", _sgd_nesterov_cayley, {"learning_rate": 0.05},
-              **_common),
-    OptimCase("riemannian_adam", _adam, {"learning_rate": 0.03}, **_common),
+    OptimCase("riemannian_sgd_momentum", riemannian_sgd,
+              {"learning_rate": 0.05, "momentum": 0.9, "manifolds": _MANIFOLDS,
+               "refresh_every": 7}, **_common),
+    OptimCase("riemannian_sgd_nesterov_cayley", riemannian_sgd,
+              {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True,
+               "manifolds": _MANIFOLDS, "retraction": "cayley"}, **_common),
+    OptimCase("riemannian_adam", riemannian_adam,
+              {"learning_rate": 0.03, "manifolds": _MANIFOLDS}, **_common),
+    OptimCase("manifold_muon", manifold_muon,
+              {"learning_rate": 0.05, "momentum": 0.5, "manifolds": _MANIFOLDS}, **_common),
 ]

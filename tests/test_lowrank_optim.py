@@ -1,4 +1,4 @@
-"""Tests for subjax.optim.projected / galore (issue 7)."""
+"""Tests for subjax.optim.projected / galore."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.fft
+from optax.contrib import GaLoreDimensionNumbers
 
 import subjax.optim as so
 
@@ -41,8 +42,8 @@ def test_full_rank_exact_projector_matches_adam(key, projector):
     params = jax.tree.map(jnp.zeros_like, grads[0])
     ref = optax.adam(1e-2)
     opt = optax.chain(
-        so.projected(optax.scale_by_adam(), rank=5, update_gap=3, projector=projector,
-                     init_iters=30),
+        so.projected(optax.scale_by_adam(), rank=5, refresh_every=3, projector=projector,
+                     init_steps=30),
         optax.scale_by_learning_rate(1e-2),
     )
     s_ref, s = ref.init(params), opt.init(params)
@@ -59,7 +60,7 @@ def test_low_rank_is_not_adam(key):
     grads = _grads_seq(key, {"w": (9, 5)}, 2)
     params = jax.tree.map(jnp.zeros_like, grads[0])
     u_ref, _ = optax.scale_by_adam().update(grads[0], optax.scale_by_adam().init(params))
-    opt = so.projected(rank=2, update_gap=1, projector="svd")
+    opt = so.projected(rank=2, refresh_every=1, projector="svd")
     u, _ = opt.update(grads[0], opt.init(params))
     assert float(jnp.max(jnp.abs(u["w"] - u_ref["w"]))) > 1e-2
     assert int(jnp.linalg.matrix_rank(u["w"])) == 2
@@ -111,10 +112,10 @@ def test_dct_basis_matches_scipy_and_selection():
 
 
 def test_random_projector_regenerated_per_refresh(key):
-    opt = so.projected(optax.identity(), rank=3, update_gap=2, projector="random")
+    opt = so.projected(optax.identity(), rank=3, refresh_every=2, projector="random")
     g = {"w": jax.random.normal(key, (12, 8))}
     st = opt.init(g)
-    assert st.projector_state["w"].size == 0  # nothing stored
+    assert isinstance(st.projector_state["w"], optax.MaskedNode)  # nothing stored
     outs = []
     for _ in range(4):
         u, st = opt.update(g, st)
@@ -130,7 +131,7 @@ def test_random_projector_regenerated_per_refresh(key):
 @pytest.mark.parametrize("projector", ["subspace", "svd", "dct", "random"])
 def test_state_bytes_linear_in_rank_times_sides(projector):
     def state_bytes(m, n, r):
-        opt = so.projected(optax.scale_by_adam(), rank=r, update_gap=10, projector=projector)
+        opt = so.projected(optax.scale_by_adam(), rank=r, refresh_every=10, projector=projector)
         return _nbytes(opt.init({"w": jnp.zeros((m, n), jnp.float32)}))
 
     r = 8
@@ -159,7 +160,7 @@ def test_natural_history_state_and_woodbury_matches_dense(x64, key):
     fisher = delta * jnp.eye(21, dtype=jnp.float64) + h.T @ h / 4
     dense = jnp.linalg.solve(fisher, r.reshape(-1)).reshape(7, 3)
     np.testing.assert_allclose(_woodbury_natural(hist, r, 0.1), dense, rtol=1e-9)
-    opt = so.projected(optax.identity(), rank=3, update_gap=5, natural_history=4)
+    opt = so.projected(optax.identity(), rank=3, refresh_every=5, natural_history=4)
     st = opt.init({"w": jnp.zeros((7, 5))})
     assert st.fisher_history["w"].shape == (4, 7, 3)
 
@@ -176,8 +177,8 @@ def test_warm_subspace_iteration_tracks_rotating_subspace(key):
     skew = 0.02 * (a - a.T) / jnp.linalg.norm(a - a.T, 2)  # ~0.02 rad per step
     rot = jax.scipy.linalg.expm(skew)
     s = jnp.concatenate([jnp.array([10.0, 9.0, 8.0, 7.0]), 0.5 * jnp.ones(n - r)])
-    opt = so.projected(optax.identity(), rank=r, update_gap=1, projector="subspace",
-                       subspace_iters=1)
+    opt = so.projected(optax.identity(), rank=r, refresh_every=1, projector="subspace",
+                       subspace_steps=1)
     st = opt.init({"w": jnp.zeros((m, n))})
     @jax.jit
     def step(st, v):
@@ -230,7 +231,7 @@ def test_galore_projectors_train(key):
     loss = _regression(key)
     finals = {}
     for projector in ["svd", "subspace", "dct", "random"]:
-        opt = so.galore(1e-1, rank=4, update_gap=10, projector=projector)
+        opt = so.galore(1e-1, rank=4, update_proj_gap=10, projector=projector)
         p = {"w": jnp.zeros((24, 16)), "b": jnp.zeros((16,))}
         s = opt.init(p)
 
@@ -256,7 +257,7 @@ def test_galore_projectors_train(key):
 )
 def test_projected_is_strict_promotion_clean_and_vmaps(key, projector):
     # runs under the autouse strict dtype promotion; identity inner is strict-clean
-    opt = so.projected(optax.identity(), rank=3, update_gap=2, projector=projector)
+    opt = so.projected(optax.identity(), rank=3, refresh_every=2, projector=projector)
     g = {"w": jax.random.normal(key, (5, 10, 6)), "b": jnp.ones((5, 6))}
     # vmap over a batch of 5 independent (10, 6) problems
     st = jax.vmap(lambda gi: opt.init(gi))(g)
@@ -269,12 +270,12 @@ def test_projected_is_strict_promotion_clean_and_vmaps(key, projector):
     np.testing.assert_allclose(u["b"], g["b"])
 
 
-def test_mask_and_bf16(key):
-    opt = so.projected(optax.identity(), rank=2, update_gap=2,
-                       mask={"w": False, "v": True})
+def test_weight_dimension_numbers_exclude_and_bf16(key):
+    opt = so.projected(optax.identity(), rank=2, refresh_every=2,
+                       weight_dimension_numbers={"w": None, "v": GaLoreDimensionNumbers()})
     p = {"w": jnp.ones((4, 3), jnp.bfloat16), "v": jnp.ones((8, 6), jnp.bfloat16)}
     st = opt.init(p)
-    assert st.projector_state["w"].size == 0
+    assert isinstance(st.projector_state["w"], optax.MaskedNode)
     g = jax.tree.map(lambda x: jax.random.normal(key, x.shape, jnp.bfloat16), p)
     u, _ = jax.jit(opt.update)(g, st)
     assert u["w"].dtype == jnp.bfloat16 and u["v"].dtype == jnp.bfloat16
@@ -288,23 +289,143 @@ def test_mask_and_bf16(key):
 
 def test_bad_inputs():
     p = {"w": jnp.zeros((6, 4))}
-    with pytest.raises(ValueError, match="`rank`=5 exceeds min"):
-        so.projected(rank=5, update_gap=1).init(p)
-    with pytest.raises(ValueError, match="update_gap"):
-        so.projected(rank=2, update_gap=0)
-    with pytest.raises(TypeError, match="update_gap"):
-        so.projected(rank=2, update_gap=2.0)
+    with pytest.raises(ValueError, match="refresh_every"):
+        so.projected(rank=2, refresh_every=0)
+    with pytest.raises(TypeError, match="refresh_every"):
+        so.projected(rank=2, refresh_every=2.0)
     with pytest.raises(ValueError, match="projector"):
-        so.projected(rank=2, update_gap=1, projector="qr")
+        so.projected(rank=2, refresh_every=1, projector="qr")
     with pytest.raises(TypeError, match="rank"):
         so.galore(1e-3, rank=2.5)
     with pytest.raises(ValueError, match="rank"):
         so.galore(1e-3, rank=0)
     with pytest.raises(ValueError, match="align"):
-        so.projected(rank=2, update_gap=1, align="polar")
-    with pytest.raises(ValueError, match="subspace_iters"):
-        so.projected(rank=2, update_gap=1, subspace_iters=0)
+        so.projected(rank=2, refresh_every=1, align="polar")
+    with pytest.raises(ValueError, match="subspace_steps"):
+        so.projected(rank=2, refresh_every=1, subspace_steps=0)
     with pytest.raises(ValueError, match="natural_damping"):
-        so.projected(rank=2, update_gap=1, natural_history=2, natural_damping=0.0)
-    with pytest.raises(ValueError, match="mask"):
-        so.projected(rank=2, update_gap=1, mask={"w": True, "b": True}).init(p)
+        so.projected(rank=2, refresh_every=1, natural_history=2, natural_damping=0.0)
+    with pytest.raises(ValueError, match="weight_dimension_numbers"):
+        so.projected(rank=2, refresh_every=1,
+                     weight_dimension_numbers={"w": None, "b": None}).init(p)
+
+
+# --- optax / Flax citizenship ------------------------------------------------------
+
+
+def _wb_params():
+    return {"w": jnp.linspace(-1.0, 1.0, 24).reshape(6, 4), "b": jnp.ones((4,))}
+
+
+def _run_updates(opt, params, grads, steps, update=None):
+    update = opt.update if update is None else update
+    state = opt.init(params)
+    for _ in range(steps):
+        u, state = update(grads, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+@pytest.mark.standard_promotion  # optax.inject_hyperparams casts hyperparameters
+def test_galore_inject_hyperparams_rank_static_rest_traced_under_jit(key):
+    params = _wb_params()
+    grads = {"w": jax.random.normal(key, (6, 4)), "b": jnp.ones((4,))}
+    # rank fixes shapes: without static_args the jitted update names it
+    bare = optax.inject_hyperparams(so.galore)(learning_rate=1e-2, rank=2)
+    with pytest.raises(TypeError, match="`rank`.*static_args"):
+        jax.jit(bare.update)(grads, bare.init(params), params)
+    # natural_damping, update_proj_gap, scale, weight_decay, seed are traced
+    kw = dict(rank=2, update_proj_gap=2, natural_history=3, natural_damping=0.2,
+              weight_decay=1e-3)
+    injected = optax.inject_hyperparams(so.galore, static_args=("rank", "natural_history"))(
+        learning_rate=1e-2, **kw)
+    assert {"update_proj_gap", "natural_damping", "scale"} <= set(
+        injected.init(params).hyperparams)
+    pi, _ = _run_updates(injected, params, grads, 5, jax.jit(injected.update))
+    pd, _ = _run_updates(so.galore(1e-2, **kw), params, grads, 5)
+    for a, b in zip(jax.tree.leaves(pi), jax.tree.leaves(pd), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("kw", [{}, {"projector": "random"}, {"natural_history": 2}],
+                         ids=["subspace", "random", "natural"])
+def test_galore_state_has_no_zero_size_arrays_and_round_trips_orbax(kw, tmp_path):
+    import orbax.checkpoint as ocp
+
+    params = _wb_params()
+    opt = so.galore(1e-2, rank=2, update_proj_gap=2, **kw)
+    _, state = _run_updates(opt, params, params, 1)
+    assert all(np.size(x) > 0 for x in jax.tree.leaves(state))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "state",
+                            jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    same = optax.tree_map_params(opt, lambda p: p, state)
+    assert jax.tree.structure(same) == jax.tree.structure(state)
+
+
+@pytest.mark.standard_promotion
+def test_galore_complex_leaf_rejected_or_left_to_adam():
+    # a 2x2 complex quadratic: projection of a complex matrix is refused with the leaf's
+    # name; excluded from projection, the leaf reaches the optimum like optax.adam
+    target = jnp.array([[1 + 2j, -1j], [0.5, 2 - 1j]], jnp.complex64)
+    params = {"z": jnp.zeros((2, 2), jnp.complex64)}
+
+    def loss(p):
+        return jnp.sum(jnp.abs(p["z"] - target) ** 2)
+
+    with pytest.raises(TypeError, match=r"params\['z'\].*complex"):
+        so.galore(1e-1, rank=1).init(params)
+    opt = so.galore(1e-1, rank=1, weight_dimension_numbers={"z": None})
+    state = opt.init(params)
+    for _ in range(300):
+        g = jax.tree.map(jnp.conj, jax.grad(loss)(params))
+        u, state = opt.update(g, state, params)
+        params = optax.apply_updates(params, u)
+    assert float(loss(params)) < 1e-3
+
+
+@pytest.mark.standard_promotion
+def test_galore_is_a_drop_in_for_optax_contrib_galore(key):
+    import inspect
+
+    ours = list(inspect.signature(so.galore).parameters)
+    theirs = list(inspect.signature(optax.contrib.galore).parameters)
+    assert ours[: len(theirs)] == theirs
+    # `mask` is the weight-decay mask, as in optax: with zero gradients only the
+    # decayed leaves move, by exactly -lr * wd * p, in both implementations
+    params = _wb_params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    mask = {"w": False, "b": True}
+    for opt in (so.galore(0.1, 2, 5, 1.0, None, 0.5, mask),
+                optax.contrib.galore(0.1, 2, 5, 1.0, None, 0.5, mask)):
+        u, _ = opt.update(zeros, opt.init(params), params)
+        np.testing.assert_array_equal(u["w"], 0.0)
+        np.testing.assert_allclose(u["b"], -0.05 * params["b"], rtol=1e-6)
+    # rank is clipped to min(m, n) per matrix, as in optax
+    state = so.galore(0.1, rank=10).init(params)
+    assert state[0].projector_state["w"].shape == (4, 4)
+
+
+@pytest.mark.standard_promotion
+def test_weight_dimension_numbers_project_a_3d_leaf_as_its_matrix(key):
+    # a (6, 2, 3) leaf with output axes (1, 2) is the (6, 6) matrix of its reshape
+    g3 = jax.random.normal(key, (6, 2, 3))
+    dn = GaLoreDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+    opt3 = so.projected(optax.identity(), rank=2, projector="svd",
+                        weight_dimension_numbers={"a": dn})
+    opt2 = so.projected(optax.identity(), rank=2, projector="svd")
+    u3, _ = opt3.update({"a": g3}, opt3.init({"a": g3}))
+    u2, _ = opt2.update({"a": g3.reshape(6, 6)}, opt2.init({"a": g3.reshape(6, 6)}))
+    np.testing.assert_allclose(u3["a"], u2["a"].reshape(6, 2, 3), rtol=1e-5, atol=1e-6)
+    # axes in another order: the (2*3, 6) matrix of the transposed leaf
+    dn_t = GaLoreDimensionNumbers(reduction_axis=(1, 2), output_axis=0)
+    opt_t = so.projected(optax.identity(), rank=2, projector="svd",
+                         weight_dimension_numbers={"a": dn_t})
+    ut, _ = opt_t.update({"a": g3}, opt_t.init({"a": g3}))
+    np.testing.assert_allclose(ut["a"], u3["a"], rtol=1e-5, atol=1e-6)

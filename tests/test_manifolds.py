@@ -222,3 +222,56 @@ def test_bad_inputs():
     # check() is a real constraint error
     assert float(Sphere(3).check(jnp.array([0.0, 0.0, 2.0]))) == pytest.approx(1.0)
     assert float(SPD(2).check(jnp.array([[1.0, 0.0], [0.0, -3.0]]))) == pytest.approx(3.0)
+
+
+def test_every_operation_checks_its_arguments():
+    st = Stiefel(5, 2)
+    x = st.random_point(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"`x` has shape \(4, 2\).*\(5, 2\)"):
+        st.retract(jnp.ones((4, 2)), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"`x` has shape \(4,\)"):
+        Sphere(3).retract(jnp.ones(4), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"`u` has shape \(5, 3\)"):
+        st.proj(x, jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match="`u` has shape .* does not broadcast with the point `x`"):
+        st.proj(jnp.stack([x, x]), jnp.ones((3, 5, 2)))
+    with pytest.raises(TypeError, match="`x` must have a real floating dtype, got int32"):
+        st.proj(jnp.ones((5, 2), jnp.int32), x)
+    with pytest.raises(TypeError, match="`u` must have a real floating dtype, got complex64"):
+        st.proj(x, jnp.ones((5, 2), jnp.complex64))
+    with pytest.raises(TypeError, match="`v`"):
+        Grassmann(5, 2).transport(x, x, "tangent")
+    # a batch of tangents at one point broadcasts
+    assert st.proj(x, jnp.ones((3, 5, 2))).shape == (3, 5, 2)
+
+
+@pytest.mark.parametrize("metric", ["affine", "bures_wasserstein", "log_euclidean"])
+def test_spd_operations_refuse_a_concrete_non_spd_point(metric):
+    spd = SPD(2, metric)
+    bad = jnp.diag(jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="`x` is not positive definite"):
+        spd.exp(bad, jnp.eye(2))
+    with pytest.raises(ValueError, match="`y` is not positive definite"):
+        spd.dist(jnp.eye(2), bad)
+    with pytest.raises(ValueError, match="`x` is not symmetric"):
+        spd.log(jnp.array([[1.0, 0.5], [0.0, 1.0]]), jnp.eye(2))
+    # traced points are only shape-checked
+    assert jax.jit(spd.dist)(jnp.eye(2), 2 * jnp.eye(2)).shape == ()
+
+
+def test_grassmann_log_finite_at_the_cut_locus(x64):
+    gr = Grassmann(6, 2)
+    e = jnp.eye(6, dtype=jnp.float64)
+    x = e[:, :2]
+    for y in (e[:, 2:4], jnp.stack([e[:, 0], e[:, 3]], 1)):  # two / one orthogonal angles
+        v = gr.log(x, y)
+        assert bool(jnp.all(jnp.isfinite(v)))
+        np.testing.assert_allclose(x.T @ v, 0, atol=1e-12)  # horizontal
+        np.testing.assert_allclose(jnp.linalg.norm(v), gr.dist(x, y), rtol=1e-12)
+        np.testing.assert_allclose(gr.dist(y, gr.exp(x, v)), 0, atol=1e-7)
+    # and it is the logarithm away from the cut locus (compare with the old closed form)
+    x, y = gr.random_point(jax.random.key(3), (2,), jnp.float64)
+    a = x.T @ y
+    m = (y - x @ a) @ jnp.linalg.inv(a)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    np.testing.assert_allclose(gr.log(x, y), (u * jnp.arctan(s)) @ vt, atol=1e-12)

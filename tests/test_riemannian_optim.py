@@ -192,8 +192,8 @@ def test_bad_inputs():
         riemannian_adam(0.1, manifolds={"w": "stiefel"}).init({"w": jnp.eye(5, 2)})
     with pytest.raises(TypeError, match="`learning_rate`"):
         riemannian_sgd("fast")
-    with pytest.raises(ValueError, match="`reorthonormalize_every`"):
-        riemannian_sgd(0.1, reorthonormalize_every=0)
+    with pytest.raises(ValueError, match="`refresh_every`"):
+        riemannian_sgd(0.1, refresh_every=0)
     with pytest.raises(ValueError, match="`method`"):
         riemannian_sgd(0.1, manifolds=st, retraction="svd").update(
             jnp.ones((5, 2)), riemannian_sgd(0.1, manifolds=st).init(jnp.eye(5, 2)),
@@ -204,3 +204,170 @@ def test_bad_inputs():
     s = jax.eval_shape(riemannian_sgd(0.1, 0.9, manifolds=st).init,
                        jax.ShapeDtypeStruct((3, 5, 2), jnp.float32))
     assert s.momentum.shape == (3, 5, 2)
+
+
+# --- optax / Flax citizenship ------------------------------------------------------
+
+
+def _mixed_problem():
+    st = Stiefel(5, 2)
+    manifolds = {"w": st, "b": None}
+    params = {"w": st.random_point(jax.random.key(0)), "b": jnp.ones(2)}
+    grads = {"w": jax.random.normal(jax.random.key(1), (5, 2)), "b": jnp.ones(2)}
+    return st, manifolds, params, grads
+
+
+@pytest.mark.parametrize("make", [riemannian_sgd, riemannian_adam])
+def test_update_accepts_extra_args(make):
+    _, manifolds, params, grads = _mixed_problem()
+    opt = make(0.1, manifolds=manifolds)
+    assert isinstance(opt, optax.GradientTransformationExtraArgs)
+    state = opt.init(params)
+    u0, s0 = opt.update(grads, state, params)
+    u1, s1 = opt.update(grads, state, params, value=jnp.array(3.0), loss_fn=None)
+    for a, b in zip(jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.standard_promotion  # optax.inject_hyperparams casts hyperparameters
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_inject_hyperparams_without_static_args_matches_direct(name):
+    # every numeric hyperparameter (refresh_every included) becomes a traced array
+    st, manifolds, params, grads = _mixed_problem()
+    make = riemannian_sgd if name == "sgd" else riemannian_adam
+    kw = {"momentum": 0.9} if name == "sgd" else {"b1": 0.8}
+    injected = optax.inject_hyperparams(make)(0.05, manifolds=manifolds, refresh_every=2, **kw)
+    direct = make(0.05, manifolds=manifolds, refresh_every=2, **kw)
+    si, sd = injected.init(params), direct.init(params)
+    assert {"learning_rate", "refresh_every"} <= set(si.hyperparams)
+    step_i = jax.jit(injected.update)
+    pi, pd = params, params
+    for _ in range(5):
+        ui, si = step_i(grads, si, pi)
+        ud, sd = direct.update(grads, sd, pd)
+        pi, pd = optax.apply_updates(pi, ui), optax.apply_updates(pd, ud)
+    for a, b in zip(jax.tree.leaves(pi), jax.tree.leaves(pd), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(st.check(pi["w"])) < 1e-5
+
+
+def test_callable_manifolds_refused_and_pytree_kept_under_inject_hyperparams():
+    st, manifolds, params, grads = _mixed_problem()
+    with pytest.raises(TypeError, match="`manifolds`.*not a callable.*inject_hyperparams"):
+        riemannian_sgd(0.1, manifolds=lambda p: manifolds)
+    with jax.numpy_dtype_promotion("standard"):
+        opt = optax.inject_hyperparams(riemannian_sgd)(0.5, manifolds=manifolds)
+        state = opt.init(params)
+        for _ in range(5):
+            u, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, u)
+    assert float(st.check(params["w"])) < 1e-5  # the Stiefel leaf stayed on Stiefel
+
+
+@pytest.mark.parametrize("make", [riemannian_sgd, riemannian_adam])
+def test_tree_map_params_with_manifold_pytree(make):
+    _, manifolds, params, grads = _mixed_problem()
+    opt = make(0.1, 0.9, manifolds=manifolds)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)
+    same = optax.tree_map_params(opt, lambda p: p, state)
+    assert jax.tree.structure(same) == jax.tree.structure(state)
+    doubled = optax.tree_map_params(opt, lambda p: 2 * p, state)
+    first = doubled.momentum if make is riemannian_sgd else doubled.mu
+    orig = state.momentum if make is riemannian_sgd else state.mu
+    np.testing.assert_allclose(first["w"], 2 * orig["w"])
+    np.testing.assert_array_equal(doubled.count, state.count)
+
+
+@pytest.mark.parametrize("make", [riemannian_sgd, riemannian_adam])
+def test_complex_params_rejected_naming_the_leaf(make):
+    with pytest.raises(TypeError, match=r"real parameters only.*params\['z'\]"):
+        make(0.1).init({"z": jnp.ones((2, 2), jnp.complex64), "b": jnp.ones(2)})
+
+
+def test_hyperparameters_and_labels_validated():
+    with pytest.raises(ValueError, match="`momentum` must be in \\[0.0, 1.0\\)"):
+        riemannian_sgd(0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="`b2`"):
+        riemannian_adam(0.1, b2=1.0)
+    with pytest.raises(ValueError, match="`eps`"):
+        riemannian_adam(0.1, eps=-1.0)
+    with pytest.raises(TypeError, match=r"`manifolds\['w'\]` is str"):
+        manifold_labels({"w": "x"})
+    _, manifolds, params, grads = _mixed_problem()
+    opt = riemannian_sgd(0.1, manifolds=manifolds)
+    with pytest.raises(ValueError, match="`updates`.*does not match `params`"):
+        opt.update({"w": grads["w"]}, opt.init(params), params)
+
+
+@pytest.mark.standard_promotion  # optax schedules are not strict-clean
+@pytest.mark.parametrize("make", [riemannian_sgd, riemannian_adam])
+def test_learning_rate_typed_as_optax_schedule(make):
+    import inspect
+
+    assert inspect.signature(make).parameters["learning_rate"].annotation is (
+        optax.ScalarOrSchedule)
+    _, manifolds, params, grads = _mixed_problem()
+    a, b = make(0.05, manifolds=manifolds), make(optax.constant_schedule(0.05),
+                                                  manifolds=manifolds)
+    sa, sb = a.init(params), b.init(params)
+    pa = pb = params
+    for _ in range(3):
+        ua, sa = a.update(grads, sa, pa)
+        ub, sb = b.update(grads, sb, pb)
+        pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+# --- manifold Muon -----------------------------------------------------------------
+
+
+def test_manifold_muon_direction_is_the_constrained_spectral_steepest_descent(x64):
+    from subjax.optim._manifold_muon import stiefel_spectral_direction
+
+    st = Stiefel(8, 3)
+    w = st.random_point(jax.random.key(0), (), jnp.float64)
+    g = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64)
+    a, res, n_iters = stiefel_spectral_direction(w, g, max_iters=1000, tol=1e-10)
+    assert float(res) < 1e-10 and int(n_iters) < 1000
+    np.testing.assert_allclose(w.T @ a + a.T @ w, 0, atol=1e-9)  # tangent
+    np.testing.assert_allclose(jnp.linalg.norm(a, 2), 1.0, rtol=1e-9)  # on the unit ball
+    # -a beats every feasible direction: the normalised projected gradient and random ones
+    ours = float(jnp.sum(g * -a))
+    feasible = [st.proj(w, g)] + [st.proj(w, jax.random.normal(jax.random.key(k), (8, 3),
+                                                               jnp.float64)) for k in range(50)]
+    for b in feasible:
+        b = b / jnp.linalg.norm(b, 2)
+        assert ours <= min(float(jnp.sum(g * b)), float(jnp.sum(-g * b))) + 1e-9
+
+
+@pytest.mark.standard_promotion
+def test_manifold_muon_trains_on_stiefel_and_grassmann_and_reports_the_dual():
+    from subjax.optim import manifold_muon
+
+    c = jnp.diag(jnp.arange(6.0, 0.0, -1.0))
+    st, gr = Stiefel(6, 2), Grassmann(6, 2)
+    params = {"w": st.random_point(jax.random.key(0)),
+              "v": gr.random_point(jax.random.key(1), (2,)), "b": jnp.ones(3)}
+
+    def loss(p):
+        vv = jnp.swapaxes(p["v"], -1, -2)
+        return (-jnp.trace(p["w"].T @ c @ p["w"] @ jnp.diag(jnp.array([2.0, 1.0])))
+                - jnp.sum((vv @ c) * vv) + jnp.sum(p["b"] ** 2))
+
+    opt = manifold_muon(0.1, 0.5, manifolds={"w": st, "v": gr, "b": None})
+    state = opt.init(params)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))
+    for _ in range(150):
+        u, state = step(params, state)
+        params = optax.apply_updates(params, u)
+    # Brockett minimum 2*6 + 5, two Grassmann points at 6 + 5 each
+    assert float(loss(params)) == pytest.approx(-(17.0 + 22.0), abs=1e-3)
+    assert float(st.check(params["w"])) < 1e-5
+    assert float(jnp.max(gr.check(params["v"]))) < 1e-5
+    assert 0.0 <= float(state.dual_residual) < 1e-3
+    with pytest.raises(TypeError, match="manifold_muon handles Stiefel"):
+        manifold_muon(0.1, manifolds={"s": Sphere(3)}).init({"s": jnp.ones(3) / 3**0.5})
+    with pytest.raises(ValueError, match="`momentum`"):
+        manifold_muon(0.1, momentum=1.0)

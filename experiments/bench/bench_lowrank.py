@@ -81,8 +81,8 @@ def cases(quick: bool) -> list[Case]:
     makers = {
         "subjax": functools.partial(so.galore, rank=RANK, projector="subspace"),
         "subjax exact svd": functools.partial(so.galore, rank=RANK, projector="svd"),
-        "optax.contrib.galore": lambda lr, update_gap: optax.contrib.galore(
-            lr, rank=RANK, update_proj_gap=update_gap),
+        "optax.contrib.galore": lambda lr, update_proj_gap: optax.contrib.galore(
+            lr, rank=RANK, update_proj_gap=update_proj_gap),
     }
     timed = ("subjax", "optax.contrib.galore") if quick else tuple(makers)
     for m, n in shapes:
@@ -91,7 +91,7 @@ def cases(quick: bool) -> list[Case]:
         finals = {}
         if (m, n) in loss_shapes:  # final loss on the fixed problem (set-up, not timed)
             x, y = _problem(m, n)
-            finals = {name: _final_loss(mk(lr, update_gap=loss_gap), x, y, loss_steps)
+            finals = {name: _final_loss(mk(lr, update_proj_gap=loss_gap), x, y, loss_steps)
                       for name, mk in makers.items()}
         note = ""
         if finals:
@@ -99,7 +99,7 @@ def cases(quick: bool) -> list[Case]:
             note = (f"final loss: subspace {finals['subjax']:.5g}, exact svd "
                     f"{finals['subjax exact svd']:.5g} (relative gap {gap_rel:+.2%}), optax "
                     f"{finals['optax.contrib.galore']:.5g}")
-        opts = {name: makers[name](lr, update_gap=gap) for name in timed}
+        opts = {name: makers[name](lr, update_proj_gap=gap) for name in timed}
         for kind, count in (("refresh step", gap), ("ordinary step", 1)):
             contenders = []
             for name, opt in opts.items():

@@ -1,4 +1,5 @@
-"""Riemannian optimizer step on a GCR head of ImageNet shape, and retraction variants.
+"""Riemannian optimizer step on a GCR head of ImageNet shape, retraction variants, and
+manifold Muon against Riemannian SGD and optax's Muon.
 
 Shape: 1000 classes x 2048 features x subspace_dim 8 (a (C, n, p) stack of
 Grassmann / Stiefel points), float32, momentum 0.9.
@@ -14,6 +15,15 @@ Contenders for the step (reference = subjax Grassmann, polar):
   ``x (x^T g)``, in JAX and in torch (into preallocated outputs).
 
 Accuracy column: orthonormality error ``max_c ||x_c^T x_c - I||_F`` of the new point.
+The step's cost over the matmul floor is the ratio of their medians (both in the
+table), printed by ``python -m experiments.bench manifolds``.
+
+Manifold Muon (spectral-norm steepest descent restricted to the manifold,
+``subjax.optim.manifold_muon``) is timed on the same GCR head step, next to
+``optax.contrib.muon`` (unconstrained, Newton–Schulz), and compared in training
+on an orthogonality-constrained MLP: the hidden weight lives on ``Stiefel(64, 32)``
+and the accuracy column is the training loss after the steps (with the
+orthonormality error of the hidden weight in the note).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ def cases(quick: bool):
     import optax
 
     from subjax.manifolds import Grassmann, Stiefel
-    from subjax.optim import riemannian_sgd
+    from subjax.optim import manifold_muon, riemannian_sgd
 
     lr, beta = 0.1, 0.9
     gr, st = Grassmann(N, P), Stiefel(N, P)
@@ -48,7 +58,7 @@ def cases(quick: bool):
 
     def subjax_step(manifold, retraction, refresh_every):
         opt = riemannian_sgd(lr, beta, manifolds=manifold, retraction=retraction,
-                             reorthonormalize_every=refresh_every)
+                             refresh_every=refresh_every)
         state = opt.init(x)._replace(momentum=m0)
 
         @jax.jit
@@ -58,6 +68,17 @@ def cases(quick: bool):
 
         return lambda: step(x, g, state)
 
+    def transform_step(opt):
+        state = opt.init(x)
+
+        @jax.jit
+        def step(x, g, state):
+            u, state = opt.update(g, state, x)
+            return optax.apply_updates(x, u), state
+
+        return lambda: step(x, g, state)
+
+    muon_dims = optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
     floor = jax.jit(lambda x, g: x @ (jnp.swapaxes(x, -1, -2) @ g))
     step_contenders = [
         Contender("subjax", subjax_step(gr, "polar", 100),
@@ -68,6 +89,13 @@ def cases(quick: bool):
         Contender("subjax Stiefel polar", subjax_step(st, "polar", 100),
                   accuracy=lambda o: _orth_err(o[0]), note="same shape, Stiefel projection"),
         Contender("matmul floor (jax)", lambda: floor(x, g), note="x (x^T g), two batched dots"),
+        Contender("subjax manifold_muon", transform_step(manifold_muon(lr, beta, manifolds=gr)),
+                  accuracy=lambda o: _orth_err(o[0]),
+                  note="Grassmann: msign((I - x x^T) m) by batched SVD, polar retraction"),
+        Contender("optax.contrib.muon", transform_step(optax.contrib.muon(
+            lr, beta=beta, muon_weight_dimension_numbers=muon_dims)),
+                  accuracy=lambda o: _orth_err(o[0]),
+                  note="unconstrained Newton-Schulz step: leaves the manifold"),
     ]
     try:
         step_contenders += _torch_contenders(np.asarray(x), np.asarray(g), np.asarray(m0), lr,
@@ -109,7 +137,68 @@ def cases(quick: bool):
         repeats=QUICK_REPEATS if quick else 15,
         max_seconds=20.0 if quick else 60.0,
     )
-    return [step_case, retr_case]
+    return [step_case, retr_case, _mlp_case(quick)]
+
+
+def _mlp_case(quick: bool):
+    """Training an MLP whose hidden weight is constrained to Stiefel(64, 32)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from subjax.manifolds import Stiefel
+    from subjax.optim import manifold_muon, riemannian_sgd
+
+    d_in, d_h, n_out, n = 64, 32, 10, 2048
+    steps = 100 if quick else 400
+    st = Stiefel(d_in, d_h)
+    kx, kt, kw, ko = jax.random.split(jax.random.key(0), 4)
+    xs = jax.random.normal(kx, (n, d_in))
+    teacher = jax.random.normal(kt, (d_in, n_out)) / d_in**0.5
+    ys = jnp.tanh(xs @ teacher) * 3.0
+    params0 = {"hidden": st.random_point(kw), "out": 0.1 * jax.random.normal(ko, (d_h, n_out))}
+    labels = {"hidden": "stiefel", "out": "free"}
+
+    def loss(p):
+        return jnp.mean(jnp.sum((jnp.tanh(xs @ p["hidden"]) @ p["out"] - ys) ** 2, -1))
+
+    def trainer(opt):
+        @jax.jit
+        def run(p):
+            def body(c, _):
+                p, s = c
+                u, s = opt.update(jax.grad(loss)(p), s, p)
+                return (optax.apply_updates(p, u), s), None
+
+            (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), None, length=steps)
+            return p
+
+        return lambda: run(params0)
+
+    adam = optax.adam(1e-2)
+    mk = {
+        "subjax": optax.partition(
+            {"stiefel": manifold_muon(0.05, 0.9, manifolds=st), "free": adam}, labels),
+        "subjax riemannian_sgd": optax.partition(
+            {"stiefel": riemannian_sgd(0.2, 0.9, manifolds=st), "free": adam}, labels),
+        "optax.contrib.muon": optax.partition(
+            {"stiefel": optax.contrib.muon(0.05, beta=0.9), "free": adam}, labels),
+    }
+    contenders = [
+        Contender(name, trainer(opt), accuracy=lambda p: float(loss(p)),
+                  note=("hidden on Stiefel" if name != "optax.contrib.muon"
+                        else "hidden unconstrained") + "; Adam(1e-2) on the output layer")
+        for name, opt in mk.items()
+    ]
+    return Case(
+        name=f"orthogonality-constrained MLP, {steps} steps (manifold Muon vs peers)",
+        params={"in": d_in, "hidden": d_h, "out": n_out, "samples": n, "steps": steps},
+        contenders=contenders,
+        reference="subjax",
+        accuracy_label="training loss after the steps",
+        repeats=3 if quick else 7,
+        max_seconds=30.0 if quick else 60.0,
+    )
 
 
 def _torch_contenders(x, g, m0, lr, beta):

@@ -81,7 +81,7 @@ def _make_opt(cfg, method, rank):
     if method == "adam":
         return optax.adam(cfg.lr)
     mask = {"w1": True, "b1": False, "w2": True, "b2": False, "w3": False, "b3": False}
-    return so.galore(cfg.lr, rank=rank, update_gap=cfg.update_gap, projector=method,
+    return so.galore(cfg.lr, rank=rank, update_proj_gap=cfg.update_gap, projector=method,
                      mask=mask, seed=cfg.seed)
 
 

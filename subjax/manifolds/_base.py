@@ -13,12 +13,14 @@ used as a leaf of a "which parameter lives where" pytree.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from subjax._core import as_compute, compute_dtype, is_concrete
+from subjax._core import as_compute, compute_dtype, floating_array, is_concrete
 
 Array = jax.Array
 
@@ -47,16 +49,94 @@ def randn(key: Array, shape, dtype) -> Array:
     return jax.random.normal(key, shape, dtype=compute_dtype(dtype)).astype(dtype)
 
 
+# What each public operation takes, after ``self``: "p" a point (SPD-ness is checked
+# when concrete), "a" an array of the point shape that may be off the manifold, "t" a
+# tangent or ambient vector at the first point (its batch must broadcast with it).
+_ARG_KINDS = {
+    "inner": "ptt",
+    "norm": "pt",
+    "proj": "pt",
+    "egrad2rgrad": "pt",
+    "exp": "pt",
+    "log": "pp",
+    "retract": "pt",
+    "inverse_retract": "pp",
+    "transport": "ppt",
+    "dist": "pp",
+    "project_point": "a",
+    "check": "a",
+}
+
+
+def _validating(fn, kinds: str):
+    """Wrap a manifold operation: each array argument must be a real floating array
+    with the point shape (named in the error), tangents must broadcast with the point."""
+    names = list(inspect.signature(fn).parameters)[1:1 + len(kinds)]
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        args = list(args)
+        ref = None
+        for i, (name, kind) in enumerate(zip(names, kinds, strict=True)):
+            if i < len(args):
+                val = args[i]
+            elif name in kwargs:
+                val = kwargs[name]
+            else:
+                continue
+            val = floating_array(val, name)
+            self.validate_shape(val, name)
+            if kind == "p":
+                self._check_point(val, name)
+            if ref is not None and kind == "t":
+                try:
+                    jnp.broadcast_shapes(ref[1].shape, val.shape)
+                except ValueError:
+                    raise ValueError(
+                        f"argument `{name}` has shape {val.shape}, which does not broadcast "
+                        f"with the point `{ref[0]}` of shape {ref[1].shape} ({self!r})"
+                    ) from None
+            if ref is None:
+                ref = (name, val)
+            if i < len(args):
+                args[i] = val
+            else:
+                kwargs[name] = val
+        return fn(self, *args, **kwargs)
+
+    wrapper._validated = True
+    return wrapper
+
+
+def _wrap_operations(cls) -> None:
+    for meth, kinds in _ARG_KINDS.items():
+        fn = cls.__dict__.get(meth)
+        if fn is not None and not getattr(fn, "_validated", False):
+            setattr(cls, meth, _validating(fn, kinds))
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifold:
     """Base class: a Riemannian manifold embedded in a space of arrays.
 
     Subclasses define ``point_shape`` and the geometric operations. Methods take
-    arrays with shape ``batch + point_shape``; the batch may be empty.
+    arrays with shape ``batch + point_shape``; the batch may be empty. Every
+    operation (``inner``, ``proj``, ``exp``, ``log``, ``retract``, ``transport``,
+    ``dist``, ...) checks its array arguments first — a real floating dtype, the
+    point shape, a tangent that broadcasts with its point — and raises
+    ``TypeError`` / ``ValueError`` naming the argument; subclasses get this for the
+    operations they override.
     """
 
     #: names accepted by :meth:`retract` (first is the default unless overridden)
     retractions: ClassVar[tuple[str, ...]] = ("exp",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _wrap_operations(cls)
+
+    def _check_point(self, x, name: str) -> None:
+        """Validate a point beyond its shape and dtype (SPD: positive definite when concrete)."""
 
     # -- static description -------------------------------------------------
     @property
@@ -206,6 +286,9 @@ class Manifold:
                 f"expected one of {self.retractions}"
             )
         return method
+
+
+_wrap_operations(Manifold)
 
 
 def is_manifold(x) -> bool:

@@ -222,6 +222,10 @@ class SPD(Manifold):
         lmin = jnp.linalg.eigvalsh(sym(xw))[..., 0]
         return jnp.maximum(asym, jnp.maximum(-lmin, 0)).astype(x.dtype)
 
+    def _check_point(self, x, name):
+        if is_concrete(x):
+            self.assert_on_manifold(x, name)
+
     def assert_on_manifold(self, x, name="x", tol=None):
         self.validate_shape(x, name)
         if is_concrete(x):

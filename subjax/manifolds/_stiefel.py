@@ -292,6 +292,7 @@ class Grassmann(Stiefel):
     References:
       Edelman, Arias, Smith 1998 (Theorem 2.3); Absil, Mahony, Sepulchre,
       "Riemannian geometry of Grassmann manifolds", Acta Appl. Math., 2004.
+      Bendokat, Zimmermann, Absil, "A Grassmann manifold handbook", 2020.
     """
 
     retractions: ClassVar[tuple[str, ...]] = ("polar", "cholesky_qr", "qr", "cayley", "exp")
@@ -319,15 +320,24 @@ class Grassmann(Stiefel):
         return out.astype(dtype)
 
     def log(self, x, y):
+        """Logarithm by principal angles, finite everywhere (at the cut locus too).
+
+        With ``y^T x = Q diag(c) R^T`` (cosines ``c``), the aligned basis ``y Q R^T``
+        of ``span(y)`` gives ``B = y Q - x R diag(c)``, whose columns have norms
+        ``s = sin(theta)``; ``log_x(y) = B diag(theta / s) R^T`` with
+        ``theta = atan2(s, c)``. No inverse of ``x^T y`` is formed, so orthogonal
+        directions (``theta = pi / 2``) give a finite tangent along one of the minimal
+        geodesics (Bendokat, Zimmermann, Absil 2020, Algorithm 5.3).
+        """
         dtype = x.dtype
         x, y = as_compute(x), as_compute(y)
-        a = gram(x, y)  # cosines live in its singular values
-        mmat = mT(jnp.linalg.solve(mT(a), mT(y - mm_small(x, a))))  # (I - x x^T) y (x^T y)^{-1}
-        w, v = jnp.linalg.eigh(sym(gram(mmat, mmat)))
-        s = jnp.sqrt(jnp.maximum(w, 0))  # tangents of the principal angles
+        q, c, rt = jnp.linalg.svd(gram(y, x))
+        b = mm_small(y, q) - mm_small(x, mT(rt)) * c[..., None, :]
+        s = jnp.sqrt(jnp.sum(b * b, axis=-2))
+        theta = jnp.arctan2(s, c)
         safe = jnp.where(s > 0, s, jnp.ones_like(s))
-        ratio = jnp.where(s > 0, jnp.arctan(safe) / safe, jnp.ones_like(s))
-        return mm_small(mmat, (v * ratio[..., None, :]) @ mT(v)).astype(dtype)
+        ratio = jnp.where(s > 0, theta / safe, jnp.ones_like(s))
+        return mm_small(b * ratio[..., None, :], rt).astype(dtype)
 
     def inverse_retract(self, x, y, method=None):
         method = self._check_method(method)

@@ -11,13 +11,14 @@ rebuilds ``Q`` from it at every step:
 
 * ``"svd"``: exact top-``r`` right singular vectors (float32 SVD); state ``Q``.
 * ``"subspace"``: warm-started subspace iteration ``Q <- orth(g^T g Q)``
-  (``iters`` products per refresh, ``init_iters`` at the first one, from a
-  random start); state ``Q``.
+  (``subspace_steps`` products per refresh, ``init_steps`` at the first one,
+  from a random start); state ``Q``.
 * ``"dct"``: the ``r`` columns of the orthonormal DCT-II basis best aligned with
   the gradient (largest ``||g c_j||``, computed with an FFT-based DCT); state the
   ``r`` column indices (int32) — the basis itself is regenerated.
-* ``"random"``: a seeded Gaussian basis, orthonormalized; nothing is stored —
-  the basis is regenerated from ``(seed, leaf, refresh index)``.
+* ``"random"``: a seeded Gaussian basis, orthonormalized; nothing is stored
+  (state ``optax.MaskedNode()``) — the basis is regenerated from
+  ``(seed, leaf, refresh index)``.
 
 Refreshed ``"svd"`` / ``"subspace"`` bases are aligned with the previous basis
 (``align="rotation"``: orthogonal Procrustes, ``"sign"``: column signs,
@@ -33,7 +34,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from subjax._core import as_compute, choice, static_int
 from subjax.linalg import orthonormalize, subspace_iteration
 
 PROJECTOR_NAMES = ("svd", "subspace", "dct", "random")
@@ -59,8 +62,7 @@ class Projector(NamedTuple):
 
 def _orth(y: jax.Array) -> jax.Array:
     """Orthonormal basis of the columns of ``y`` (Householder QR, float32 at least)."""
-    dtype = jnp.float64 if y.dtype == jnp.float64 else jnp.float32
-    return orthonormalize(y.astype(dtype), "householder")
+    return orthonormalize(as_compute(y), "householder")
 
 
 def _align(q_new: jax.Array, q_old: jax.Array, align: str | None) -> jax.Array:
@@ -80,6 +82,11 @@ def _eye_basis(n: int, r: int) -> jax.Array:
     return jnp.eye(n, r, dtype=jnp.float32)
 
 
+def _basis_projector(name: str, refresh) -> Projector:
+    """A projector whose state is the basis itself (``"svd"``, ``"subspace"``)."""
+    return Projector(name, init=_eye_basis, refresh=refresh, basis=lambda q, key, n, r: q)
+
+
 def svd_projector(align: str | None = "rotation") -> Projector:
     """Exact top-``r`` right singular vectors of the tall gradient."""
 
@@ -89,32 +96,25 @@ def svd_projector(align: str | None = "rotation") -> Projector:
         q_new = vt[: q.shape[1]].T
         return _align(q_new, q, align)
 
-    return Projector(
-        "svd",
-        init=_eye_basis,
-        refresh=refresh,
-        basis=lambda q, key, n, r: q,
-    )
+    return _basis_projector("svd", refresh)
 
 
 def subspace_projector(
-    iters: int = 1,
-    init_iters: int = 6,
+    subspace_steps: int = 1,
+    init_steps: int = 6,
     align: str | None = "rotation",
     orth_method: str = "cholesky_qr2",
 ) -> Projector:
     """Warm-started subspace iteration on ``g^T g`` from the previous basis.
 
-    Each refresh runs ``iters`` steps of ``Q <- orth(g^T orth(g Q))``
+    Each refresh runs ``subspace_steps`` steps of ``Q <- orth(g^T orth(g Q))``
     (:func:`subjax.linalg.subspace_iteration` on ``g^T``) starting from the stored
-    basis (``init_iters`` steps from a seeded Gaussian start at the first
+    basis (``init_steps`` steps from a seeded Gaussian start at the first
     refresh); the cost is ``4 M N r`` flops per step plus two thin
     orthonormalizations and a Rayleigh–Ritz step, versus ``O(M N^2)`` for the SVD.
     """
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"`subspace_iters` must be an int >= 1, got {iters!r}")
-    if not isinstance(init_iters, int) or init_iters < 1:
-        raise ValueError(f"`init_iters` must be an int >= 1, got {init_iters!r}")
+    subspace_steps = static_int(subspace_steps, "subspace_steps", 1)
+    init_steps = static_int(init_steps, "init_steps", 1)
 
     def refresh(g, q, key, first):
         # right singular subspace of the tall g = left singular subspace of g^T
@@ -124,20 +124,15 @@ def subspace_projector(
         # inside both branches
         def from_random(a, q, key):
             q0 = jax.random.normal(key, q.shape, q.dtype)
-            return subspace_iteration(a, q0, n_iter=init_iters, orth_method=orth_method).u
+            return subspace_iteration(a, q0, max_iters=init_steps, orth_method=orth_method).u
 
         def warm(a, q, key):
-            return subspace_iteration(a, q, n_iter=iters, orth_method=orth_method).u
+            return subspace_iteration(a, q, max_iters=subspace_steps, orth_method=orth_method).u
 
         q_new = jax.lax.cond(first, from_random, warm, a, q, key)
         return _align(q_new, q, align)
 
-    return Projector(
-        "subspace",
-        init=_eye_basis,
-        refresh=refresh,
-        basis=lambda q, key, n, r: q,
-    )
+    return _basis_projector("subspace", refresh)
 
 
 def dct_basis(n: int, idx: jax.Array) -> jax.Array:
@@ -176,7 +171,7 @@ def random_projector() -> Projector:
 
     return Projector(
         "random",
-        init=lambda n, r: jnp.zeros((0,), jnp.float32),
+        init=lambda n, r: optax.MaskedNode(),
         refresh=lambda g, s, key, first: s,
         basis=lambda s, key, n, r: _orth(jax.random.normal(key, (n, r), jnp.float32)),
     )
@@ -185,19 +180,19 @@ def random_projector() -> Projector:
 def make_projector(
     projector: str | Projector,
     *,
-    subspace_iters: int = 1,
-    init_iters: int = 6,
+    subspace_steps: int | None = None,
+    init_steps: int | None = None,
     align: str | None = "rotation",
 ) -> Projector:
     """Resolve a projector name (``"svd"``, ``"subspace"``, ``"dct"``, ``"random"``)."""
     if isinstance(projector, Projector):
         return projector
-    if align not in ALIGN_NAMES:
-        raise ValueError(f"`align` must be one of {ALIGN_NAMES}, got {align!r}")
+    choice(align, "align", ALIGN_NAMES)
     if projector == "svd":
         return svd_projector(align)
     if projector == "subspace":
-        return subspace_projector(subspace_iters, init_iters, align)
+        return subspace_projector(1 if subspace_steps is None else subspace_steps,
+                                  6 if init_steps is None else init_steps, align)
     if projector == "dct":
         return dct_projector()
     if projector == "random":

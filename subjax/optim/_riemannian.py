@@ -3,97 +3,135 @@
 Which parameter lives on which manifold is a pytree ``manifolds`` whose leaves
 are :class:`subjax.manifolds.Manifold` instances or ``None`` (ordinary Euclidean
 parameter) and whose structure is a prefix of the parameters' (like the labels of
-``optax.partition``). A single manifold applies to every leaf; a callable is called
-with the parameters. The transforms return ``updates = R_x(step) - x`` so that
+``optax.partition``). A single manifold applies to every leaf. A callable is refused
+(``optax.inject_hyperparams`` would take it for a schedule): call it on the
+parameters and pass the pytree. The transforms return ``updates = R_x(step) - x`` so that
 ``optax.apply_updates`` lands on ``R_x(step)``, on the manifold; every
-``reorthonormalize_every`` steps the new point is additionally mapped back with
+``refresh_every`` steps the new point is additionally mapped back with
 ``manifold.project_point`` (QR / polar), so rounding drift never accumulates.
 Purely functional (no host callbacks): runs under ``jit``, ``vmap``, ``shard_map``.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from subjax._core import (
+    as_compute,
+    compute_dtype,
+    int_scalar,
+    leaves_with_names,
+    nonnegative,
+    scalar,
+    value_at,
+)
 from subjax.manifolds import Euclidean, Manifold
-from subjax.manifolds._base import as_work, work_dtype
 
 ManifoldTree = Any
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 def _is_label(x) -> bool:
     return x is None or isinstance(x, Manifold)
 
 
-def _resolve(manifolds, params) -> ManifoldTree:
+def _check_manifolds(manifolds) -> None:
+    """Reject what is not a pytree of ``Manifold`` / ``None`` labels, naming ``manifolds``."""
     if _is_label(manifolds):
-        return jax.tree.map(lambda _: manifolds, params)
+        return
     if callable(manifolds):
-        return manifolds(params)
-    return manifolds
-
-
-def _align(manifolds, tree, name: str):
-    """Flatten ``manifolds`` (labels) and the matching subtrees of ``tree``."""
-    labels, treedef = jax.tree.flatten(manifolds, is_leaf=_is_label)
-    for lab in labels:
+        raise TypeError(
+            "argument `manifolds` must be a pytree of subjax.manifolds.Manifold / None (or one "
+            f"Manifold), not a callable ({type(manifolds).__name__}): optax.inject_hyperparams "
+            "would take a callable for a schedule and call it with the step count. Call your "
+            "function on the parameters and pass the result (e.g. "
+            "`manifolds=subjax.nn.manifolds_of(model)`)"
+        )
+    for path, lab in jax.tree_util.tree_flatten_with_path(manifolds, is_leaf=_is_label)[0]:
         if not _is_label(lab):
             raise TypeError(
                 f"argument `manifolds` must hold subjax.manifolds.Manifold instances or None "
-                f"at its leaves, got {type(lab).__name__}: {lab!r}"
+                f"at its leaves; `manifolds{jax.tree_util.keystr(path)}` is "
+                f"{type(lab).__name__}: {lab!r}"
             )
-    try:
-        subs = treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"argument `manifolds` (structure {treedef}) does not match the structure of "
-            f"`{name}` ({jax.tree.structure(tree)}); it must be a prefix of the parameter "
-            f"pytree with a Manifold or None at each leaf. Original error: {e}"
-        ) from None
-    return labels, treedef, subs
+
+
+def _leaf_manifolds(manifolds, params) -> list:
+    """The manifold (or ``None``) of each leaf of ``params``, in ``tree_leaves`` order.
+
+    A label at key path ``p`` of ``manifolds`` applies to every parameter leaf whose
+    path starts with ``p`` (matched by key names, so a dict of labels also fits an
+    ``nnx.State`` of the same keys, with or without its ``Variable`` wrappers).
+    """
+    names = [n for n, _ in leaves_with_names(params)]
+    if _is_label(manifolds):
+        return [manifolds] * len(names)
+    labels = leaves_with_names(manifolds, is_leaf=_is_label)
+    out = []
+    for name in names:
+        best = None
+        for k, (lab_name, _) in enumerate(labels):
+            if lab_name == "" or name == lab_name or name.startswith(lab_name + "/"):
+                if best is None or len(lab_name) > len(labels[best][0]):
+                    best = k
+        if best is None:
+            raise ValueError(
+                f"argument `manifolds` (labels {[n for n, _ in labels]}) does not match the "
+                f"parameters: no label for `params/{name}`; give a Manifold or None for every "
+                "parameter (a label may cover a whole subtree)"
+            )
+        out.append(labels[best][1])
+    # labels that name no leaf are fine: optax.partition masks the other group's leaves
+    return out
 
 
 def _is_euclidean(m) -> bool:
     return m is None or isinstance(m, Euclidean)
 
 
+def _check_real(params, who: str) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"{who} supports real parameters only; `params{jax.tree_util.keystr(path)}` has "
+                f"dtype {jnp.result_type(leaf)} (split it into real and imaginary parts, or "
+                "optimise it with an optax transform that supports complex parameters)"
+            )
+
+
 def _validate(manifolds, params) -> None:
-    labels, _, subs = _align(manifolds, params, "params")
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(manifolds, is_leaf=_is_label)[0]]
-    for m, sub, path in zip(labels, subs, paths, strict=True):
-        if _is_euclidean(m):
-            continue
-        for subpath, leaf in jax.tree_util.tree_leaves_with_path(sub):
-            name = "params" + jax.tree_util.keystr(tuple(path) + tuple(subpath))
-            m.assert_on_manifold(leaf, name=name)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for m, (path, leaf) in zip(_leaf_manifolds(manifolds, params), flat, strict=True):
+        if not _is_euclidean(m):
+            m.assert_on_manifold(leaf, name="params" + jax.tree_util.keystr(path))
+
+
+def _check_like_params(tree, params, name: str) -> None:
+    """``tree`` has one leaf per parameter, of the parameter's shape (containers may differ)."""
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(tree)]
+    pshapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+    if shapes != pshapes:
+        raise ValueError(
+            f"`{name}` (structure {jax.tree.structure(tree)}, leaf shapes {shapes}) does not "
+            f"match `params` (structure {jax.tree.structure(params)}, leaf shapes {pshapes}); "
+            "pass one gradient per parameter, of its shape"
+        )
 
 
 def _map_leaves(fn, manifolds, *trees, n_out: int):
-    """Apply ``fn(manifold, *leaves) -> tuple`` over aligned leaves; return ``n_out`` trees."""
-    labels, treedef, subs0 = _align(manifolds, trees[0], "params")
-    all_subs = [subs0] + [_align(manifolds, t, "state")[2] for t in trees[1:]]
-    outs = [[] for _ in range(n_out)]
-    for k, m in enumerate(labels):
-        sub_leaves = []
-        subdef = None
-        for subs in all_subs:
-            leaves, d = jax.tree.flatten(subs[k])
-            subdef = d if subdef is None else subdef
-            sub_leaves.append(leaves)
-        results = [fn(m, *ls) for ls in zip(*sub_leaves, strict=True)]
-        for j in range(n_out):
-            outs[j].append(jax.tree.unflatten(subdef, [r[j] for r in results]))
-    return tuple(treedef.unflatten(o) for o in outs)
+    """``fn(manifold, *leaves) -> tuple`` over the aligned leaves of ``trees``.
 
-
-def _lr_at(learning_rate, count):
-    return learning_rate(count) if callable(learning_rate) else learning_rate
+    ``trees[0]`` is the parameters; the others have one leaf per parameter (their
+    containers may differ, e.g. ``nnx.State`` with or without ``Variable``
+    wrappers). Output ``j`` has the structure of ``trees[min(j + 1, len - 1)]``:
+    updates like the gradients, states like the state they replace.
+    """
+    labels = _leaf_manifolds(manifolds, trees[0])
+    flats = [jax.tree.flatten(t) for t in trees]
+    results = [fn(m, *ls) for m, *ls in zip(labels, *[f[0] for f in flats], strict=True)]
+    defs = [flats[min(j + 1, len(trees) - 1)][1] for j in range(n_out)]
+    return tuple(jax.tree.unflatten(defs[j], [r[j] for r in results]) for j in range(n_out))
 
 
 def _cast(v, dtype):
@@ -137,33 +175,25 @@ class RiemannianAdamState(NamedTuple):
     #                    one scalar per point, shape = the leaf's batch shape (float32+)
 
 
-def _check_common(learning_rate, reorthonormalize_every, retraction):
-    if not callable(learning_rate) and not isinstance(learning_rate, jax.Array | float | int):
-        raise TypeError(
-            f"argument `learning_rate` must be a float, array or schedule, got "
-            f"{type(learning_rate).__name__}"
-        )
-    if reorthonormalize_every is not None and (
-        not isinstance(reorthonormalize_every, int) or reorthonormalize_every < 1
-    ):
-        raise ValueError(
-            f"argument `reorthonormalize_every` must be a positive int or None, got "
-            f"{reorthonormalize_every!r}"
-        )
+def _check_common(learning_rate, manifolds, refresh_every, retraction):
+    if not callable(learning_rate):
+        scalar(learning_rate, "learning_rate")
+    _check_manifolds(manifolds)
+    int_scalar(refresh_every, "refresh_every", 1, allow_none=True)
     if retraction is not None and not isinstance(retraction, str):
         raise TypeError(f"argument `retraction` must be a str or None, got {retraction!r}")
 
 
 def riemannian_sgd(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     momentum: float | None = None,
     nesterov: bool = False,
     *,
     manifolds: ManifoldTree = None,
     retraction: str | None = None,
-    reorthonormalize_every: int | None = 100,
+    refresh_every: int | None = 100,
     validate: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Riemannian SGD with transported (heavy-ball or Nesterov) momentum.
 
     On a manifold leaf ``x`` with Euclidean gradient ``g``:
@@ -182,21 +212,25 @@ def riemannian_sgd(
 
     Args:
       learning_rate: a float, scalar array, or optax schedule of the step count.
-      momentum: ``beta``; ``None`` for plain Riemannian gradient descent.
+      momentum: ``beta`` in ``[0, 1)``; ``None`` for plain Riemannian gradient descent.
       nesterov: use the Nesterov direction.
       manifolds: pytree of ``Manifold`` / ``None`` that is a prefix of the params,
-        a single ``Manifold`` for every leaf, or a callable ``params -> pytree``.
+        or a single ``Manifold`` for every leaf (not a callable: call it on the
+        parameters, e.g. ``subjax.nn.manifolds_of(model)``).
         ``None`` means all leaves are Euclidean.
       retraction: retraction name for every manifold leaf (default: each manifold's).
-      reorthonormalize_every: every this many steps the new point is re-projected
+      refresh_every: every this many steps the new point is re-projected
         onto its manifold (``project_point`` under ``lax.cond``); ``None`` disables.
+        May be traced (``optax.inject_hyperparams``).
         The fused Stiefel / Grassmann kernel needs no refresh: it uses the exact Gram
         ``x^T x`` and so re-orthonormalises at every step.
       validate: check at ``init`` (concrete parameters only) that each manifold leaf
         is on its manifold; raises ``ValueError`` with the constraint error.
 
     Returns:
-      An ``optax.GradientTransformation``; state :class:`RiemannianSGDState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra ``update`` keywords are
+      accepted and ignored); state :class:`RiemannianSGDState`. Real parameters
+      only (complex ones raise ``TypeError`` at ``init``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -216,56 +250,59 @@ def riemannian_sgd(
       Bonnabel, "Stochastic gradient descent on Riemannian manifolds", IEEE TAC 2013.
       Absil, Mahony, Sepulchre, "Optimization Algorithms on Matrix Manifolds", 2008.
     """
-    _check_common(learning_rate, reorthonormalize_every, retraction)
+    _check_common(learning_rate, manifolds, refresh_every, retraction)
+    scalar(momentum, "momentum", low=0.0, high=1.0, high_open=True, allow_none=True)
     use_momentum = momentum is not None
 
     def init_fn(params):
-        mtree = _resolve(manifolds, params)
-        _align(mtree, params, "params")
-        if validate:
-            _validate(mtree, params)
+        _check_real(params, "riemannian_sgd")
+        if jax.tree.leaves(params):  # optax.tree_map_params inits on a leafless placeholder
+            _leaf_manifolds(manifolds, params)  # raises if the labels do not fit
+            if validate:
+                _validate(manifolds, params)
         mom = jax.tree.map(jnp.zeros_like, params) if use_momentum else None
         return RiemannianSGDState(count=jnp.zeros([], jnp.int32), momentum=mom)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted (optax.GradientTransformationExtraArgs), not used
         if params is None:
             raise ValueError("riemannian_sgd.update needs `params` (the current point)")
-        mtree = _resolve(manifolds, params)
+        _check_like_params(updates, params, "updates")
         count = state.count
-        lr = _lr_at(learning_rate, count)
+        lr = value_at(learning_rate, count)
         beta = momentum if use_momentum else 0.0
         mom_tree = state.momentum if use_momentum else jax.tree.map(jnp.zeros_like, params)
 
         def leaf(m, x, g, mo):
-            wd = work_dtype(x.dtype)
+            wd = compute_dtype(x.dtype)
             lr_w, beta_w = _cast(lr, wd), _cast(beta, wd)
             man = Euclidean() if m is None else m
-            refresh = None if reorthonormalize_every is None else (
-                (count + 1) % reorthonormalize_every == 0)
+            refresh = None if refresh_every is None else (
+                (count + 1) % refresh_every == 0)
             u, m_new = man.momentum_step(x, g, mo, lr_w, beta_w, nesterov, retraction, refresh)
             u = _frozen_if_zero(lr_w, u)
             return u.astype(x.dtype), m_new.astype(mo.dtype)
 
-        new_updates, new_mom = _map_leaves(leaf, mtree, params, updates, mom_tree, n_out=2)
+        new_updates, new_mom = _map_leaves(leaf, manifolds, params, updates, mom_tree, n_out=2)
         return new_updates, RiemannianSGDState(
             count=optax.safe_int32_increment(count),
             momentum=new_mom if use_momentum else None,
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def riemannian_adam(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
     manifolds: ManifoldTree = None,
     retraction: str | None = None,
-    reorthonormalize_every: int | None = 100,
+    refresh_every: int | None = 100,
     validate: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Riemannian Adam (Bécigneul & Ganea, 2019).
 
     On a manifold leaf (a batch of points), with ``r = grad f(x)``:
@@ -280,51 +317,84 @@ def riemannian_adam(
     ``None`` / ``Euclidean`` leaves it is ``optax.adam`` (elementwise ``v``).
 
     Args:
-      learning_rate: float, array or schedule.
-      b1, b2, eps: as in Adam.
-      manifolds, retraction, reorthonormalize_every, validate: as in
-        :func:`riemannian_sgd`.
+      learning_rate: float, scalar array or optax schedule of the step count.
+      b1: decay of the first moment, in ``[0, 1)``.
+      b2: decay of the second moment, in ``[0, 1)``.
+      eps: ``>= 0``, added to the root of the second moment.
+      manifolds: pytree of ``Manifold`` / ``None`` that is a prefix of the params
+        (matched by key names), or one ``Manifold`` for every leaf.
+      retraction: retraction name for every manifold leaf (default: each manifold's).
+      refresh_every: every this many steps the new point is re-projected onto its
+        manifold (``project_point`` under ``lax.cond``); ``None`` disables. May be
+        traced (``optax.inject_hyperparams``).
+      validate: check at ``init`` (concrete parameters) that each manifold leaf is
+        on its manifold.
 
     Returns:
-      An ``optax.GradientTransformation``; state :class:`RiemannianAdamState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra ``update`` keywords are
+      accepted and ignored); state :class:`RiemannianAdamState`. Real parameters
+      only (complex ones raise ``TypeError`` at ``init``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from subjax.manifolds import Sphere
+      >>> from subjax.optim import riemannian_adam
+      >>> sphere = Sphere(3)
+      >>> a = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+      >>> loss = lambda p: -p["x"] @ a @ p["x"]  # minimum: the top eigenvector
+      >>> opt = riemannian_adam(0.05, manifolds={"x": sphere})
+      >>> params = {"x": jnp.array([0.6, 0.0, 0.8])}
+      >>> state = opt.init(params)
+      >>> for _ in range(200):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(abs(params["x"][0]) > 0.99), bool(sphere.check(params["x"]) < 1e-5)
+      (True, True)
 
     References:
       Bécigneul, Ganea, "Riemannian Adaptive Optimization Methods", ICLR 2019.
     """
-    _check_common(learning_rate, reorthonormalize_every, retraction)
+    _check_common(learning_rate, manifolds, refresh_every, retraction)
+    scalar(b1, "b1", low=0.0, high=1.0, high_open=True)
+    scalar(b2, "b2", low=0.0, high=1.0, high_open=True)
+    nonnegative(eps, "eps")
 
     def init_fn(params):
-        mtree = _resolve(manifolds, params)
-        _align(mtree, params, "params")
+        _check_real(params, "riemannian_adam")
+        if not jax.tree.leaves(params):  # optax.tree_map_params: a leafless placeholder
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            return RiemannianAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+        _leaf_manifolds(manifolds, params)  # raises if the labels do not fit
         if validate:
-            _validate(mtree, params)
+            _validate(manifolds, params)
 
         def leaf(m, x):
             mu = jnp.zeros_like(x)
             if _is_euclidean(m):
                 return mu, jnp.zeros_like(x)
-            return mu, jnp.zeros(m.batch_shape(x), work_dtype(x.dtype))
+            return mu, jnp.zeros(m.batch_shape(x), compute_dtype(x.dtype))
 
-        mu, nu = _map_leaves(leaf, mtree, params, n_out=2)
+        mu, nu = _map_leaves(leaf, manifolds, params, n_out=2)
         return RiemannianAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted (optax.GradientTransformationExtraArgs), not used
         if params is None:
             raise ValueError("riemannian_adam.update needs `params` (the current point)")
-        mtree = _resolve(manifolds, params)
+        _check_like_params(updates, params, "updates")
         count = optax.safe_int32_increment(state.count)
-        lr = _lr_at(learning_rate, state.count)
+        lr = value_at(learning_rate, state.count)
 
         def leaf(m, x, g, mu, nu):
-            wd = work_dtype(x.dtype)
+            wd = compute_dtype(x.dtype)
             lr_w, b1_w, b2_w, eps_w = (_cast(v, wd) for v in (lr, b1, b2, eps))
             t = count.astype(wd)
             c1 = 1 - b1_w**t
             c2 = 1 - b2_w**t
-            xw, gw, muw = as_work(x), as_work(g), as_work(mu)
+            xw, gw, muw = as_compute(x), as_compute(g), as_compute(mu)
             if _is_euclidean(m):
                 mu_new = b1_w * muw + (1 - b1_w) * gw
-                nu_new = b2_w * as_work(nu) + (1 - b2_w) * gw * gw
+                nu_new = b2_w * as_compute(nu) + (1 - b2_w) * gw * gw
                 u = -lr_w * (mu_new / c1) / (jnp.sqrt(nu_new / c2) + eps_w)
                 return u.astype(x.dtype), mu_new.astype(mu.dtype), nu_new.astype(nu.dtype)
             rg = m.egrad2rgrad(xw, gw)
@@ -334,16 +404,16 @@ def riemannian_adam(
             scale = scale.reshape(scale.shape + (1,) * len(m.point_shape))
             x_new = m.retract(xw, scale * mu_new, retraction)
             mu_t = m.transport(xw, x_new, mu_new)
-            u = _maybe_reproject(m, xw, x_new - xw, state.count, reorthonormalize_every)
+            u = _maybe_reproject(m, xw, x_new - xw, state.count, refresh_every)
             u = _frozen_if_zero(lr_w, u)
             return u.astype(x.dtype), mu_t.astype(mu.dtype), nu_new.astype(nu.dtype)
 
         new_updates, mu, nu = _map_leaves(
-            leaf, mtree, params, updates, state.mu, state.nu, n_out=3
+            leaf, manifolds, params, updates, state.mu, state.nu, n_out=3
         )
         return new_updates, RiemannianAdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def manifold_labels(manifolds: ManifoldTree, riemannian="riemannian", euclidean="euclidean"):
@@ -355,6 +425,7 @@ def manifold_labels(manifolds: ManifoldTree, riemannian="riemannian", euclidean=
       >>> manifold_labels({"head": Grassmann(4, 2), "bias": None})
       {'bias': 'euclidean', 'head': 'riemannian'}
     """
+    _check_manifolds(manifolds)
     return jax.tree.map(
         lambda m: euclidean if _is_euclidean(m) else riemannian, manifolds, is_leaf=_is_label
     )
