@@ -7,6 +7,7 @@ keeps concurrent edits apart); ``__all__`` is the union of the blocks.
 __all__: list[str] = []
 
 # --- Riemannian optimizers (subjax.manifolds) -------------------------------
+from subjax.optim._manifold_muon import ManifoldMuonState, manifold_muon  # noqa: E402
 from subjax.optim._riemannian import (  # noqa: E402
     RiemannianAdamState,
     RiemannianSGDState,
@@ -16,9 +17,11 @@ from subjax.optim._riemannian import (  # noqa: E402
 )
 
 __all__ += [
+    "ManifoldMuonState",
     "RiemannianAdamState",
     "RiemannianSGDState",
     "manifold_labels",
+    "manifold_muon",
     "riemannian_adam",
     "riemannian_sgd",
 ]
