@@ -72,7 +72,7 @@ plt.show()
 # %%
 eps = 0.003 * float(C.mean())
 solvers = {
-    "sinkhorn": jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=1e-8, max_iterations=20000)),
+    "sinkhorn": jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=1e-8, max_iters=20000)),
     "sinkhorn_newton": jax.jit(lambda C: ot.sinkhorn_newton(C, epsilon=eps, tol=1e-8)),
     "sns": jax.jit(lambda C: ot.sparse_newton_sinkhorn(C, epsilon=eps, tol=1e-8)),
 }
