@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "readme-tables":
             stale = [n for n, e in sorted(harness.discover().items())
                      if harness.update_readme(e, check=args.check)]
+            if harness.update_root_readme(check=args.check):
+                stale.append("README.md (reproductions table)")
             for n in stale:
                 print(f"{n}: README results block {'out of date' if args.check else 'updated'}")
             return 1 if (args.check and stale) else 0

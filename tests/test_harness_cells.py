@@ -177,6 +177,29 @@ def test_committed_readme_tables_match_their_summaries():
                 f"{name}: README results block differs from `make readme-tables` output")
 
 
+def test_root_readme_table_between_markers(tmp_path):
+    src = tmp_path / "toy_dir"
+    src.mkdir()
+    exp = Toy(directory=src)
+    _run(exp, tmp_path / "results", ToyConfig(seeds=5), mode="full")
+    harness.publish(exp, tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    assert not harness.update_root_readme(readme, registry={"toy": exp})  # no markers
+    readme.write_text(f"# x\n\n{harness.ROOT_BEGIN}\nstale\n{harness.ROOT_END}\nafter\n")
+    assert harness.update_root_readme(readme, check=True, registry={"toy": exp})
+    assert "stale" in readme.read_text()  # check writes nothing
+    assert harness.update_root_readme(readme, registry={"toy": exp})
+    text = readme.read_text()
+    assert "| [toy](experiments/toy_dir/README.md) | b beats a |" in text
+    assert text.endswith(f"{harness.ROOT_END}\nafter\n") and "stale" not in text
+    assert not harness.update_root_readme(readme, registry={"toy": exp})
+
+
+def test_committed_root_readme_table_matches_the_summaries():
+    assert not harness.update_root_readme(check=True)
+
+
 def test_readme_block_is_a_function_of_the_summary(tmp_path):
     exp = Toy(directory=tmp_path)
     summary = {"experiment": "toy", "mode": "full", "config": {"seeds": 10}, "compute_s": 600.0,
