@@ -26,6 +26,7 @@ from subjax.fisher._kfac_capture import (
 )
 from subjax.fisher._lowrank import fisher_operator, low_rank, rank_one
 from subjax.fisher._merge import average, ewc_loss, ewc_penalty, fisher_merge, task_arithmetic
+from subjax.fisher._subspace_merge import subspace_merge
 
 __all__: list[str] = [
     "KFACStats",
@@ -49,6 +50,7 @@ __all__: list[str] = [
     "per_example_grads",
     "rank_one",
     "register_dense",
+    "subspace_merge",
     "tag_dense",
     "task_arithmetic",
 ]

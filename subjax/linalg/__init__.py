@@ -13,6 +13,7 @@ from subjax.linalg._geometry import (
     residual_norms,
     subspace_distance,
 )
+from subjax.linalg._joint import JointSVD, joint_svd
 from subjax.linalg._lanczos import lanczos_eigh
 from subjax.linalg._operator import LinearOperator, aslinearoperator
 from subjax.linalg._orth import ORTH_METHODS, orthonormalize
@@ -36,6 +37,7 @@ from subjax.linalg._weighted import WeightedLowRank, weighted_low_rank
 __all__ = [
     "CGResult",
     "EighResult",
+    "JointSVD",
     "LinearOperator",
     "ORTH_METHODS",
     "RandomizedSVDResult",
@@ -44,6 +46,7 @@ __all__ = [
     "aslinearoperator",
     "cg",
     "energy_rank",
+    "joint_svd",
     "lanczos_eigh",
     "marchenko_pastur_median",
     "marchenko_pastur_rank",
