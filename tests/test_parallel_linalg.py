@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import subjax.linalg as sl
 from subjax.linalg import orthonormalize, randomized_svd, subspace_iteration
 from subjax.parallel import (
     sharded_orthonormalize,
@@ -63,7 +64,7 @@ def test_sharded_randomized_svd_equals_single_device(mesh, method, n_steps):
 
 @pytest.mark.parametrize("orth_method,ref_method", [
     ("cholesky_qr2", "cholesky_qr2"),
-    pytest.param("tsqr", "householder", marks=pytest.mark.slow)])
+    pytest.param("householder", "householder", marks=pytest.mark.slow)])
 def test_sharded_subspace_iteration_equals_single_device(mesh, orth_method, ref_method):
     a = decaying(128, 32, decay=0.7)
     q0 = jax.random.normal(jax.random.key(5), (128, 3))
@@ -81,7 +82,7 @@ def test_sharded_orthonormalize_methods(mesh):
     # ill-conditioned columns (cond ~ 1e6 in float32): Cholesky-QR2 must fall back
     scales = jnp.logspace(0, -6, 6, dtype=jnp.float32)
     x_bad = x @ jnp.linalg.qr(jax.random.normal(jax.random.key(1), (6, 6)))[0] * scales
-    methods = ("cholesky_qr2", "shifted_cholesky_qr3", "tsqr")
+    methods = ("cholesky_qr2", "shifted_cholesky_qr3", "householder")
 
     @jax.jit
     def all_methods(x, x_bad):  # one compilation for the six cases
@@ -116,7 +117,7 @@ def test_bad_inputs(mesh):
                                    axis_name="rows")
     with pytest.raises(ValueError, match="`orth_method`"):
         sharded_subspace_iteration(jnp.ones((256, 20)), jnp.ones((256, 2)), mesh=mesh,
-                                   axis_name="rows", orth_method="polar_ns")
+                                   axis_name="rows", orth_method="mgs")
     with pytest.raises(TypeError, match="`a` must have a real floating dtype"):
         sharded_randomized_svd(jnp.ones((256, 20), jnp.int32), 3, key=key, mesh=mesh,
                                axis_name="rows")
@@ -143,3 +144,75 @@ def test_float64(mesh, x64):
                               mesh=mesh, in_specs=P("rows"), out_specs=P("rows")))(x)
     assert q.dtype == jnp.float64
     np.testing.assert_allclose(q, orthonormalize(x, "householder"), atol=1e-13)
+
+
+def _on_rows(mesh, f, n_out_tall, n_out_short, *args):
+    """``shard_map`` of ``f`` with every argument row-sharded; the first ``n_out_tall``
+    outputs row-sharded, the next ``n_out_short`` replicated."""
+    out_specs = (P("rows"),) * n_out_tall + (P(),) * n_out_short
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("rows"),) * len(args),
+                                 out_specs=out_specs))(*args)
+
+
+def test_axis_name_randomized_primitives_equal_single_device(mesh):
+    """randomized_range_finder / randomized_eigh (Krylov and Nystrom) with `axis_name`
+    inside shard_map give the single-device results."""
+    a = decaying(256, 48)
+    key = jax.random.key(7)
+    q = _on_rows(mesh, lambda a: (sl.randomized_range_finder(a, 6, key=key, n_steps=2,
+                                                             axis_name="rows"),), 1, 0, a)[0]
+    ref = sl.randomized_range_finder(a, 6, key=key, n_steps=2)
+    np.testing.assert_allclose(q, ref, atol=2e-5)
+
+    x = decaying(128, 128, decay=0.7)
+    s = x @ x.T
+    for psd in (False, True):
+        def eig(s, psd=psd):
+            r = sl.randomized_eigh(s, 4, key=key, oversample=4, n_steps=3, psd=psd,
+                                   axis_name="rows")
+            return r.eigenvectors, r.eigenvalues, r.converged, r.errors
+
+        vecs, lam, ok, err = _on_rows(mesh, eig, 1, 3, s)
+        r = sl.randomized_eigh(s, 4, key=key, oversample=4, n_steps=3, psd=psd)
+        assert bool(ok) and bool(r.converged)
+        np.testing.assert_allclose(lam, r.eigenvalues, rtol=1e-5)
+        np.testing.assert_allclose(err, r.errors, rtol=1e-2, atol=1e-6)
+        sgn = np.sign(np.sum(np.asarray(vecs) * np.asarray(r.eigenvectors), axis=0))
+        np.testing.assert_allclose(np.asarray(vecs) * sgn, r.eigenvectors, atol=1e-4)
+        np.testing.assert_allclose(lam, 0.49 ** np.arange(4), rtol=1e-4)
+
+
+def test_axis_name_cg_equals_single_device(mesh):
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((64, 64)).astype(np.float32)
+    a = jnp.asarray(g @ g.T / 64 + np.eye(64, dtype=np.float32))
+    b = jnp.asarray(rng.standard_normal(64).astype(np.float32))
+    dinv = 1.0 / jnp.diag(a)
+
+    def solve(a, b, dinv):
+        r = sl.cg(a, b, tol=1e-6, max_iters=200, m=dinv, axis_name="rows")
+        return r.x, r.converged, r.n_iters, r.residual_norm
+
+    x, ok, it, rn = _on_rows(mesh, solve, 1, 3, a, b, dinv)
+    ref = sl.cg(a, b, tol=1e-6, max_iters=200, m=dinv)
+    assert bool(ok) and bool(ref.converged) and int(it) == int(ref.n_iters)
+    np.testing.assert_allclose(x, ref.x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), np.asarray(b)), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_dev", [8, 6])
+def test_orthonormalize_axis_all_methods(n_dev):
+    """Every method under an axis: butterfly TSQR on 8 devices, gathered TSQR on 6."""
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("rows",))
+    x = jax.random.normal(jax.random.key(0), (12 * n_dev, 5))
+    methods = sl.ORTH_METHODS
+    qs = _on_rows(mesh, lambda x: tuple(sl.orthonormalize(x, m, ns_steps=60, axis_name="rows")
+                                        for m in methods), len(methods), 0, x)
+    for m, q in zip(methods, qs, strict=True):
+        np.testing.assert_allclose(q, sl.orthonormalize(x, m, ns_steps=60), atol=5e-5,
+                                   err_msg=m)
+    # fewer local rows than columns: the padded TSQR still gives the unique factor
+    y = jax.random.normal(jax.random.key(1), (2 * n_dev, 5))
+    (q,) = _on_rows(mesh, lambda y: (sl.orthonormalize(y, "householder", axis_name="rows"),),
+                    1, 0, y)
+    np.testing.assert_allclose(q, sl.orthonormalize(y, "householder"), atol=5e-5)

@@ -6,6 +6,7 @@ float32 and float64. ``docs/linalg.md`` describes the methods.
 """
 
 from subjax.linalg._cg import CGResult, cg
+from subjax.linalg._completion import SNNResult, anchor_submatrix, msnn_impute, snn_impute
 from subjax.linalg._geometry import (
     principal_angles,
     project,
@@ -41,8 +42,10 @@ __all__ = [
     "LinearOperator",
     "ORTH_METHODS",
     "RandomizedSVDResult",
+    "SNNResult",
     "SubspaceIterationResult",
     "WeightedLowRank",
+    "anchor_submatrix",
     "aslinearoperator",
     "cg",
     "energy_rank",
@@ -50,6 +53,7 @@ __all__ = [
     "lanczos_eigh",
     "marchenko_pastur_median",
     "marchenko_pastur_rank",
+    "msnn_impute",
     "normalized_spectrum_rank",
     "orthonormalize",
     "principal_angles",
@@ -59,6 +63,7 @@ __all__ = [
     "randomized_range_finder",
     "randomized_svd",
     "residual_norms",
+    "snn_impute",
     "subspace_distance",
     "subspace_iteration",
     "weighted_low_rank",

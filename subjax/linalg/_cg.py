@@ -11,6 +11,7 @@ from jax import lax
 
 from subjax._core import (
     LoopOutput,
+    bound_axis_size,
     fixed_point_loop,
     floating_array,
     is_concrete,
@@ -20,6 +21,7 @@ from subjax._core import (
 )
 from subjax.linalg import _validate as V
 from subjax.linalg._operator import LinearOperator, aslinearoperator
+from subjax.linalg._orth import psum
 
 __all__ = ["CGResult", "cg"]
 
@@ -48,12 +50,22 @@ def _is_zero(v) -> bool:
     return is_concrete(v) and np.ndim(v) == 0 and float(v) == 0.0
 
 
-def _as_matvec(a, n, name):
+def _as_matvec(a, n, name, axis=None):
     if isinstance(a, LinearOperator) or hasattr(a, "shape"):
-        op = V.as_operator(a, name, square=True, what="cg")
-        if op.shape[0] != n:
-            raise ValueError(f"`{name}` has shape {op.shape}, incompatible with `b` of size {n}")
-        return op.matvec
+        if axis is None:
+            op = V.as_operator(a, name, square=True, what="cg")
+            if op.shape[0] != n:
+                raise ValueError(
+                    f"`{name}` has shape {op.shape}, incompatible with `b` of size {n}"
+                )
+            return op.matvec
+        op = V.as_operator(a, name)  # the local row block (n_d, n) of A
+        if op.shape[0] != n or op.shape[1] != n * bound_axis_size(axis):
+            raise ValueError(
+                f"`{name}` must be this device's ({n}, {n * bound_axis_size(axis)}) row block "
+                f"(`b` has {n} local rows), got shape {op.shape}"
+            )
+        return lambda x: op.matvec(lax.all_gather(x, axis, tiled=True))
     if callable(a):
         return a
     raise TypeError(
@@ -62,9 +74,13 @@ def _as_matvec(a, n, name):
     )
 
 
-def _as_precond(m, n):
+def _as_precond(m, n, axis=None):
     if m is None:
         return lambda r: r
+    if axis is not None and hasattr(m, "shape") and getattr(m, "ndim", 2) != 1:
+        raise ValueError(
+            "with `axis_name`, `m` must be a local diagonal (n_d,) or a callable on local blocks"
+        )
     if isinstance(m, LinearOperator):
         if m.shape != (n, n):
             raise ValueError(f"`m` must have shape ({n}, {n}), got {m.shape}")
@@ -93,6 +109,7 @@ def cg(
     atol: float | jax.Array = 0.0,
     max_iters: int | None = None,
     m=None,
+    axis_name: str | None = None,
 ) -> CGResult:
     r"""Solve ``A x = b`` for symmetric positive definite ``A`` by preconditioned CG.
 
@@ -115,6 +132,12 @@ def cg(
       max_iters: iteration cap (static; default ``10 n``, as scipy); size of ``errors``.
       m: preconditioner approximating ``A^{-1}``: ``(n, n)`` array or operator,
         ``(n,)`` vector (diagonal, e.g. ``1 / diag(A)``), or callable.
+      axis_name: mesh axis the rows are split over, inside ``shard_map``: ``b``,
+        ``x0``, a diagonal ``m`` and the result are this device's blocks, every inner
+        product is ``psum``'d; an array / operator ``a`` is the local ``(n_d, n)``
+        row block (its input is gathered), a callable ``a`` or ``m`` maps local
+        blocks to local blocks (doing its own communication). The sharded solve
+        is forward-only (no implicit gradient).
 
     Returns:
       :class:`CGResult` ``(x, converged, n_iters, residual_norm, errors)``.
@@ -135,9 +158,10 @@ def cg(
     if b.ndim != 1:
         raise ValueError(f"`b` must be a vector (n,), got shape {b.shape}; vmap for several")
     n = b.shape[0]
-    matvec = _as_matvec(a, n, "a")
-    precond = _as_precond(m, n)
-    max_iters = 10 * n if max_iters is None else static_int(max_iters, "max_iters", 1)
+    n_total = n if axis_name is None else n * bound_axis_size(axis_name)
+    matvec = _as_matvec(a, n, "a", axis_name)
+    precond = _as_precond(m, n, axis_name)
+    max_iters = 10 * n_total if max_iters is None else static_int(max_iters, "max_iters", 1)
     nonnegative(atol, "atol")
     if _is_zero(atol):
         positive(tol, "tol")  # with atol = 0 the loop could only stop at an exact solution
@@ -155,14 +179,19 @@ def cg(
     atol = jnp.asarray(atol, dt)
 
     def solve(mv, rhs):
-        return _pcg(mv, rhs, lax.stop_gradient(x0), precond, tol, atol, max_iters)
+        return _pcg(mv, rhs, lax.stop_gradient(x0), precond, tol, atol, max_iters, axis_name)
 
     def tsolve(mv, rhs):
-        return _pcg(mv, rhs, jnp.zeros_like(rhs), precond, tol, atol, max_iters)
+        return _pcg(mv, rhs, jnp.zeros_like(rhs), precond, tol, atol, max_iters, axis_name)
 
-    x, aux = lax.custom_linear_solve(
-        matvec, b, solve, transpose_solve=tsolve, symmetric=True, has_aux=True
-    )
+    if axis_name is not None:
+        # No implicit differentiation across devices (custom_linear_solve cannot type
+        # the replicated diagnostics next to the row-sharded solution): plain forward.
+        x, aux = solve(matvec, b)
+    else:
+        x, aux = lax.custom_linear_solve(
+            matvec, b, solve, transpose_solve=tsolve, symmetric=True, has_aux=True
+        )
     converged, n_iters, rnorm, errors = aux
     return CGResult(x, converged, n_iters, rnorm, errors)
 
@@ -176,27 +205,34 @@ class _CGState(NamedTuple):
     ok: jax.Array  # no breakdown, everything finite
 
 
-def _pcg(matvec, b, x0, precond, tol, atol, max_iters):
+def _pcg(matvec, b, x0, precond, tol, atol, max_iters, axis=None):
     dt = b.dtype
-    bnorm = jnp.linalg.norm(b)
+
+    def dot(u, v):
+        return psum(jnp.vdot(u, v), axis)
+
+    def norm(u):
+        return jnp.sqrt(dot(u, u))
+
+    bnorm = norm(b)
     thresh = jnp.maximum(tol * bnorm, atol)
     safe_b = jnp.where(bnorm > 0, bnorm, jnp.ones_like(bnorm))
     r = b - matvec(x0)
     z = precond(r)
-    rnorm = jnp.linalg.norm(r)
-    state0 = _CGState(x0, r, z, jnp.vdot(r, z), rnorm, jnp.isfinite(rnorm))
+    rnorm = norm(r)
+    state0 = _CGState(x0, r, z, dot(r, z), rnorm, jnp.isfinite(rnorm))
 
     def step(s, _):
         ap = matvec(s.p)
-        pap = jnp.vdot(s.p, ap)
+        pap = dot(s.p, ap)
         good = (pap > 0) & jnp.isfinite(pap)
         alpha = jnp.where(good, s.rz / jnp.where(good, pap, jnp.ones_like(pap)), 0).astype(dt)
         x = s.x + alpha * s.p
         r = s.r - alpha * ap
         z = precond(r)
-        rz = jnp.vdot(r, z)
+        rz = dot(r, z)
         beta = rz / jnp.where(s.rz != 0, s.rz, jnp.ones_like(s.rz))
-        rnorm = jnp.linalg.norm(r)
+        rnorm = norm(r)
         return _CGState(x, r, z + beta * s.p, rz, rnorm, good & jnp.isfinite(rnorm)), rnorm / safe_b
 
     def run(state):
@@ -212,6 +248,6 @@ def _pcg(matvec, b, x0, precond, tol, atol, max_iters):
     out = lax.cond(state0.ok & (rnorm > thresh), run, skip, state0)
     x = out.state.x
     # The recursive residual drifts from b - A x in finite precision: report the true one.
-    rnorm = jnp.linalg.norm(b - matvec(x))
+    rnorm = norm(b - matvec(x))
     converged = out.state.ok & (rnorm <= thresh)
     return x, (converged, out.n_iters, rnorm, out.errors)

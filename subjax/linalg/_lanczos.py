@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from subjax._core import all_finite, check_key, choice, compute_dtype, fixed_point_loop, static_int
+from subjax._core import (
+    all_finite,
+    check_key,
+    choice,
+    compute_dtype,
+    fixed_point_loop,
+    positive,
+    static_int,
+)
 from subjax.linalg import _validate as V
 from subjax.linalg._orth import orth_robust
-from subjax.linalg._randomized import EighResult, _in_compute_dtype, _rayleigh_ritz_sym
+from subjax.linalg._randomized import (
+    EighResult,
+    _rayleigh_ritz_sym,
+    _relative_residual,
+    _scaled,
+    _symmetric_enough,
+    _working_operator,
+)
 
 __all__ = ["lanczos_eigh"]
 
@@ -37,7 +53,11 @@ def lanczos_eigh(
     then performs Rayleigh–Ritz with the exact projection ``V^T (A V)``. The ``p``
     wanted Ritz vectors restart the next cycle (thick restart; ``A Y`` is carried,
     so a cycle costs ``b`` block products). Stops when every wanted Ritz pair has
-    ``||A y - theta y|| <= tol * max |theta|``. For slowly decaying or clustered
+    ``||A y - theta y|| <= tol * ||A||``, with ``||A||`` estimated by the largest
+    Ritz value in magnitude seen so far (so the test is scale-invariant and
+    meaningful for eigenvalues near zero). ``converged`` is also False when a value
+    is not finite or a projected matrix is not symmetric (``a`` is not); a concrete
+    dense ``a`` that is not symmetric is an error. For slowly decaying or clustered
     spectra this converges far faster than subspace iteration.
 
     Args:
@@ -70,7 +90,7 @@ def lanczos_eigh(
       Large Eigenvalue Problems", 2011.
     """
     choice(which, "which", ("LM", "LA", "SA"))
-    op = V.as_operator(a, square=True, what="an eigendecomposition")
+    op = V.as_symmetric_operator(a, None)
     n = op.shape[0]
     rank = static_int(rank, "rank", 1)
     if rank > n:
@@ -100,39 +120,48 @@ def lanczos_eigh(
         if v0.shape[1] != p:
             raise ValueError(f"`v0` must have shape ({n}, {p}) (block_size), got {v0.shape}")
         v0 = v0.astype(ct)
+    positive(tol, "tol")
     tol = jnp.asarray(tol, ct)
     return _lanczos_impl(
         op, v0, tol, rank=rank, p=p, n_blocks=n_blocks, max_restarts=max_restarts, which=which
     )
 
 
+class _Cycle(NamedTuple):
+    y: jax.Array  # (n, p) Ritz block the next cycle restarts from
+    ay: jax.Array  # A y
+    theta: jax.Array  # (p,) its Ritz values
+    norm: jax.Array  # running estimate of ||A||_2 (largest Ritz value in magnitude so far)
+    asym: jax.Array  # largest asymmetry of a projected matrix so far
+
+
 @functools.partial(jax.jit, static_argnames=("rank", "p", "n_blocks", "max_restarts", "which"))
 def _lanczos_impl(op, v0, tol, *, rank, p, n_blocks, max_restarts, which):
     dt = op.dtype
-    op, ct = _in_compute_dtype(op)
+    op, ct = _working_operator(op, None)
+    y0 = orth_robust(v0)[0]
+    op, ay0, c = _scaled(op, op.matmat(y0), None)
 
-    def cycle(state, _):
-        y, ay, _ = state
-        vs, ws = [y], [ay]
+    def cycle(s, _):
+        vs, ws = [s.y], [s.ay]
         for _ in range(n_blocks):
             q = orth_robust(ws[-1], jnp.concatenate(vs, axis=1))[0]
             vs.append(q)
             ws.append(op.matmat(q))
-        theta, y, ay = _rayleigh_ritz_sym(
-            jnp.concatenate(vs, axis=1), jnp.concatenate(ws, axis=1), p, which
-        )
-        res = ay[:, :rank] - y[:, :rank] * theta[None, :rank]
-        rn = jnp.sqrt(jnp.sum(jnp.square(res), axis=0))
-        scale = jnp.maximum(jnp.max(jnp.abs(theta[:rank])), jnp.finfo(ct).tiny)
-        return (y, ay, theta), jnp.max(rn) / scale
+        ritz = _rayleigh_ritz_sym(jnp.concatenate(vs, axis=1), jnp.concatenate(ws, axis=1), p,
+                                  which)
+        norm = jnp.maximum(s.norm, ritz.norm)
+        err = _relative_residual(ritz.theta[:rank], ritz.y[:, :rank], ritz.ay[:, :rank], norm)
+        return _Cycle(ritz.y, ritz.ay, ritz.theta, norm, jnp.maximum(s.asym, ritz.asym)), err
 
-    y0 = orth_robust(v0)[0]
-    state0 = (y0, op.matmat(y0), jnp.zeros((p,), ct))
+    zero = jnp.zeros((), ct)
+    state0 = _Cycle(y0, ay0, jnp.zeros((p,), ct), zero, zero)
     out = fixed_point_loop(
         cycle, state0, max_iters=max_restarts, stop=lambda s, err: err <= tol, dtype=ct
     )
-    y, _, theta = out.state
-    converged = (out.error <= tol) & all_finite(theta, y)
+    s = out.state
+    converged = (out.error <= tol) & all_finite(s.theta, s.y) & _symmetric_enough(s.asym, ct)
     return EighResult(
-        theta[:rank].astype(dt), y[:, :rank].astype(dt), out.n_iters, converged, out.errors
+        (s.theta[:rank] * c).astype(dt), s.y[:, :rank].astype(dt), out.n_iters, converged,
+        out.errors,
     )

@@ -26,7 +26,14 @@ from subjax._core import (
 )
 from subjax.linalg import _validate as V
 from subjax.linalg._operator import LinearOperator
-from subjax.linalg._orth import ORTH_METHODS, orth_robust, orthonormalize
+from subjax.linalg._orth import (
+    ORTH_METHODS,
+    _all_devices,
+    _rows,
+    orth_robust,
+    orthonormalize,
+    psum,
+)
 
 __all__ = [
     "RandomizedSVDResult",
@@ -98,15 +105,82 @@ class EighResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- helpers
+# With ``axis`` (a bound mesh axis) the operator is the local row block ``A_d`` of a
+# row-sharded matrix; "tall" quantities (``A X``, range bases) are row-sharded the
+# same way, "short" ones (``A^T Q``, Gram and Ritz matrices) replicated. Every sum
+# over rows is a ``psum``; everything else is the single-device code.
 
 
-def _orth_q(y, kmat=None):
+def _orth_q(y, kmat=None, axis=None):
     """The ``q`` of :func:`orth_robust` (orthonormal basis of ``y`` minus ``span(kmat)``)."""
-    return orth_robust(y, kmat)[0]
+    return orth_robust(y, kmat, axis)[0]
 
 
 def _gaussian(key, shape, dtype):
     return jax.random.normal(key, shape, dtype=dtype)
+
+
+def _local_rows(x, axis):
+    """This device's block of the rows of a replicated ``x`` (all of ``x`` without ``axis``)."""
+    if axis is None:
+        return x
+    rows = x.shape[0] // lax.axis_size(axis)
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(axis) * rows, rows, axis=0)
+
+
+def _all_finite(axis, tall=(), short=()):
+    """Every entry finite: ``tall`` row-sharded over ``axis``, ``short`` replicated."""
+    return _all_devices(all_finite(*tall), axis) & all_finite(*short)
+
+
+def _col_norms(x, axis=None):
+    """Column norms of a (row-sharded) ``x``."""
+    return jnp.sqrt(psum(jnp.sum(jnp.square(x), axis=0), axis))
+
+
+def _working_operator(op: LinearOperator, axis, *, symmetric_rows: bool = False):
+    """``(op', ct)``: ``op`` with products in its compute dtype ``ct``.
+
+    With ``axis``, ``op`` is the local row block: ``A^T Y = psum_d A_d^T Y_d``; for a
+    row-sharded symmetric matrix (``symmetric_rows``) the input block of ``A X`` is
+    gathered first (``A_d X`` needs all of ``X``).
+    """
+    ct = compute_dtype(op.dtype)
+    if ct == op.dtype and axis is None:
+        return op, ct
+    src = op
+
+    def mm(x):
+        if symmetric_rows and axis is not None:
+            x = lax.all_gather(x, axis, tiled=True)
+        return src.matmat(x.astype(src.dtype)).astype(ct)
+
+    def rmm(y):
+        return psum(src.rmatmat(y.astype(src.dtype)).astype(ct), axis)
+
+    shape = src.shape
+    if symmetric_rows and axis is not None:
+        shape = (shape[0], shape[0])
+    return LinearOperator(shape, ct, matmat=mm, rmatmat=rmm), ct
+
+
+def _scaled(op: LinearOperator, y0, axis):
+    """``(op / c, y0 / c, c)`` with ``c = max |y0|`` (over ``axis``), ``y0 = A X`` a first product.
+
+    The solvers then see an operator of norm ~1 whatever the scale of ``A``: no
+    Gram matrix or residual norm overflows at ``|A| ~ 1e30`` or underflows at
+    ``1e-30`` in float32, and no absolute floor meets the spectrum.
+    """
+    c = jnp.max(jnp.abs(y0))
+    if axis is not None:
+        c = lax.pmax(c, axis)
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, jnp.ones_like(c))
+    src = op
+    scaled = LinearOperator(
+        src.shape, src.dtype, matmat=lambda x: src.matmat(x) / c,
+        rmatmat=lambda y: src.rmatmat(y) / c,
+    )
+    return scaled, y0 / c, c
 
 
 def _svd_from_range(k, w, rank: int, l: int):
@@ -119,7 +193,11 @@ def _svd_from_range(k, w, rank: int, l: int):
     columns of norms ~ sigma_i) is column-scaled, Cholesky-QR'd and the ``(l, l)``
     triangle SVD'd, which resolves the singular values to ``u * sigma_1`` absolute
     accuracy instead of ``u * sigma_1^2 / sigma_i`` for a plain Gram eigensolve.
+    ``k`` may be row-sharded (``w`` is then replicated): only ``k @ left`` touches it.
     """
+    c = jnp.max(jnp.abs(w))
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, jnp.ones_like(c))
+    w = w / c  # scale-free: the Gram below neither overflows nor underflows
     big_l = k.shape[1]
     if l < big_l:
         g = w.T @ w
@@ -130,49 +208,50 @@ def _svd_from_range(k, w, rank: int, l: int):
     else:
         vl = None
         p = w
-    d = jnp.sqrt(jnp.sum(jnp.square(p), axis=0))
-    tiny = jnp.finfo(p.dtype).tiny ** 0.5
-    d = jnp.maximum(d, tiny)
+    d = _col_norms(p)
+    d = jnp.where(d > 0, d, jnp.ones_like(d))
     qp, rs = orth_robust(p / d[None, :])
-    rp = rs * d[None, :]
-    u2, s, v2t = jnp.linalg.svd(rp, full_matrices=False)
+    u2, s, v2t = jnp.linalg.svd(rs * d[None, :], full_matrices=False)
     # w_l = qp @ rp = (qp u2) diag(s) v2t  =>  B restricted = (vl v2) diag(s) (qp u2)^T
     left = v2t.T[:, :rank]
     if vl is not None:
         left = vl @ left
     u = k @ left
     vt = (qp @ u2[:, :rank]).T
-    return u, s[:rank], vt
+    return u, s[:rank] * c, vt
 
 
-def _block_krylov(op: LinearOperator, omega, n_steps: int):
-    """Orthonormal block-Krylov basis ``K = [Q_0..Q_q]`` of ``span{(A A^T)^i A omega}``
-    and ``W = A^T K``. ``2 q + 2`` block products with ``A`` (``q = n_steps``), exactly
-    as many as ``q`` power iterations plus the final projection.
+def _block_krylov(op: LinearOperator, y0, n_steps: int, axis=None):
+    """Orthonormal block-Krylov basis ``K = [Q_0..Q_q]`` of ``span{(A A^T)^i y0}``
+    (``y0 = A omega``) and ``W = A^T K``. ``2 q + 1`` further block products with
+    ``A`` (``q = n_steps``), exactly as many as ``q`` power iterations plus the final
+    projection.
     """
-    qs = [_orth_q(op.matmat(omega))]
+    qs = [_orth_q(y0, None, axis)]
     ws = []
     for _ in range(n_steps):
         w = op.rmatmat(qs[-1])
         ws.append(w)
         y = op.matmat(_orth_q(w))
-        qs.append(_orth_q(y, jnp.concatenate(qs, axis=1)))
+        qs.append(_orth_q(y, jnp.concatenate(qs, axis=1), axis))
     ws.append(op.rmatmat(qs[-1]))
     return jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
 
 
-def _power_range(op: LinearOperator, omega, n_steps: int):
-    """Subspace (power) iteration: ``Q = orth((A A^T)^q A omega)`` (``2 q + 1`` products)."""
-    q = _orth_q(op.matmat(omega))
+def _power_range(op: LinearOperator, y0, n_steps: int, axis=None):
+    """Subspace (power) iteration: ``Q = orth((A A^T)^q y0)`` (``2 q`` further products)."""
+    q = _orth_q(y0, None, axis)
     for _ in range(n_steps):
-        q = _orth_q(op.matmat(_orth_q(op.rmatmat(q))))
+        q = _orth_q(op.matmat(_orth_q(op.rmatmat(q))), None, axis)
     return q
 
 
 # ----------------------------------------------------------------------------- API
 
 
-def randomized_range_finder(a, size: int, *, key: jax.Array, n_steps: int = 4) -> jax.Array:
+def randomized_range_finder(
+    a, size: int, *, key: jax.Array, n_steps: int = 4, axis_name: str | None = None
+) -> jax.Array:
     r"""Orthonormal ``(m, size)`` basis ``Q`` approximating the range of ``a``.
 
     ``Q = orth((A A^T)^q A Omega)`` with Gaussian ``Omega`` (``n x size``), each power
@@ -184,6 +263,8 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_steps: int = 4) -
       size: number of columns (static).
       key: ``jax.random`` key.
       n_steps: power iterations ``q`` (static).
+      axis_name: mesh axis the rows of ``a`` are split over (inside ``shard_map``;
+        ``a`` is then this device's row block and so is the result), or None.
 
     Returns:
       ``(m, size)`` array with orthonormal columns.
@@ -204,17 +285,18 @@ def randomized_range_finder(a, size: int, *, key: jax.Array, n_steps: int = 4) -
     check_key(key)
     size = static_int(size, "size", 1)
     n_steps = static_int(n_steps, "n_steps", 0)
-    if size > min(op.shape):
-        raise ValueError(f"size={size} exceeds min(m, n)={min(op.shape)} for argument `a`")
-    return _range_finder_impl(op, key, size=size, n_steps=n_steps)
+    shape = V.global_shape(op, axis_name)
+    if size > min(shape):
+        raise ValueError(f"size={size} exceeds min(m, n)={min(shape)} for argument `a`")
+    return _range_finder_impl(op, key, size=size, n_steps=n_steps, axis=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "n_steps"))
-def _range_finder_impl(op, key, *, size, n_steps):
+@functools.partial(jax.jit, static_argnames=("size", "n_steps", "axis"))
+def _range_finder_impl(op, key, *, size, n_steps, axis):
     dt = op.dtype
-    op, ct = _in_compute_dtype(op)
-    q = _power_range(op, _gaussian(key, (op.shape[1], size), ct), n_steps)
-    return q.astype(dt)
+    op, ct = _working_operator(op, axis)
+    op, y0, _ = _scaled(op, op.matmat(_gaussian(key, (op.shape[1], size), ct)), axis)
+    return _power_range(op, y0, n_steps, axis).astype(dt)
 
 
 def subspace_iteration(
@@ -224,6 +306,7 @@ def subspace_iteration(
     max_iters: int = 10,
     tol: float | jax.Array | None = None,
     orth_method: str = "cholesky_qr2",
+    axis_name: str | None = None,
 ) -> SubspaceIterationResult:
     r"""Block power iteration for the dominant left singular subspace, warm-startable.
 
@@ -243,6 +326,8 @@ def subspace_iteration(
       max_iters: iteration cap (static); size of ``errors``.
       tol: optional tolerance on the subspace change (may be traced).
       orth_method: orthonormalization used in each step (see :func:`orthonormalize`).
+      axis_name: mesh axis the rows of ``a`` (and of ``q0``) are split over, inside
+        ``shard_map``; ``u`` is then row-sharded too, everything else replicated.
 
     Returns:
       :class:`SubspaceIterationResult`.
@@ -262,34 +347,37 @@ def subspace_iteration(
       Saad, "Numerical Methods for Large Eigenvalue Problems", 2011 (ch. 5).
     """
     op = V.as_operator(a)
-    m, n = op.shape
-    q0 = V.check_basis(q0, m, "q0", max_cols=min(m, n))
+    m, n = V.global_shape(op, axis_name)
+    q0 = V.check_basis(q0, op.shape[0], "q0", max_cols=min(m, n))
     max_iters = static_int(max_iters, "max_iters", 1)
     choice(orth_method, "orth_method", ORTH_METHODS)
     positive(tol, "tol", allow_none=True)
     tol = None if tol is None else jnp.asarray(tol, compute_dtype(op.dtype))
-    return _subspace_iteration_impl(op, q0, tol, max_iters=max_iters, orth_method=orth_method)
+    return _subspace_iteration_impl(
+        op, q0, tol, max_iters=max_iters, orth_method=orth_method, axis=axis_name
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("max_iters", "orth_method"))
-def _subspace_iteration_impl(op, q0, tol, *, max_iters, orth_method):
+@functools.partial(jax.jit, static_argnames=("max_iters", "orth_method", "axis"))
+def _subspace_iteration_impl(op, q0, tol, *, max_iters, orth_method, axis):
     k = q0.shape[1]
     dt = op.dtype
-    op, ct = _in_compute_dtype(op)
+    op, ct = _working_operator(op, axis)
 
-    def orth(x):
-        return orthonormalize(x, orth_method)
+    def orth(x, axis=None):
+        return orthonormalize(x, orth_method, axis_name=axis)
 
     def step(q, _):
-        q_new = orth(op.matmat(orth(op.rmatmat(q))))
-        r = q_new - q @ (q.T @ q_new)  # ||sin Theta(Q_t, Q_{t+1})||_F
-        return q_new, jnp.sqrt(jnp.sum(jnp.square(r)) / k)
+        q_new = orth(op.matmat(orth(op.rmatmat(q))), axis)
+        r = q_new - q @ psum(q.T @ q_new, axis)  # ||sin Theta(Q_t, Q_{t+1})||_F
+        return q_new, jnp.sqrt(psum(jnp.sum(jnp.square(r)), axis) / k)
 
     stop = None if tol is None else (lambda q, err: err <= tol)
-    out = fixed_point_loop(step, orth(q0.astype(ct)), max_iters=max_iters, stop=stop, dtype=ct)
+    q0 = orth(q0.astype(ct), axis)
+    out = fixed_point_loop(step, q0, max_iters=max_iters, stop=stop, dtype=ct)
     q = out.state
     u, s, vt = _svd_from_range(q, op.rmatmat(q), k, k)
-    converged = all_finite(u, s, vt)
+    converged = _all_finite(axis, (u,), (s, vt))
     if tol is not None:
         converged = converged & (out.error <= tol)
     return SubspaceIterationResult(
@@ -305,6 +393,7 @@ def randomized_svd(
     oversample: int = 10,
     n_steps: int = 4,
     method: str = "block_krylov",
+    axis_name: str | None = None,
 ) -> RandomizedSVDResult:
     r"""Truncated SVD by randomized range finding.
 
@@ -330,9 +419,13 @@ def randomized_svd(
       oversample: extra test vectors (static).
       n_steps: power / Krylov steps ``q`` (static).
       method: ``"block_krylov"`` or ``"subspace"``.
+      axis_name: mesh axis the rows of ``a`` are split over, inside ``shard_map``
+        (``a`` is the local row block; ``u`` comes back row-sharded, ``s`` and ``vt``
+        replicated), or None.
 
     Returns:
-      :class:`RandomizedSVDResult` ``(u, s, vt, converged)``.
+      :class:`RandomizedSVDResult` ``(u, s, vt, converged)``; ``converged`` is False
+      when a non-finite value appeared.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -352,50 +445,35 @@ def randomized_svd(
     choice(method, "method", ("block_krylov", "subspace"))
     op = V.as_operator(a)
     check_key(key)
-    rank, oversample = V.check_rank(rank, op, "a", oversample)
+    shape = V.global_shape(op, axis_name)
+    rank, oversample = V.check_rank(rank, shape, "a", oversample)
     n_steps = static_int(n_steps, "n_steps", 0)
     return _randomized_svd_impl(
-        op, key, rank=rank, oversample=oversample, n_steps=n_steps, method=method
+        op, key, rank=rank, oversample=oversample, n_steps=n_steps, method=method,
+        m=shape[0], axis=axis_name,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_steps", "method"))
-def _randomized_svd_impl(op, key, *, rank, oversample, n_steps, method):
-    m, n = op.shape
+@functools.partial(
+    jax.jit, static_argnames=("rank", "oversample", "n_steps", "method", "m", "axis")
+)
+def _randomized_svd_impl(op, key, *, rank, oversample, n_steps, method, m, axis):
+    n = op.shape[1]
     l = rank + oversample
     dt = op.dtype
-    op, ct = _in_compute_dtype(op)
+    op, ct = _working_operator(op, axis)
+    op, y0, c = _scaled(op, op.matmat(_gaussian(key, (n, l), ct)), axis)
     if method == "block_krylov":
         # The Krylov basis cannot have more than min(m, n) independent columns.
         n_blocks = min(n_steps, max(min(m, n) // l - 1, 0))
-        omega = _gaussian(key, (n, l), ct)
-        kmat, w = _block_krylov(op, omega, n_blocks)
+        kmat, w = _block_krylov(op, y0, n_blocks, axis)
     else:
-        omega = _gaussian(key, (n, l), ct)
-        kmat = _power_range(op, omega, n_steps)
+        kmat = _power_range(op, y0, n_steps, axis)
         w = op.rmatmat(kmat)
     u, s, vt = _svd_from_range(kmat, w, rank, l)
-    ok = all_finite(u, s, vt)
+    s = s * c
+    ok = _all_finite(axis, (u,), (s, vt))
     return RandomizedSVDResult(u.astype(dt), s.astype(dt), vt.astype(dt), ok)
-
-
-def _in_compute_dtype(op: LinearOperator):
-    """``(op', ct)``: ``op`` with products in its compute dtype ``ct`` (``op`` itself if equal)."""
-    ct = compute_dtype(op.dtype)
-    return (op if ct == op.dtype else _cast_operator(op, ct)), ct
-
-
-def _cast_operator(op: LinearOperator, ct) -> LinearOperator:
-    """Run the products of a low-precision operator and cast its outputs to ``ct``."""
-    src = op
-
-    def mm(x):
-        return src.matmat(x.astype(src.dtype)).astype(ct)
-
-    def rmm(x):
-        return src.rmatmat(x.astype(src.dtype)).astype(ct)
-
-    return LinearOperator(src.shape, ct, matmat=mm, rmatmat=rmm, symmetric=src.symmetric)
 
 
 def _select(theta, which: str, k: int):
@@ -409,39 +487,74 @@ def _select(theta, which: str, k: int):
     return jnp.argsort(key)[:k]
 
 
-def _rayleigh_ritz_sym(vmat, wmat, k: int, which: str):
+def _asymmetry(t):
+    """``||t - t^T||_F / ||t||_F`` of a small projected matrix (0 for ``t = 0``)."""
+    nrm = jnp.sqrt(jnp.sum(jnp.square(t)))
+    return jnp.sqrt(jnp.sum(jnp.square(t - t.T))) / jnp.where(nrm > 0, nrm, jnp.ones_like(nrm))
+
+
+def _symmetric_enough(asym, dtype):
+    """A projection ``V^T A V`` this symmetric comes from a symmetric ``A`` (rounding only)."""
+    return asym <= jnp.sqrt(jnp.finfo(dtype).eps)
+
+
+class _Ritz(NamedTuple):
+    theta: jax.Array  # (k,) wanted Ritz values
+    y: jax.Array  # (n, k) Ritz vectors (row-sharded with an axis)
+    ay: jax.Array  # A y
+    norm: jax.Array  # max |Ritz value| over the whole basis: an estimate of ||A||_2
+    asym: jax.Array  # asymmetry of the projected matrix
+
+
+def _rayleigh_ritz_sym(vmat, wmat, k: int, which: str, axis=None) -> _Ritz:
     """Ritz pairs of symmetric ``A`` on the orthonormal basis ``vmat`` (``wmat = A vmat``)."""
-    t = vmat.T @ wmat
-    t = (t + t.T) * jnp.asarray(0.5, t.dtype)
-    theta, s = jnp.linalg.eigh(t)
+    t = psum(vmat.T @ wmat, axis)
+    asym = _asymmetry(t)
+    theta, s = jnp.linalg.eigh((t + t.T) * jnp.asarray(0.5, t.dtype))
     idx = _select(theta, which, k)
-    theta_k = theta[idx]
     s_k = s[:, idx]
-    y = vmat @ s_k
-    ay = wmat @ s_k
-    return theta_k, y, ay
+    return _Ritz(theta[idx], vmat @ s_k, wmat @ s_k, jnp.max(jnp.abs(theta)), asym)
 
 
-def _nystrom(op: LinearOperator, omega, rank: int, n_steps: int, ct):
-    """Stabilised Nyström approximation ``A ~= (A Q)(Q^T A Q)^+ (A Q)^T`` for PSD ``A``."""
-    q = _orth_q(omega)
+def _relative_residual(ritz_theta, y, ay, norm, axis=None):
+    """``max_i ||A y_i - theta_i y_i|| / ||A||`` (``norm`` an estimate of ``||A||_2``)."""
+    res = ay - y * ritz_theta[None, :]
+    scale = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    return jnp.max(_col_norms(res, axis)) / scale
+
+
+def _nystrom(op: LinearOperator, q, y, rank: int, n_steps: int, axis):
+    """Stabilised Nyström approximation ``A ~= (A Q)(Q^T A Q)^+ (A Q)^T`` for PSD ``A``.
+
+    ``y = A q`` on entry. Returns ``(lam, vecs, psd_ok, asym)``: ``psd_ok`` is False
+    when the core ``Q^T A Q`` has an eigenvalue clearly below zero (``A`` is not
+    positive semidefinite).
+    """
+    ct = y.dtype
     for _ in range(n_steps):
-        q = _orth_q(op.matmat(q))
-    y = op.matmat(q)
-    nu = jnp.sqrt(jnp.asarray(op.shape[0], ct)) * jnp.finfo(ct).eps * jnp.linalg.norm(y)
+        q = _orth_q(y, None, axis)
+        y = op.matmat(q)
+    core = psum(q.T @ y, axis)
+    asym = _asymmetry(core)
+    w0 = jnp.linalg.eigvalsh((core + core.T) * jnp.asarray(0.5, ct))
+    psd_ok = jnp.min(w0) >= -jnp.sqrt(jnp.finfo(ct).eps) * jnp.max(jnp.abs(w0))
+    n = _rows(y, axis)
+    nu = jnp.sqrt(jnp.asarray(n, ct)) * jnp.finfo(ct).eps * jnp.sqrt(
+        psum(jnp.sum(jnp.square(y)), axis)
+    )
     y = y + nu * q
-    mmat = q.T @ y
+    mmat = psum(q.T @ y, axis)
     mmat = (mmat + mmat.T) * jnp.asarray(0.5, ct)
     w, v = jnp.linalg.eigh(mmat)
     floor = jnp.max(w) * jnp.finfo(ct).eps * w.shape[0]
     inv_sqrt = jnp.where(w > floor, lax.rsqrt(jnp.maximum(w, floor)), jnp.zeros_like(w))
     b = y @ (v * inv_sqrt[None, :])  # b b^T = y M^+ y^T
-    d = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(b), axis=0)), jnp.finfo(ct).tiny ** 0.5)
-    qb, rb = orth_robust(b / d[None, :])
+    d = _col_norms(b, axis)
+    d = jnp.where(d > 0, d, jnp.ones_like(d))
+    qb, rb = orth_robust(b / d[None, :], None, axis)
     u2, sig, _ = jnp.linalg.svd(rb * d[None, :], full_matrices=False)
     lam = jnp.maximum(jnp.square(sig) - nu, jnp.zeros_like(sig))
-    vecs = qb @ u2[:, :rank]
-    return lam[:rank], vecs
+    return lam[:rank], qb @ u2[:, :rank], psd_ok, asym
 
 
 def randomized_eigh(
@@ -453,6 +566,8 @@ def randomized_eigh(
     n_steps: int = 2,
     psd: bool = False,
     which: str = "LM",
+    tol: float | jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> EighResult:
     r"""Partial eigendecomposition of a symmetric matrix by randomized methods.
 
@@ -472,10 +587,21 @@ def randomized_eigh(
       n_steps: power / Krylov steps (static).
       psd: use the Nyström method (``a`` must be positive semidefinite).
       which: ``"LM"``, ``"LA"`` or ``"SA"``.
+      tol: optional tolerance on the relative residual ``errors[0]`` (may be traced).
+      axis_name: mesh axis the rows of ``a`` are split over, inside ``shard_map``
+        (``a`` is the local ``(n / p, n)`` row block; eigenvectors come back
+        row-sharded), or None.
 
     Returns:
-      :class:`EighResult` (``n_iters = n_steps``, ``errors`` holds the largest relative
-      Ritz residual ``||A y - theta y|| / |theta|_max``, one entry).
+      :class:`EighResult` (``n_iters = n_steps``; ``errors`` holds one entry, the
+      largest relative Ritz residual ``||A y - theta y|| / ||A||`` with ``||A||``
+      estimated by the largest Ritz value in magnitude). ``converged`` is False when
+      a value is not finite, when the projected matrix is not symmetric (``a`` is
+      not), with ``psd=True`` when ``a`` is visibly indefinite, and when ``tol`` is
+      given and not met.
+
+    Raises:
+      ValueError: a concrete dense ``a`` that is not symmetric (to rounding).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -494,45 +620,48 @@ def randomized_eigh(
       semidefinite matrix from streaming data", NeurIPS 2017. Halko et al. 2011.
     """
     choice(which, "which", ("LM", "LA", "SA"))
-    op = V.as_operator(a, square=True, what="an eigendecomposition")
+    op = V.as_symmetric_operator(a, axis_name)
     check_key(key)
-    rank, oversample = V.check_rank(rank, op, "a", oversample)
+    rank, oversample = V.check_rank(rank, (op.shape[1], op.shape[1]), "a", oversample)
     n_steps = static_int(n_steps, "n_steps", 0)
+    positive(tol, "tol", allow_none=True)
+    tol = None if tol is None else jnp.asarray(tol, compute_dtype(op.dtype))
     return _randomized_eigh_impl(
-        op, key, rank=rank, oversample=oversample, n_steps=n_steps, psd=bool(psd), which=which
+        op, key, tol, rank=rank, oversample=oversample, n_steps=n_steps, psd=bool(psd),
+        which=which, axis=axis_name,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "oversample", "n_steps", "psd", "which"))
-def _randomized_eigh_impl(op, key, *, rank, oversample, n_steps, psd, which):
-    n = op.shape[0]
+@functools.partial(
+    jax.jit, static_argnames=("rank", "oversample", "n_steps", "psd", "which", "axis")
+)
+def _randomized_eigh_impl(op, key, tol, *, rank, oversample, n_steps, psd, which, axis):
+    n = op.shape[1]
     l = rank + oversample
     dt = op.dtype
-    op, ct = _in_compute_dtype(op)
-    omega = _gaussian(key, (n, l), ct)
+    op, ct = _working_operator(op, axis, symmetric_rows=True)
+    q = _orth_q(_local_rows(_gaussian(key, (n, l), ct), axis), None, axis)
+    op, y, c = _scaled(op, op.matmat(q), axis)
     if psd:
-        lam, vecs = _nystrom(op, omega, rank, n_steps, ct)
-        res = op.matmat(vecs) - vecs * lam[None, :]
+        lam, vecs, ok, asym = _nystrom(op, q, y, rank, n_steps, axis)
+        norm = jnp.max(lam)
+        err = _relative_residual(lam, vecs, op.matmat(vecs), norm, axis)
     else:
         n_blocks = min(n_steps, max(n // l - 1, 0))
-        q = _orth_q(omega)
-        qs, ws = [q], []
+        qs, ws = [q], [y]
         for _ in range(n_blocks):
-            w = op.matmat(qs[-1])
-            ws.append(w)
-            qs.append(_orth_q(w, jnp.concatenate(qs, axis=1)))
-        ws.append(op.matmat(qs[-1]))
-        lam, vecs, avecs = _rayleigh_ritz_sym(
-            jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1), rank, which
+            qs.append(_orth_q(ws[-1], jnp.concatenate(qs, axis=1), axis))
+            ws.append(op.matmat(qs[-1]))
+        ritz = _rayleigh_ritz_sym(
+            jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1), rank, which, axis
         )
-        res = avecs - vecs * lam[None, :]
-    scale = jnp.maximum(jnp.max(jnp.abs(lam)), jnp.finfo(ct).tiny)
-    err = jnp.max(jnp.sqrt(jnp.sum(jnp.square(res), axis=0))) / scale
-    ok = all_finite(lam, vecs)
+        lam, vecs, asym, ok = ritz.theta, ritz.y, ritz.asym, jnp.array(True)
+        err = _relative_residual(lam, vecs, ritz.ay, ritz.norm, axis)
+    lam = lam * c
+    ok = ok & _symmetric_enough(asym, ct) & jnp.isfinite(err)
+    ok = ok & _all_finite(axis, (vecs,), (lam,))
+    if tol is not None:
+        ok = ok & (err <= tol)
     return EighResult(
-        lam.astype(dt),
-        vecs.astype(dt),
-        jnp.array(n_steps, jnp.int32),
-        ok,
-        err[None].astype(ct),
+        lam.astype(dt), vecs.astype(dt), jnp.array(n_steps, jnp.int32), ok, err[None].astype(ct)
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from subjax._core import check_finite_if_concrete, static_int
+from subjax._core import bound_axis_size, check_finite_if_concrete, is_concrete, static_int
 from subjax.linalg._operator import LinearOperator, aslinearoperator, is_dense
 
 
@@ -22,11 +23,51 @@ def as_operator(a, name: str = "a", *, square: bool = False, what: str = "") -> 
     return op
 
 
-def check_rank(rank, op, name: str = "a", oversample: int = 0) -> tuple[int, int]:
-    """Static ``rank >= 1`` and ``oversample >= 0`` with ``rank + oversample <= min(m, n)``."""
+def global_shape(op: LinearOperator, axis_name) -> tuple[int, int]:
+    """``(m, n)`` of the whole matrix whose row block ``op`` is (``op.shape`` without an axis)."""
+    m, n = op.shape
+    if axis_name is None:
+        return m, n
+    return m * bound_axis_size(axis_name), n
+
+
+@jax.jit
+def _asymmetry_device(a):
+    a = a / jnp.maximum(jnp.max(jnp.abs(a)), jnp.finfo(a.dtype).tiny)
+    return jnp.linalg.norm(a - a.T) / jnp.maximum(jnp.linalg.norm(a), jnp.finfo(a.dtype).tiny)
+
+
+def as_symmetric_operator(a, axis_name, name: str = "a") -> LinearOperator:
+    """:func:`as_operator` for an eigensolver: square (as a whole), symmetric when checkable.
+
+    A concrete dense ``a`` is checked for symmetry on its device (one scalar read
+    back); operators and traced arrays are checked by the solver instead, which
+    reports an asymmetric projection through ``converged=False``.
+    """
+    op = as_operator(a, name)
+    m, n = global_shape(op, axis_name)
+    if m != n:
+        raise ValueError(
+            f"`{name}` must be square for an eigendecomposition, got shape {(m, n)}"
+            + ("" if axis_name is None else f" (row blocks of {op.shape} over {axis_name!r})")
+        )
+    if axis_name is None and is_dense(a) and is_concrete(a):
+        try:
+            asym = float(_asymmetry_device(jnp.asarray(op.operands[0])))
+        except jax.errors.ConcretizationTypeError:  # inside an outer trace
+            return op
+        if asym > float(jnp.sqrt(jnp.finfo(op.dtype).eps)):
+            raise ValueError(
+                f"`{name}` must be symmetric: ||a - a^T||_F / ||a||_F = {asym:.2g}"
+            )
+    return op
+
+
+def check_rank(rank, shape, name: str = "a", oversample: int = 0) -> tuple[int, int]:
+    """Static ``rank >= 1`` and ``oversample >= 0`` with ``rank + oversample <= min(shape)``."""
     rank = static_int(rank, "rank", 1)
     oversample = static_int(oversample, "oversample", 0)
-    mn = min(op.shape)
+    mn = min(shape)
     if rank > mn:
         raise ValueError(f"rank={rank} exceeds min(m, n)={mn} for argument `{name}`")
     if rank + oversample > mn:

@@ -1,42 +1,21 @@
-"""Row-sharded randomized SVD and subspace iteration (TSQR / Cholesky-QR with psum).
+"""Row-sharded orthonormalization, randomized SVD and subspace iteration.
 
-A tall ``(m, n)`` matrix is split by rows over one mesh axis: device ``d`` holds
-``A_d`` (``m / p`` rows). Every tall quantity (the range basis ``Q``, ``A Omega``)
-is split the same way; every short one (``A^T Q`` with ``n`` rows, Gram and
-triangular factors) is replicated. The only communication is
-
-- ``A^T Q = sum_d A_d^T Q_d``: one ``psum`` of an ``(n, L)`` block per product;
-- Cholesky-QR: one ``psum`` of the ``(L, L)`` Gram ``Q^T Q = sum_d Q_d^T Q_d`` per pass;
-- TSQR (the fallback): one ``all_gather`` of the ``p`` local ``(L, L)`` R factors;
-- projections ``K^T Y``: one ``psum`` of a ``(|K|, L)`` block.
-
-The algorithm is the one of :func:`subjax.linalg.randomized_svd` /
-:func:`subjax.linalg.subspace_iteration` step for step — same Gaussian sketch for
-the same key, same Cholesky-QR2 → shifted Cholesky-QR3 → Householder (here TSQR)
-cascade, same Rayleigh–Ritz finish (shared code, ``_svd_from_range``) — so the
-result equals the single-device one up to floating-point summation order.
+Thin ``jax.shard_map`` wrappers over :mod:`subjax.linalg`, whose primitives take
+``axis_name``: a tall ``(m, n)`` matrix is split by rows over one mesh axis and
+the algorithm is the single-device one with every sum over rows a ``psum`` (Gram
+matrices, ``A^T Q``, projections) and Householder QR replaced by TSQR. Results
+equal the single-device ones up to floating-point summation order.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from subjax._core import check_key, compute_dtype, static_int
-from subjax.linalg import _validate as V
-from subjax.linalg._orth import householder
-from subjax.linalg._orth import qr_fast as _qr_replicated
-from subjax.linalg._randomized import (
-    RandomizedSVDResult,
-    SubspaceIterationResult,
-    _gaussian,
-    _svd_from_range,
-)
+from subjax.linalg import ORTH_METHODS, orthonormalize, randomized_svd, subspace_iteration
+from subjax.linalg._randomized import RandomizedSVDResult, SubspaceIterationResult
 from subjax.parallel._data import check_axis
 
 __all__ = [
@@ -46,97 +25,7 @@ __all__ = [
     "SHARDED_ORTH_METHODS",
 ]
 
-SHARDED_ORTH_METHODS = ("cholesky_qr2", "shifted_cholesky_qr3", "tsqr", "householder")
-
-
-class _QR(NamedTuple):
-    q: jax.Array
-    r: jax.Array
-    ok: jax.Array
-
-
-# ----------------------------------------------------------------------------- per-shard QR
-# These run inside shard_map: ``x`` is the local row block, ``axis`` the mesh axis.
-
-
-def _all(pred_local, axis):
-    """Logical AND of a per-shard bool over the axis (a replicated bool)."""
-    bad = lax.psum(jnp.where(pred_local, 0, 1).astype(jnp.int32), axis)
-    return bad == 0
-
-
-def _tri_inv(r):
-    eye = jnp.eye(r.shape[-1], dtype=r.dtype)
-    return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
-
-
-def _chol_step(x, axis, shift=None):
-    g = lax.psum(x.T @ x, axis)  # the (k, k) Gram: the only communication
-    if shift is not None:
-        g = g + shift * jnp.eye(g.shape[-1], dtype=g.dtype)
-    r = jnp.linalg.cholesky(g).T
-    return x @ _tri_inv(r), r
-
-
-def _cholesky_qr2(x, axis) -> _QR:
-    q1, r1 = _chol_step(x, axis)
-    q, r2 = _chol_step(q1, axis)
-    d = jnp.abs(jnp.diagonal(r2))
-    ok = jnp.all(jnp.isfinite(r1)) & jnp.all(jnp.isfinite(r2))
-    ok = ok & _all(jnp.all(jnp.isfinite(q)), axis)
-    ok = ok & (jnp.max(d) <= 1e2 * jnp.min(d))
-    return _QR(q, r2 @ r1, ok)
-
-
-def _shifted_cholesky_qr3(x, axis, m_global: int) -> _QR:
-    k = x.shape[-1]
-    u = jnp.finfo(x.dtype).eps
-    nrm2 = lax.psum(jnp.sum(jnp.square(x)), axis)
-    shift = jnp.asarray(11.0 * (m_global * k + k * (k + 1)), x.dtype) * u * nrm2
-    q0, r0 = _chol_step(x, axis, shift)
-    q, r, ok = _cholesky_qr2(q0, axis)
-    return _QR(q, r @ r0, ok)
-
-
-def _tsqr(x, axis) -> _QR:
-    """Tall-skinny QR: local Householder, all-gather of the R factors, QR of the stack.
-
-    ``x = blockdiag(Q_d) [R_1; ...; R_p]`` and ``[R_1; ...; R_p] = Q_2 R``; the sign
-    fix ``diag(R) >= 0`` makes ``(Q, R)`` the unique QR factorization, the same as
-    the sign-fixed Householder QR of the gathered matrix.
-    """
-    q1, r1 = jnp.linalg.qr(x, mode="reduced")  # (m_d, c), (c, k), c = min(m_d, k)
-    stacked = lax.all_gather(r1, axis, tiled=True)  # (p c, k), replicated
-    q2, r = householder(stacked)
-    c = r1.shape[0]
-    idx = lax.axis_index(axis)
-    block = lax.dynamic_slice_in_dim(q2, idx * c, c, axis=0)
-    q = q1 @ block
-    ok = jnp.all(jnp.isfinite(r))
-    return _QR(q, r, ok)
-
-
-def _qr_cascade(x, axis, m_global: int):
-    """Cholesky-QR2, then shifted Cholesky-QR3, then TSQR (as ``linalg.qr_fast``)."""
-    first = _cholesky_qr2(x, axis)
-
-    def robust(x):
-        second = _shifted_cholesky_qr3(x, axis, m_global)
-        return lax.cond(second.ok, lambda x: second.q, lambda x: _tsqr(x, axis).q, x)
-
-    return lax.cond(first.ok, lambda x: first.q, robust, x)
-
-
-def _orth_shard(x, axis, method: str, m_global: int):
-    if method in ("tsqr", "householder"):
-        return _tsqr(x, axis).q
-    if method == "cholesky_qr2":
-        first = _cholesky_qr2(x, axis)
-        return lax.cond(first.ok, lambda x: first.q, lambda x: _tsqr(x, axis).q, x)
-    if method == "shifted_cholesky_qr3":
-        first = _shifted_cholesky_qr3(x, axis, m_global)
-        return lax.cond(first.ok, lambda x: first.q, lambda x: _tsqr(x, axis).q, x)
-    raise AssertionError(method)
+SHARDED_ORTH_METHODS = ORTH_METHODS
 
 
 def sharded_orthonormalize(x: jax.Array, axis_name: str, method: str = "cholesky_qr2"):
@@ -145,25 +34,23 @@ def sharded_orthonormalize(x: jax.Array, axis_name: str, method: str = "cholesky
     ``x`` is this device's row block ``X_d`` of ``X = [X_1; ...; X_p]``. Returns
     the matching row block of ``Q`` with ``X = Q R``, ``Q^T Q = I``, ``diag(R) > 0``:
 
-    - ``"cholesky_qr2"``: ``R = chol(sum_d X_d^T X_d)^T``, ``Q_d = X_d R^{-1}``, twice;
-      one ``psum`` of a ``(k, k)`` matrix per pass. Falls back to TSQR when the
-      Gram matrix is too ill-conditioned (as ``subjax.linalg.orthonormalize``
-      falls back to Householder).
-    - ``"shifted_cholesky_qr3"``: a shifted first pass (robust to
-      ``cond(X) ~ 1/u``), then Cholesky-QR2; TSQR fallback.
-    - ``"tsqr"`` (alias ``"householder"``): local Householder QR, ``all_gather`` of
-      the ``p`` small R factors, QR of the ``(p k, k)`` stack — unconditionally stable.
-
-    All methods give the unique QR factor, equal (up to rounding) to
-    ``subjax.linalg.orthonormalize(X, "householder")`` on the gathered matrix.
+    ``subjax.linalg.orthonormalize(x, method, axis_name=axis_name)``: the same
+    algorithm as on one device, with every ``(k, k)`` Gram matrix a ``psum`` of
+    local Grams and Householder QR replaced by TSQR (local QR, butterfly reduction
+    of the small ``R`` factors). Cholesky-QR2 falls back to TSQR when the Gram
+    matrix is too ill-conditioned. QR-type methods give the unique QR factor, equal
+    (up to rounding) to ``orthonormalize(X, "householder")`` on the gathered matrix.
 
     Args:
       x: ``(m_d, k)`` local row block, real floating.
       axis_name: the mesh axis the rows are split over.
-      method: one of ``SHARDED_ORTH_METHODS``.
+      method: one of ``SHARDED_ORTH_METHODS`` (those of ``subjax.linalg.ORTH_METHODS``).
 
     Returns:
       ``(m_d, k)`` local block of ``Q`` (dtype of ``x``).
+
+    Raises:
+      ValueError: outside ``shard_map`` (``axis_name`` not bound), unknown ``method``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -181,92 +68,22 @@ def sharded_orthonormalize(x: jax.Array, axis_name: str, method: str = "cholesky
       sequential QR and LU factorizations", SIAM J. Sci. Comput. 2012 (TSQR).
       Yamamoto et al., "Roundoff error analysis of the CholeskyQR2 algorithm", 2015.
     """
-    if method not in SHARDED_ORTH_METHODS:
-        raise ValueError(f"`method` must be one of {SHARDED_ORTH_METHODS}, got {method!r}")
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"`x` must be a (rows, k) block, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`x` must have a real floating dtype, got {x.dtype}")
-    m_global = x.shape[0] * lax.axis_size(axis_name)
-    if x.shape[1] > m_global:
-        raise ValueError(f"`x` has k={x.shape[1]} columns > m={m_global} rows in total")
-    ct = compute_dtype(x.dtype)
-    return _orth_shard(x.astype(ct), axis_name, method, m_global).astype(x.dtype)
+    return orthonormalize(x, method, axis_name=axis_name)
 
 
-# ----------------------------------------------------------------------------- products
-
-
-def _rmatmat(a_local, y_local, axis):
-    """``A^T Y = sum_d A_d^T Y_d`` (replicated ``(n, L)``)."""
-    part = lax.dot_general(y_local, a_local, (((0,), (0,)), ((), ()))).T
-    return lax.psum(part, axis)
-
-
-def _proj_out(y, kmat, axis):
-    """``y - K (K^T y)`` for row-sharded ``y`` and ``K``."""
-    return y - kmat @ lax.psum(kmat.T @ y, axis)
-
-
-def _all_finite_sharded(axis, local, replicated):
-    ok = _all(jnp.all(jnp.isfinite(local)), axis)
-    for x in replicated:
-        ok = ok & jnp.all(jnp.isfinite(x))
-    return ok
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_tall(a, mesh, axis_name, argname="a"):
+def _rows_on(a, mesh, axis_name, argname="a"):
+    """``a`` placed with rows split over ``axis_name`` (validated)."""
     n_dev = check_axis(mesh, axis_name)
     if not hasattr(a, "shape") or len(a.shape) != 2:
         raise ValueError(f"`{argname}` must be an (m, n) matrix, got {getattr(a, 'shape', a)}")
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise TypeError(f"`{argname}` must have a real floating dtype, got {a.dtype}")
-    m = a.shape[0]
-    if m % n_dev:
+    if a.shape[0] % n_dev:
         raise ValueError(
-            f"the {m} rows of `{argname}` are not divisible by the size {n_dev} of mesh axis "
-            f"{axis_name!r}; pad `{argname}` with zero rows to a multiple of {n_dev}"
+            f"the {a.shape[0]} rows of `{argname}` are not divisible by the size {n_dev} of mesh "
+            f"axis {axis_name!r}; pad `{argname}` with zero rows to a multiple of {n_dev}"
         )
-    return n_dev
-
-
-def _row_sharding(mesh, axis_name):
-    return NamedSharding(mesh, P(axis_name))
-
-
-# ----------------------------------------------------------------------------- randomized SVD
-
-
-def _rsvd_shard(a, omega, *, axis, rank, l, n_steps, method, m_global):
-    def qr(x):
-        return _qr_cascade(x, axis, m_global)
-
-    y = a @ omega
-    if method == "block_krylov":
-        qs = [qr(y)]
-        ws = []
-        for _ in range(n_steps):
-            w = _rmatmat(a, qs[-1], axis)
-            ws.append(w)
-            y = a @ _qr_replicated(w)
-            kmat = jnp.concatenate(qs, axis=1)
-            q = qr(_proj_out(y, kmat, axis))
-            q = qr(_proj_out(q, kmat, axis))
-            qs.append(q)
-        ws.append(_rmatmat(a, qs[-1], axis))
-        kmat, w = jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
-    else:
-        kmat = qr(y)
-        for _ in range(n_steps):
-            kmat = qr(a @ _qr_replicated(_rmatmat(a, kmat, axis)))
-        w = _rmatmat(a, kmat, axis)
-    u, s, vt = _svd_from_range(kmat, w, rank, l)
-    ok = _all_finite_sharded(axis, u, (s, vt))
-    return u, s, vt, ok
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(axis_name)))
 
 
 def sharded_randomized_svd(
@@ -282,9 +99,10 @@ def sharded_randomized_svd(
 ) -> RandomizedSVDResult:
     r"""Randomized SVD of a tall matrix whose rows are split over a mesh axis.
 
-    Same algorithm, arguments and result as :func:`subjax.linalg.randomized_svd`
-    (same ``key`` → same Gaussian sketch ``Omega``, ``(n, rank + oversample)``,
-    replicated), with the tall products run where the rows live:
+    ``shard_map`` of :func:`subjax.linalg.randomized_svd` with ``axis_name``: the
+    same algorithm, arguments and result (same ``key`` → same Gaussian sketch
+    ``Omega``, ``(n, rank + oversample)``, replicated), with the tall products run
+    where the rows live:
     ``Y_d = A_d Omega`` locally, ``A^T Q = psum_d A_d^T Q_d``, and every
     orthonormalization of a tall block by Cholesky-QR2 with a ``psum`` of the
     small Gram matrix (shifted Cholesky-QR3 / TSQR fallback). Per device: memory
@@ -328,95 +146,13 @@ def sharded_randomized_svd(
       Demmel et al., "Communication-optimal parallel and sequential QR and LU
       factorizations", 2012. Musco, Musco, "Randomized block Krylov methods", 2015.
     """
-    if method not in ("block_krylov", "subspace"):
-        raise ValueError(f"`method` must be 'block_krylov' or 'subspace', got {method!r}")
-    _check_tall(a, mesh, axis_name)
-    check_key(key)
-    op_shape = a.shape
-    rank, oversample = V.check_rank(rank, _Shape(op_shape), "a", oversample)
-    n_steps = static_int(n_steps, "n_steps", 0)
-    m, n = op_shape
-    l = rank + oversample
-    dt = jnp.dtype(a.dtype)
-    ct = compute_dtype(dt)
-    n_blocks = n_steps
-    if method == "block_krylov":
-        n_blocks = min(n_steps, max(min(m, n) // l - 1, 0))
-    return _rsvd_jit(a, key, mesh, axis_name, rank, l, n_blocks, method, ct, dt)
-
-
-class _Shape:
-    """Minimal stand-in with ``.shape`` for linalg's rank check."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
-def _rsvd_impl(a, key, mesh, axis_name, rank, l, n_blocks, method, ct, dt):
-    m, n = a.shape
-    omega = _gaussian(key, (n, l), ct)
-    body = jax.shard_map(
-        lambda a, omega: _rsvd_shard(
-            a.astype(ct), omega, axis=axis_name, rank=rank, l=l, n_steps=n_blocks,
-            method=method, m_global=m,
-        ),
-        mesh=mesh,
-        in_specs=(P(axis_name), P()),
-        out_specs=(P(axis_name), P(), P(), P()),
+    a = _rows_on(a, mesh, axis_name)
+    f = jax.shard_map(
+        lambda a, key: tuple(randomized_svd(a, rank, key=key, oversample=oversample,
+                                            n_steps=n_steps, method=method, axis_name=axis_name)),
+        mesh=mesh, in_specs=(P(axis_name), P()), out_specs=(P(axis_name), P(), P(), P()),
     )
-    u, s, vt, ok = body(jax.lax.with_sharding_constraint(a, _row_sharding(mesh, axis_name)),
-                        omega)
-    return RandomizedSVDResult(u.astype(dt), s.astype(dt), vt.astype(dt), ok)
-
-
-_rsvd_jit = jax.jit(_rsvd_impl, static_argnums=(2, 3, 4, 5, 6, 7, 8, 9))
-
-
-# ----------------------------------------------------------------------------- subspace iteration
-
-
-def _subspace_shard(a, q0, tol_arr, *, axis, max_iters, orth_method, use_tol, m_global, k):
-    ct = q0.dtype
-
-    def orth_tall(x):
-        return _orth_shard(x, axis, orth_method, m_global)
-
-    def orth_short(x):  # replicated (n, k): plain single-device orthonormalization
-        from subjax.linalg._orth import orthonormalize
-
-        return orthonormalize(x, "householder" if orth_method == "tsqr" else orth_method)
-
-    def step(q):
-        z = orth_short(_rmatmat(a, q, axis))
-        return orth_tall(a @ z)
-
-    def change(q_old, q_new):
-        r = _proj_out(q_new, q_old, axis)
-        return jnp.sqrt(lax.psum(jnp.sum(jnp.square(r)), axis) / k)
-
-    q = orth_tall(q0)
-    errors0 = -jnp.ones((max_iters,), ct)
-
-    def cond(carry):
-        i, _, err, _ = carry
-        keep = i < max_iters
-        if use_tol:
-            keep = keep & ~(err <= tol_arr)
-        return keep
-
-    def body(carry):
-        i, q, _, errors = carry
-        q_new = step(q)
-        err = change(q, q_new)
-        return i + 1, q_new, err, errors.at[i].set(err)
-
-    init = (jnp.array(0, jnp.int32), q, jnp.array(jnp.inf, ct), errors0)
-    n_iters, q, err, errors = lax.while_loop(cond, body, init)
-    w = _rmatmat(a, q, axis)
-    u, s, vt = _svd_from_range(q, w, k, k)
-    finite = _all_finite_sharded(axis, u, (s, vt))
-    converged = finite & (err <= tol_arr) if use_tol else finite
-    return u, s, vt, n_iters, converged, errors
+    return RandomizedSVDResult(*f(a, key))
 
 
 def sharded_subspace_iteration(
@@ -431,12 +167,12 @@ def sharded_subspace_iteration(
 ) -> SubspaceIterationResult:
     r"""Block power iteration on a row-sharded tall matrix (warm-startable).
 
-    Same iteration and result as :func:`subjax.linalg.subspace_iteration`:
+    ``shard_map`` of :func:`subjax.linalg.subspace_iteration` with ``axis_name``:
     ``Q_{t+1} = orth(A orth(A^T Q_t))`` until ``max_iters`` steps or the subspace change
     ``||sin Theta(Q_t, Q_{t+1})||_F / sqrt(k) <= tol``, then Rayleigh–Ritz. Here
     ``A`` and ``Q`` (``(m, k)``) are split by rows over ``axis_name``; ``A^T Q`` is a
     ``psum`` of local products, the tall orthonormalization is Cholesky-QR2 with a
-    ``psum`` of the ``(k, k)`` Gram (or TSQR), the short one (``(n, k)``, replicated)
+    ``psum`` of the ``(k, k)`` Gram (TSQR fallback), the short one (``(n, k)``, replicated)
     is done redundantly on every device.
 
     Args:
@@ -445,7 +181,7 @@ def sharded_subspace_iteration(
       mesh, axis_name: where the rows live.
       max_iters: iteration cap (static).
       tol: optional tolerance on the subspace change (may be traced).
-      orth_method: ``"cholesky_qr2"``, ``"shifted_cholesky_qr3"`` or ``"tsqr"``.
+      orth_method: one of ``subjax.linalg.ORTH_METHODS`` (``"householder"`` is TSQR here).
 
     Returns:
       ``SubspaceIterationResult(u, s, vt, n_iters, converged, errors)``; ``u`` is
@@ -472,42 +208,14 @@ def sharded_subspace_iteration(
       Demmel et al., "Communication-optimal parallel and sequential QR and LU
       factorizations", 2012.
     """
-    if orth_method not in ("cholesky_qr2", "shifted_cholesky_qr3", "tsqr"):
-        raise ValueError(
-            "`orth_method` must be 'cholesky_qr2', 'shifted_cholesky_qr3' or 'tsqr', "
-            f"got {orth_method!r}"
-        )
-    _check_tall(a, mesh, axis_name)
-    m, n = a.shape
-    q0 = V.check_basis(q0, m, "q0", max_cols=min(m, n))
-    max_iters = static_int(max_iters, "max_iters", 1)
-    dt = jnp.dtype(a.dtype)
-    ct = compute_dtype(dt)
-    use_tol = tol is not None
-    tol_arr = jnp.asarray(tol if use_tol else 0.0, ct)
-    return _subspace_jit(a, q0, tol_arr, mesh, axis_name, max_iters, orth_method, use_tol, ct, dt)
-
-
-def _subspace_impl(a, q0, tol_arr, mesh, axis_name, max_iters, orth_method, use_tol, ct, dt):
-    m = a.shape[0]
-    k = q0.shape[1]
-    body = jax.shard_map(
-        lambda a, q0, tol_arr: _subspace_shard(
-            a.astype(ct), q0.astype(ct), tol_arr, axis=axis_name, max_iters=max_iters,
-            orth_method=orth_method, use_tol=use_tol, m_global=m, k=k,
-        ),
-        mesh=mesh,
-        in_specs=(P(axis_name), P(axis_name), P()),
+    a = _rows_on(a, mesh, axis_name)
+    if getattr(q0, "ndim", None) != 2 or q0.shape[0] != a.shape[0]:
+        raise ValueError(f"`q0` must have shape ({a.shape[0]}, k), got {getattr(q0, 'shape', q0)}")
+    q0 = _rows_on(q0, mesh, axis_name, "q0")
+    f = jax.shard_map(
+        lambda a, q0, tol: tuple(subspace_iteration(a, q0, max_iters=max_iters, tol=tol,
+                                                    orth_method=orth_method, axis_name=axis_name)),
+        mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()),
         out_specs=(P(axis_name), P(), P(), P(), P(), P()),
     )
-    rows = _row_sharding(mesh, axis_name)
-    u, s, vt, n_iters, converged, errors = body(
-        jax.lax.with_sharding_constraint(a, rows), jax.lax.with_sharding_constraint(q0, rows),
-        tol_arr,
-    )
-    return SubspaceIterationResult(
-        u.astype(dt), s.astype(dt), vt.astype(dt), n_iters, converged, errors
-    )
-
-
-_subspace_jit = jax.jit(_subspace_impl, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+    return SubspaceIterationResult(*f(a, q0, tol))
