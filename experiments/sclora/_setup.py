@@ -1,11 +1,11 @@
-"""Shared set-up of the SC-LoRA and LoRA-intruder experiments.
+"""Network, tasks and training of the SC-LoRA experiment.
 
-A small Flax NNX network is pre-trained on scikit-learn's digits (the preserved
-task: 10-way classification, head ``keep_head``). Fine-tuning adapts the trunk
-(two hidden ``64 x 64`` layers, either fully or through LoRA adapters) and trains a
-fresh head ``new_head`` on a new task: the same digits rotated by 90 degrees
-(their labels unchanged). Forgetting is the drop of the preserved task's test
-accuracy (original digits through the untouched ``keep_head``).
+A small Flax NNX network is pretrained on digits (the preserved task: 10-way
+classification through ``keep_head``). Fine-tuning adapts the trunk (two hidden
+``64 x 64`` layers, fully or through LoRA adapters) and trains a fresh head
+``new_head`` on a new task: the same digits rotated by ``angle`` degrees (labels
+unchanged). Forgetting is the drop of the preserved task's accuracy through the
+untouched ``keep_head``. Splits come from ``experiments/data.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 import subjax.nn as snn
+from experiments.data import Split, digits
 
 HIDDEN = 64
 
@@ -41,38 +42,37 @@ class Net(nnx.Module):
         return self.keep_head(h) if head == "keep" else self.new_head(h)
 
 
-@functools.lru_cache(maxsize=2)
-def data(seed: int):
-    from sklearn.datasets import load_digits
+def rotate(split: Split, angle: float) -> Split:
+    """Every image rotated by ``angle`` degrees about its centre (bilinear, zero fill)."""
+    from scipy.ndimage import rotate as _rotate
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(x))
-    x, y = x[perm], y[perm]
-    rot = np.rot90(x.reshape(-1, 8, 8), k=1, axes=(1, 2)).reshape(-1, 64).copy()
-    n_tr = 1200
-    j = lambda a: jnp.asarray(a)
-    return {
-        "keep_tr": (j(x[:n_tr]), j(y[:n_tr])), "keep_te": (j(x[n_tr:]), j(y[n_tr:])),
-        "new_tr": (j(rot[:n_tr]), j(y[:n_tr])), "new_te": (j(rot[n_tr:]), j(y[n_tr:])),
-    }
+    imgs = _rotate(split.images, angle, axes=(1, 2), reshape=False, order=1, cval=0.0)
+    return Split(np.clip(imgs, 0.0, 1.0).reshape(len(split), 64).astype(np.float32), split.y)
+
+
+@functools.lru_cache(maxsize=4)
+def tasks(seed: int, angle: float) -> dict[str, Split]:
+    d = digits(seed)
+    return {"keep_tr": d.train, "keep_va": d.val, "keep_te": d.test,
+            "new_tr": rotate(d.train, angle), "new_va": rotate(d.val, angle),
+            "new_te": rotate(d.test, angle)}
 
 
 def _xent(logits, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-def accuracy(model, x, y, head):
-    return float(jnp.mean(jnp.argmax(model(x, head=head), -1) == y))
+def accuracy(model, split: Split, head: str) -> float:
+    logits = model(jnp.asarray(split.x), head=head)
+    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(split.y)))
 
 
 @functools.lru_cache(maxsize=2)
 def _pretrained_state(seed: int, steps: int):
-    d = data(seed)
+    tr = digits(seed).train
     model = Net(nnx.Rngs(seed))
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-    x, y = d["keep_tr"]
+    x, y = jnp.asarray(tr.x), jnp.asarray(tr.y)
 
     @nnx.jit
     def step(m, o):
@@ -84,8 +84,8 @@ def _pretrained_state(seed: int, steps: int):
     return nnx.split(model)
 
 
-def pretrained(seed: int, steps: int = 400) -> Net:
-    """A fresh copy of the pre-trained network (cached per ``(seed, steps)``)."""
+def pretrained(seed: int, steps: int) -> Net:
+    """A fresh copy of the pretrained network (cached per ``(seed, steps)``)."""
     graphdef, state = _pretrained_state(seed, steps)
     return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
 
@@ -102,18 +102,12 @@ def to_lora(model: Net, rank: int, seed: int) -> Net:
     return model
 
 
-def trunk_kernel(model: Net, name: str) -> jax.Array:
-    """Effective kernel ``W (+ A B)`` of trunk layer ``name``."""
-    layer = getattr(model, name)
-    if isinstance(layer, nnx.LoRALinear):
-        return snn.merge_lora(layer).kernel[...]
-    return layer.kernel[...]
-
-
-def finetune(model: Net, steps: int, lr: float, lora: bool, seed: int = 0):
-    """Train on the new task: trunk adapters (``lora``) or the whole trunk, plus the
-    new head. Returns the per-step training losses."""
-    x, y = data(seed)["new_tr"]
+def finetune(model: Net, new_tr: Split, keep_va: Split, steps: int, lr: float, lora: bool,
+             eval_every: int) -> list[dict]:
+    """Train on the new task (trunk adapters when ``lora``, else the whole trunk) plus
+    the new head; every ``eval_every`` steps record the training loss and the
+    preserved task's validation accuracy."""
+    x, y = jnp.asarray(new_tr.x), jnp.asarray(new_tr.y)
     if lora:
         wrt = nnx.Any(nnx.LoRAParam, nnx.PathContains("new_head"))
     else:
@@ -128,4 +122,10 @@ def finetune(model: Net, steps: int, lr: float, lora: bool, seed: int = 0):
         o.update(m, g)
         return lval
 
-    return [float(step(model, opt)) for _ in range(steps)]
+    trace = []
+    for i in range(steps):
+        loss = float(step(model, opt))
+        if (i + 1) % eval_every == 0 or i + 1 == steps:
+            trace.append({"step": i + 1, "loss": loss, "keep_val": accuracy(model, keep_va,
+                                                                            "keep")})
+    return trace

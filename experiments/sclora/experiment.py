@@ -1,11 +1,16 @@
-"""SC-LoRA vs vanilla LoRA vs PiSSA initialisation: fine-tuning loss and forgetting.
+"""SC-LoRA vs vanilla LoRA, PiSSA and full fine-tuning: forgetting at matched loss.
 
-See ``_setup.py``: a digits network is pre-trained (preserved task), then its
-trunk is fine-tuned through LoRA adapters (``nnx.LoRALinear``) on rotated
-digits with a fresh head, for the same number of steps from three adapter
-initialisations: vanilla (He-uniform A, zero B), PiSSA (top singular directions
-of the base kernel) and SC-LoRA (output subspace from the fine-tuning vs
-preserved-task covariances of each layer's outputs, ``subjax.nn.sclora_init``).
+See ``_setup.py``: a digits network is pretrained (the preserved task), then its
+trunk is fine-tuned on rotated digits with a fresh head — fully, or through LoRA
+adapters (``nnx.LoRALinear``) initialised three ways: vanilla (He-uniform A, zero
+B), PiSSA (``subjax.nn.pissa_init``) and SC-LoRA (``subjax.nn.sclora_init``:
+output subspace from the fine-tuning vs preserved-task covariances, weight
+``beta``). Along training the fine-tuning loss and the preserved task's accuracy
+are recorded; methods are compared at **matched fine-tuning loss**: per (seed,
+rank), the loss every method reaches, and each method's forgetting at the first
+step it gets there. SC-LoRA's ``beta`` is chosen per rank on the preserved task's
+validation split (lowest forgetting at matched loss); the test split scores the
+chosen value. One cell = one (seed, rank, method) run.
 """
 
 from __future__ import annotations
@@ -15,47 +20,51 @@ import dataclasses
 import numpy as np
 
 import subjax.nn as snn
-from experiments.harness import Experiment, markdown_table, new_figure, save_figure
+from experiments import stats
+from experiments.harness import (
+    CellExperiment,
+    claims_table,
+    markdown_table,
+    new_figure,
+    save_figure,
+)
 from experiments.sclora import _setup as S
-
-METHODS = ("vanilla", "pissa", "sclora")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
-    ranks: tuple = (2, 8)
-    seeds: int = 3
+    seeds: int = 5
+    ranks: tuple[int, ...] = (2, 8)
+    betas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
+    angle: float = 30.0           # rotation of the new task, degrees
     pretrain_steps: int = 400
-    steps: int = 150
+    steps: int = 300
     lr: float = 3e-3
-    beta: float = 0.5
+    full_lr: float = 1e-3         # full fine-tuning
+    eval_every: int = 10
+
+    def __post_init__(self):
+        for k in ("seeds", "pretrain_steps", "steps", "eval_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not self.ranks or min(self.ranks) < 1 or max(self.ranks) > 32:
+            raise ValueError("ranks must lie in [1, 32]")
+        if not self.betas or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must lie in [0, 1)")
+        if not self.lr > 0 or not self.full_lr > 0:
+            raise ValueError("lr and full_lr must be > 0")
 
 
-def _cells(cfg):
-    return [(m, r, s) for s in range(cfg.seeds) for r in cfg.ranks for m in METHODS]
+def run_cell(cfg: Config, seed: int, rank: int, method: str) -> dict:
+    t = S.tasks(seed, cfg.angle)
+    model = S.pretrained(seed, cfg.pretrain_steps)
+    before = {"val": S.accuracy(model, t["keep_va"], "keep"),
+              "test": S.accuracy(model, t["keep_te"], "keep")}
+    if method != "full":
+        import jax.numpy as jnp
 
-
-class SCLoRA(Experiment):
-    name = "sclora"
-    title = "SC-LoRA (subspace-constrained init) vs LoRA and PiSSA: forgetting at equal steps"
-    config_cls = Config
-    quick = {"seeds": 1}
-    full = {"seeds": 5, "ranks": (1, 2, 4, 8, 16), "steps": 300}
-
-    def num_steps(self, cfg):
-        return len(_cells(cfg))
-
-    def init_state(self, cfg):
-        return {}
-
-    def step(self, cfg, state, i):
-        method, rank, s = _cells(cfg)[i]
-        seed = cfg.seed + s
-        d = S.data(seed)
-        model = S.pretrained(seed, cfg.pretrain_steps)
-        keep_before = S.accuracy(model, *d["keep_te"], head="keep")
-        x_keep, x_ft = d["keep_tr"][0], d["new_tr"][0]
+        x_keep, x_ft = jnp.asarray(t["keep_tr"].x), jnp.asarray(t["new_tr"].x)
         ins = {"l1": (x_ft, x_keep),
                "l2": (model.features(x_ft, 1), model.features(x_keep, 1))}
         S.to_lora(model, rank, seed)
@@ -63,51 +72,116 @@ class SCLoRA(Experiment):
             layer = getattr(model, name)
             if method == "pissa":
                 snn.pissa_init(layer)
-            elif method == "sclora":
-                snn.sclora_init(layer, *ins[name], beta=cfg.beta)
-        keep_init = S.accuracy(model, *d["keep_te"], head="keep")
-        losses = S.finetune(model, cfg.steps, cfg.lr, lora=True, seed=seed)
-        keep_after = S.accuracy(model, *d["keep_te"], head="keep")
-        return state, {
-            "method": method, "rank": rank, "seed": seed,
-            "ft_loss": float(np.mean(losses[-10:])),
-            "new_acc": S.accuracy(model, *d["new_te"], head="new"),
-            "keep_acc_before": keep_before, "keep_acc_init": keep_init,
-            "keep_acc_after": keep_after, "forgetting": keep_before - keep_after,
-            "loss_curve": losses[:: max(1, cfg.steps // 50)],
-        }
+            elif method.startswith("sclora"):
+                snn.sclora_init(layer, *ins[name], beta=float(method.split("=")[1]))
+    init_change = abs(S.accuracy(model, t["keep_te"], "keep") - before["test"])
+    lr = cfg.full_lr if method == "full" else cfg.lr
+    trace = S.finetune(model, t["new_tr"], t["keep_va"], cfg.steps, lr, lora=method != "full",
+                       eval_every=cfg.eval_every)
+    return {"trace": trace, "keep_before": before, "init_change": init_change,
+            "final": {"new_test": S.accuracy(model, t["new_te"], "new"),
+                      "keep_test": S.accuracy(model, t["keep_te"], "keep")}}
 
-    def summarize(self, cfg, state, history):
-        rows = []
-        for r in cfg.ranks:
-            for m in METHODS:
-                hs = [h for h in history if h["method"] == m and h["rank"] == r]
+
+def _at_loss(run: dict, target: float) -> dict:
+    """Forgetting (validation) at the first recorded step whose loss is <= ``target``."""
+    for p in run["trace"]:
+        if p["loss"] <= target:
+            return {"step": p["step"], "forgetting": run["keep_before"]["val"] - p["keep_val"]}
+    raise ValueError("target loss not reached")  # target is chosen so every run reaches it
+
+
+def _matched(runs: dict[str, dict]) -> tuple[float, dict[str, dict]]:
+    target = max(min(p["loss"] for p in r["trace"]) for r in runs.values())
+    return target, {m: _at_loss(r, target) for m, r in runs.items()}
+
+
+class SCLoRA(CellExperiment):
+    name = "sclora"
+    title = "SC-LoRA (subspace-constrained init) vs LoRA, PiSSA and full fine-tuning: " \
+            "forgetting at matched loss"
+    config_cls = Config
+    quick = {"seeds": 2, "ranks": (4,), "betas": (0.25, 0.75), "steps": 150}
+    full = {"seeds": 5}
+    figures = ("forgetting.png",)
+
+    def expected_cells(self, cfg):
+        return cfg.seeds * (1 + len(cfg.ranks) * (2 + len(cfg.betas)))
+
+    def run_cell(self, cfg, cell):
+        return run_cell(cfg, cell["seed"], cell["rank"], cell["method"])
+
+    def sweep(self, cfg, cells):
+        seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        betas = [f"sclora beta={b:g}" for b in cfg.betas]
+        claims, rows, beta_rows, curves = [], [], [], {}
+        for rank in cfg.ranks:
+            runs = {s: {m: cells(seed=s, rank=rank, method=m)
+                        for m in ("vanilla", "pissa", *betas)} for s in seeds}
+            for s in seeds:
+                runs[s]["full"] = cells(seed=s, rank=0, method="full")
+            # beta on validation: forgetting at the loss vanilla and every beta reach
+            score = {}
+            for b in betas:
+                score[b] = float(np.mean([_matched({m: runs[s][m] for m in ("vanilla", b)})[1]
+                                          [b]["forgetting"] for s in seeds]))
+                beta_rows.append({"rank": rank, "beta": b.split("=")[1],
+                                  "val forgetting at vanilla-matched loss":
+                                  round(score[b], 4)})
+            best = min(score, key=score.get)
+            methods = ("full", "vanilla", "pissa", best)
+            matched = {s: _matched({m: runs[s][m] for m in methods}) for s in seeds}
+            forget = {m: [matched[s][1][m]["forgetting"] for s in seeds] for m in methods}
+            for foil in ("vanilla", "pissa"):
+                cmp = stats.compare(forget[best], forget[foil], claim="less", quick=cells.quick)
+                claims.append(stats.claim(
+                    f"rank {rank}: SC-LoRA forgets less than {foil} LoRA at matched "
+                    "fine-tuning loss", "better fine-tuning / preservation trade-off than "
+                    "LoRA and PiSSA (LLM safety, world knowledge)", cmp,
+                    names=("SC-LoRA", foil)))
+            for m in methods:
                 rows.append({
-                    "method": m, "rank": r, "seeds": len(hs),
-                    "ft_loss": float(np.mean([h["ft_loss"] for h in hs])),
-                    "new_acc": float(np.mean([h["new_acc"] for h in hs])),
-                    "forgetting": float(np.mean([h["forgetting"] for h in hs])),
-                    "forgetting_sd": float(np.std([h["forgetting"] for h in hs])),
-                    "init_changed_function": float(np.max(
-                        [abs(h["keep_acc_init"] - h["keep_acc_before"]) for h in hs])),
-                })
-        return {"rows": rows,
-                "keep_acc_pretrained": float(np.mean([h["keep_acc_before"] for h in history]))}
+                    "rank": rank, "method": m if m != best else f"SC-LoRA ({best[7:]})",
+                    "matched loss": stats.mean_ci([matched[s][0] for s in seeds]).format(),
+                    "forgetting at matched loss (val)": stats.mean_ci(forget[m]).format(),
+                    "step reached": stats.mean_ci(
+                        [matched[s][1][m]["step"] for s in seeds]).format(".0f"),
+                    "final new-task test acc": stats.mean_ci(
+                        [runs[s][m]["final"]["new_test"] for s in seeds]).format(),
+                    "final forgetting (test)": stats.mean_ci(
+                        [runs[s][m]["keep_before"]["test"] - runs[s][m]["final"]["keep_test"]
+                         for s in seeds]).format()})
+            curves[str(rank)] = {m: [[[p["loss"], runs[s][m]["keep_before"]["val"]
+                                       - p["keep_val"]] for p in runs[s][m]["trace"]]
+                                     for s in seeds] for m in methods}
+        return {"claims": claims,
+                "tables": {"At matched fine-tuning loss (per seed: the loss every method "
+                           "reaches); SC-LoRA at its validation-chosen beta": rows,
+                           "SC-LoRA beta on validation": beta_rows},
+                "curves": curves}
 
     def report(self, cfg, results, history, outdir):
-        table = markdown_table(results["rows"])
-        fig, ax = new_figure(figsize=(5, 3.4))
-        marks = {"vanilla": "o", "pissa": "s", "sclora": "^"}
-        for row in results["rows"]:
-            ax.scatter(row["ft_loss"], row["forgetting"], marker=marks[row["method"]],
-                       label=f"{row['method']} r={row['rank']}")
-        ax.set_xlabel("fine-tuning loss (new task)")
-        ax.set_ylabel("forgetting (preserved-task acc. drop)")
-        ax.legend(fontsize=6)
-        img = save_figure(fig, outdir, "forgetting.png", "forgetting vs fine-tuning loss")
-        return (f"Pre-trained preserved-task accuracy {results['keep_acc_pretrained']:.3f}; "
-                f"{cfg.steps} fine-tuning steps, lr {cfg.lr}, beta {cfg.beta}, "
-                f"{cfg.seeds} seeds.\n\n{table}\n\n{img}\n")
+        ranks = list(results["curves"])
+        fig, axes = new_figure(1, len(ranks), figsize=(4.8 * len(ranks), 3.6), squeeze=False)
+        for ax, rank in zip(axes[0], ranks, strict=True):
+            for j, (m, per_seed) in enumerate(results["curves"][rank].items()):
+                for i, pts in enumerate(per_seed):
+                    pts = np.asarray(pts)
+                    ax.plot(pts[:, 0], pts[:, 1], color=f"C{j}", lw=1, alpha=0.6,
+                            label=m if i == 0 else None)
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.set_xlabel("fine-tuning loss (training proceeds to the right)")
+            ax.set_ylabel("forgetting (preserved val. acc. drop)")
+            ax.set_title(f"LoRA rank {rank} (full fine-tuning for reference)", fontsize=9)
+            ax.legend(fontsize=7)
+        img = save_figure(fig, outdir, "forgetting.png", "forgetting along fine-tuning")
+        parts = [f"New task: digits rotated by {cfg.angle:g} degrees; {cfg.steps} steps, lr "
+                 f"{cfg.lr} (full fine-tuning {cfg.full_lr}), {cfg.seeds} seeds.",
+                 claims_table(results["claims"])]
+        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts.append(img)
+        return "\n\n".join(parts) + "\n"
 
 
 EXPERIMENT = SCLoRA()
