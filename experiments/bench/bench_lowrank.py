@@ -116,12 +116,12 @@ def cases(quick: bool) -> list[Case]:
                 ))
             out.append(Case(
                 name=f"galore update {m}x{n} r{RANK}: {kind}",
-                params={"m": m, "n": n, "rank": RANK, "update_gap": gap, "kind": kind,
-                        "loss_steps": loss_steps, "loss_update_gap": loss_gap, "lr": lr},
+                params={"m": m, "n": n, "rank": RANK, "refresh_every": gap, "kind": kind,
+                        "loss_steps": loss_steps, "loss_refresh_every": loss_gap, "lr": lr},
                 contenders=contenders,
                 reference="subjax",
                 accuracy_label=(f"final loss after {loss_steps} steps "
-                                f"(update_gap {loss_gap}, lr {lr}) on a fixed LS problem"),
+                                f"(refresh every {loss_gap} steps, lr {lr}) on a fixed LS problem"),
                 repeats=3 if quick else 7,
                 max_seconds=15.0 if quick else 60.0,
                 note=note,

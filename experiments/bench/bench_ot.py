@@ -57,7 +57,7 @@ def _case(n, rel, dtype_name, ott_cap, with_pot, with_sinkhorn, repeats=None):
         eps = float(rel * jnp.mean(C))
         newton = jax.jit(lambda C: ot.sinkhorn_newton(C, epsilon=eps, tol=TOL))
         sns = jax.jit(lambda C: ot.sparse_newton_sinkhorn(C, epsilon=eps, tol=TOL))
-        sk = jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=TOL, max_iterations=ott_cap))
+        sk = jax.jit(lambda C: ot.sinkhorn(C, epsilon=eps, tol=TOL, max_iters=ott_cap))
         ott_fn = _ott_solver(eps, ott_cap)
 
     def acc_ours(out):
