@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from subjax._core import as_compute
+from subjax._core import as_compute, static_int
 from subjax.manifolds._base import Array, Manifold, randn
 
 
@@ -99,8 +99,7 @@ class Sphere(Manifold):
     retractions: ClassVar[tuple[str, ...]] = ("exp", "projection")
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"argument `n` must be a positive int, got {self.n!r}")
+        static_int(self.n, "n", 1)
 
     @property
     def point_shape(self):

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from subjax._core import as_compute, is_concrete
+from subjax._core import as_compute, choice, is_concrete, static_int
 from subjax.manifolds._base import Manifold, eigh_fn, mT, randn, sym
 
 _METRICS = ("affine", "bures_wasserstein", "log_euclidean")
@@ -83,10 +83,8 @@ class SPD(Manifold):
     retractions: ClassVar[tuple[str, ...]] = ("exp",)
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"argument `n` must be a positive int, got {self.n!r}")
-        if self.metric not in _METRICS:
-            raise ValueError(f"argument `metric`={self.metric!r}; expected one of {_METRICS}")
+        static_int(self.n, "n", 1)
+        choice(self.metric, "metric", _METRICS)
 
     @property
     def point_shape(self):

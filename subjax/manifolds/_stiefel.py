@@ -18,7 +18,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jax.scipy.linalg import expm, solve_triangular
 
-from subjax._core import as_compute
+from subjax._core import as_compute, choice, static_int
 from subjax.linalg import orthonormalize
 from subjax.manifolds._base import Array, Manifold, eigh_fn, mT, randn, skew, sym
 
@@ -65,8 +65,8 @@ def _chol_inv_upper(y: Array) -> Array:
 
 
 def _check_np(n, p):
-    if not isinstance(n, int) or not isinstance(p, int) or n < 1 or p < 1:
-        raise ValueError(f"arguments `n`, `p` must be positive ints, got n={n!r}, p={p!r}")
+    static_int(n, "n", 1)
+    static_int(p, "p", 1)
     if p > n:
         raise ValueError(f"argument `p`={p} exceeds `n`={n}: no {n} x {p} orthonormal frame")
 
@@ -114,10 +114,7 @@ class Stiefel(Manifold):
 
     def __post_init__(self):
         _check_np(self.n, self.p)
-        if self.retraction not in self.retractions:
-            raise ValueError(
-                f"argument `retraction`={self.retraction!r}; expected one of {self.retractions}"
-            )
+        choice(self.retraction, "retraction", self.retractions)
 
     @property
     def point_shape(self):

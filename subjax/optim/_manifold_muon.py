@@ -31,12 +31,11 @@ from subjax._core import (
 from subjax.manifolds import Grassmann, Stiefel
 from subjax.optim._riemannian import (
     ManifoldTree,
+    _check_init,
     _check_like_params,
     _check_manifolds,
-    _check_real,
     _is_euclidean,
     _leaf_manifolds,
-    _validate,
 )
 
 
@@ -197,11 +196,8 @@ def manifold_muon(
         return labels
 
     def init_fn(params):
-        _check_real(params, "manifold_muon")
-        if jax.tree.leaves(params):  # optax.tree_map_params inits on a leafless placeholder
+        if _check_init(manifolds, params, validate, "manifold_muon"):
             _labels(params)
-            if validate:
-                _validate(manifolds, params)
         mom = jax.tree.map(jnp.zeros_like, params) if use_momentum else None
         return ManifoldMuonState(jnp.zeros([], jnp.int32), mom, jnp.zeros([], jnp.float32))
 

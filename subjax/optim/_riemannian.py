@@ -107,6 +107,21 @@ def _validate(manifolds, params) -> None:
             m.assert_on_manifold(leaf, name="params" + jax.tree_util.keystr(path))
 
 
+def _check_init(manifolds, params, validate: bool, who: str) -> bool:
+    """The ``init`` checks: real parameters, labels that fit, points on their manifolds.
+
+    Returns ``False`` for a leafless ``params`` (``optax.tree_map_params`` inits on a
+    placeholder), for which there is nothing to check.
+    """
+    _check_real(params, who)
+    if not jax.tree.leaves(params):
+        return False
+    _leaf_manifolds(manifolds, params)  # raises if the labels do not fit
+    if validate:
+        _validate(manifolds, params)
+    return True
+
+
 def _check_like_params(tree, params, name: str) -> None:
     """``tree`` has one leaf per parameter, of the parameter's shape (containers may differ)."""
     shapes = [jnp.shape(x) for x in jax.tree.leaves(tree)]
@@ -255,11 +270,7 @@ def riemannian_sgd(
     use_momentum = momentum is not None
 
     def init_fn(params):
-        _check_real(params, "riemannian_sgd")
-        if jax.tree.leaves(params):  # optax.tree_map_params inits on a leafless placeholder
-            _leaf_manifolds(manifolds, params)  # raises if the labels do not fit
-            if validate:
-                _validate(manifolds, params)
+        _check_init(manifolds, params, validate, "riemannian_sgd")
         mom = jax.tree.map(jnp.zeros_like, params) if use_momentum else None
         return RiemannianSGDState(count=jnp.zeros([], jnp.int32), momentum=mom)
 
@@ -360,13 +371,9 @@ def riemannian_adam(
     nonnegative(eps, "eps")
 
     def init_fn(params):
-        _check_real(params, "riemannian_adam")
-        if not jax.tree.leaves(params):  # optax.tree_map_params: a leafless placeholder
+        if not _check_init(manifolds, params, validate, "riemannian_adam"):
             zeros = jax.tree.map(jnp.zeros_like, params)
             return RiemannianAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
-        _leaf_manifolds(manifolds, params)  # raises if the labels do not fit
-        if validate:
-            _validate(manifolds, params)
 
         def leaf(m, x):
             mu = jnp.zeros_like(x)
