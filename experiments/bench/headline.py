@@ -103,7 +103,8 @@ def render(records: list[dict]) -> str:
                 f"| {_time(r['reference_s'])} | {_time(r['peer_s'])} "
                 f"| {_number(r['reference_accuracy'])} / {_number(r['peer_accuracy'])} |")
         labels = {c["case"]: c.get("accuracy_label", "error") for c in record["cases"]
-                  if not all(_is_subjax(r["contender"]) for r in c["rows"])}
+                  if not all(_is_subjax(r["contender"]) for r in c["rows"])
+                  and any("accuracy" in r for r in c["rows"])}
         if len(set(labels.values())) == 1:
             lines += ["", f"Accuracy: {next(iter(labels.values()))}."]
         elif labels:
