@@ -102,11 +102,11 @@ def to_lora(model: Net, rank: int, seed: int) -> Net:
     return model
 
 
-def finetune(model: Net, new_tr: Split, keep_va: Split, steps: int, lr: float, lora: bool,
-             eval_every: int) -> list[dict]:
+def finetune(model: Net, new_tr: Split, keep_va: Split, keep_te: Split, steps: int, lr: float,
+             lora: bool, eval_every: int) -> list[dict]:
     """Train on the new task (trunk adapters when ``lora``, else the whole trunk) plus
     the new head; every ``eval_every`` steps record the training loss and the
-    preserved task's validation accuracy."""
+    preserved task's validation and test accuracy."""
     x, y = jnp.asarray(new_tr.x), jnp.asarray(new_tr.y)
     if lora:
         wrt = nnx.Any(nnx.LoRAParam, nnx.PathContains("new_head"))
@@ -126,6 +126,7 @@ def finetune(model: Net, new_tr: Split, keep_va: Split, steps: int, lr: float, l
     for i in range(steps):
         loss = float(step(model, opt))
         if (i + 1) % eval_every == 0 or i + 1 == steps:
-            trace.append({"step": i + 1, "loss": loss, "keep_val": accuracy(model, keep_va,
-                                                                            "keep")})
+            trace.append({"step": i + 1, "loss": loss,
+                          "keep_val": accuracy(model, keep_va, "keep"),
+                          "keep_test": accuracy(model, keep_te, "keep")})
     return trace

@@ -8,9 +8,9 @@ output subspace from the fine-tuning vs preserved-task covariances, weight
 ``beta``). Along training the fine-tuning loss and the preserved task's accuracy
 are recorded; methods are compared at **matched fine-tuning loss**: per (seed,
 rank), the loss every method reaches, and each method's forgetting at the first
-step it gets there. SC-LoRA's ``beta`` is chosen per rank on the preserved task's
-validation split (lowest forgetting at matched loss); the test split scores the
-chosen value. One cell = one (seed, rank, method) run.
+step it gets there, on the preserved task's test split. SC-LoRA's ``beta`` is
+chosen per rank on the validation split (lowest forgetting at the loss it and
+vanilla LoRA both reach). One cell = one (seed, rank, method) run.
 """
 
 from __future__ import annotations
@@ -76,24 +76,25 @@ def run_cell(cfg: Config, seed: int, rank: int, method: str) -> dict:
                 snn.sclora_init(layer, *ins[name], beta=float(method.split("=")[1]))
     init_change = abs(S.accuracy(model, t["keep_te"], "keep") - before["test"])
     lr = cfg.full_lr if method == "full" else cfg.lr
-    trace = S.finetune(model, t["new_tr"], t["keep_va"], cfg.steps, lr, lora=method != "full",
-                       eval_every=cfg.eval_every)
+    trace = S.finetune(model, t["new_tr"], t["keep_va"], t["keep_te"], cfg.steps, lr,
+                       lora=method != "full", eval_every=cfg.eval_every)
     return {"trace": trace, "keep_before": before, "init_change": init_change,
             "final": {"new_test": S.accuracy(model, t["new_te"], "new"),
                       "keep_test": S.accuracy(model, t["keep_te"], "keep")}}
 
 
-def _at_loss(run: dict, target: float) -> dict:
-    """Forgetting (validation) at the first recorded step whose loss is <= ``target``."""
+def _at_loss(run: dict, target: float, split: str) -> dict:
+    """Forgetting on ``split`` at the first recorded step whose loss is <= ``target``."""
     for p in run["trace"]:
         if p["loss"] <= target:
-            return {"step": p["step"], "forgetting": run["keep_before"]["val"] - p["keep_val"]}
+            return {"step": p["step"],
+                    "forgetting": run["keep_before"][split] - p[f"keep_{split}"]}
     raise ValueError("target loss not reached")  # target is chosen so every run reaches it
 
 
-def _matched(runs: dict[str, dict]) -> tuple[float, dict[str, dict]]:
+def _matched(runs: dict[str, dict], split: str = "test") -> tuple[float, dict[str, dict]]:
     target = max(min(p["loss"] for p in r["trace"]) for r in runs.values())
-    return target, {m: _at_loss(r, target) for m, r in runs.items()}
+    return target, {m: _at_loss(r, target, split) for m, r in runs.items()}
 
 
 class SCLoRA(CellExperiment):
@@ -123,8 +124,8 @@ class SCLoRA(CellExperiment):
             # beta on validation: forgetting at the loss vanilla and every beta reach
             score = {}
             for b in betas:
-                score[b] = float(np.mean([_matched({m: runs[s][m] for m in ("vanilla", b)})[1]
-                                          [b]["forgetting"] for s in seeds]))
+                score[b] = float(np.mean([_matched({m: runs[s][m] for m in ("vanilla", b)},
+                                                   "val")[1][b]["forgetting"] for s in seeds]))
                 beta_rows.append({"rank": rank, "beta": b.split("=")[1],
                                   "val forgetting at vanilla-matched loss":
                                   round(score[b], 4)})
@@ -143,7 +144,7 @@ class SCLoRA(CellExperiment):
                 rows.append({
                     "rank": rank, "method": m if m != best else f"SC-LoRA ({best[7:]})",
                     "matched loss": stats.mean_ci([matched[s][0] for s in seeds]).format(),
-                    "forgetting at matched loss (val)": stats.mean_ci(forget[m]).format(),
+                    "forgetting at matched loss (test)": stats.mean_ci(forget[m]).format(),
                     "step reached": stats.mean_ci(
                         [matched[s][1][m]["step"] for s in seeds]).format(".0f"),
                     "final new-task test acc": stats.mean_ci(
@@ -151,8 +152,8 @@ class SCLoRA(CellExperiment):
                     "final forgetting (test)": stats.mean_ci(
                         [runs[s][m]["keep_before"]["test"] - runs[s][m]["final"]["keep_test"]
                          for s in seeds]).format()})
-            curves[str(rank)] = {m: [[[p["loss"], runs[s][m]["keep_before"]["val"]
-                                       - p["keep_val"]] for p in runs[s][m]["trace"]]
+            curves[str(rank)] = {m: [[[p["loss"], runs[s][m]["keep_before"]["test"]
+                                       - p["keep_test"]] for p in runs[s][m]["trace"]]
                                      for s in seeds] for m in methods}
         return {"claims": claims,
                 "tables": {"At matched fine-tuning loss (per seed: the loss every method "
@@ -172,7 +173,7 @@ class SCLoRA(CellExperiment):
             ax.set_xscale("log")
             ax.invert_xaxis()
             ax.set_xlabel("fine-tuning loss (training proceeds to the right)")
-            ax.set_ylabel("forgetting (preserved val. acc. drop)")
+            ax.set_ylabel("forgetting (preserved test acc. drop)")
             ax.set_title(f"LoRA rank {rank} (full fine-tuning for reference)", fontsize=9)
             ax.legend(fontsize=7)
         img = save_figure(fig, outdir, "forgetting.png", "forgetting along fine-tuning")
