@@ -120,15 +120,7 @@ class Experiment:
         ``summary["results"]["tables"]`` (``{title: [row, ...]}``), then the time
         the run took. Override to add experiment-specific tables.
         """
-        results = summary.get("results", {})
-        parts = []
-        claims = results.get("claims") or []
-        if claims:
-            parts.append(claims_table(claims))
-        for title, rows in (results.get("tables") or {}).items():
-            parts.append(f"**{title}**\n\n{markdown_table(rows)}")
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
+        return results_markdown("", summary.get("results", {}), run_cost(summary)).strip()
 
 
 class CellExperiment(Experiment):
@@ -759,6 +751,17 @@ def claims_table(claims: list[Mapping[str, Any]], experiment: str | None = None,
         rows.append(row)
     cols = CLAIM_COLUMNS if experiment is not None else CLAIM_COLUMNS[1:5]
     return markdown_table(rows, cols)
+
+
+def results_markdown(intro: str, results: Mapping[str, Any], *images: str) -> str:
+    """The standard body of a ``report.md``: an intro line, the claims table, every
+    table of ``results["tables"]`` and the image links."""
+    parts = [intro] if intro else []
+    if results.get("claims"):
+        parts.append(claims_table(results["claims"]))
+    parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in (results.get("tables") or {}).items()]
+    parts += list(images)
+    return "\n\n".join(parts) + "\n"
 
 
 def run_cost(summary: Mapping[str, Any]) -> str:

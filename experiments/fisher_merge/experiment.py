@@ -32,7 +32,7 @@ import optax
 
 from experiments import stats
 from experiments.data import Split, digits
-from experiments.harness import CellExperiment, markdown_table, new_figure, save_figure
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 from subjax import fisher
 
 FISHERS = ("true", "empirical", "true, unnormalised")
@@ -347,13 +347,8 @@ class FisherMerge(CellExperiment):
         ax.legend(fontsize=7)
         img += "\n\n" + save_figure(fig, outdir, "robust.png",
                                      "clean vs shifted accuracy along the merge coefficient")
-        from experiments.harness import claims_table
-
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} seeds; intervals are 95% t-intervals over "
+                                "seeds.", results, img)
 
 
 EXPERIMENT = FisherMerge()

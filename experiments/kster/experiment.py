@@ -40,13 +40,7 @@ import numpy as np
 
 import subjax.linalg as sl
 from experiments import stats
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,12 +258,10 @@ class KSTER(CellExperiment):
         a2.set_ylabel(f"recovery, E={max(cfg.ranks)}")
         a2.set_title(f"defences at {cfg.defence_noise} unrelated edits", fontsize=9)
         img = save_figure(fig, outdir, "kster_recovery.png", "recovery vs noise and defences")
-        parts = [f"Synthetic keys d={cfg.d}, d_out={cfg.d_out}, {cfg.n_candidates} candidates, "
-                 f"covariances from {cfg.cov_samples} samples, {cfg.seeds} trials per cell.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(
+            f"Synthetic keys d={cfg.d}, d_out={cfg.d_out}, {cfg.n_candidates} candidates, "
+            f"covariances from {cfg.cov_samples} samples, {cfg.seeds} trials per cell.",
+            results, img)
 
 
 EXPERIMENT = KSTER()

@@ -21,13 +21,7 @@ import numpy as np
 
 import subjax.nn as snn
 from experiments import stats
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 from experiments.sclora import _setup as S
 
 
@@ -177,12 +171,9 @@ class SCLoRA(CellExperiment):
             ax.set_title(f"LoRA rank {rank} (full fine-tuning for reference)", fontsize=9)
             ax.legend(fontsize=7)
         img = save_figure(fig, outdir, "forgetting.png", "forgetting along fine-tuning")
-        parts = [f"New task: digits rotated by {cfg.angle:g} degrees; {cfg.steps} steps, lr "
-                 f"{cfg.lr} (full fine-tuning {cfg.full_lr}), {cfg.seeds} seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(
+            f"New task: digits rotated by {cfg.angle:g} degrees; {cfg.steps} steps, lr "
+            f"{cfg.lr} (full fine-tuning {cfg.full_lr}), {cfg.seeds} seeds.", results, img)
 
 
 EXPERIMENT = SCLoRA()

@@ -36,13 +36,7 @@ from sklearn.metrics import roc_auc_score
 import subjax.linalg as sl
 from experiments import stats
 from experiments.data import digits
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 
 METHODS = ("SubspaceAD", "PaDiM", "memory bank", "image PCA")
 METRICS = ("image AUROC, local defects", "image AUROC, other digits", "pixel AUROC")
@@ -282,12 +276,10 @@ class SubspaceAD(CellExperiment):
         axes[0].set_ylabel("AUROC (mean, 95% CI)")
         axes[0].legend(fontsize=7)
         img = save_figure(fig, outdir, "subspacead_auroc.png", "AUROC vs number of normals")
-        parts = [f"Normal digits {list(cfg.normal_digits)}, {cfg.seeds} seeds, patch "
-                 f"features: {cfg.window}x{cfg.window} random ReLU map with {cfg.channels} "
-                 "channels plus position.", claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(
+            f"Normal digits {list(cfg.normal_digits)}, {cfg.seeds} seeds, patch features: "
+            f"{cfg.window}x{cfg.window} random ReLU map with {cfg.channels} channels plus "
+            "position.", results, img)
 
 
 EXPERIMENT = SubspaceAD()
