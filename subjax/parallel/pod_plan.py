@@ -215,7 +215,7 @@ def _worker(args) -> list[dict]:
     nc = args.rows_per_device // 4 * p
     c = jax.ShapeDtypeStruct((nc, 2048), jnp.float32, sharding=rows)
     fn = jax.jit(lambda c: sharded_sinkhorn(c, epsilon=0.05, mesh=mesh, tol=1e-4,
-                                            max_iterations=1000).f)
+                                            max_iters=1000).f)
     t0 = time.perf_counter()
     r = _measure("sharded_sinkhorn", fn.lower(c), t0)
     r["shape"] = f"C {nc:,} x 2048 ({args.rows_per_device // 4}/device); collectives per sweep"
