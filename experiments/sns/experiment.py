@@ -90,13 +90,13 @@ def _solver(method, eps, cfg):
     tol = cfg.tol
     if method == "sinkhorn":
         return jax.jit(lambda C, a, b: ot.sinkhorn(C, a, b, eps, tol=tol,
-                                                   max_iterations=cfg.sinkhorn_cap))
+                                                   max_iters=cfg.sinkhorn_cap))
     if method == "sinkhorn_newton":
         return jax.jit(lambda C, a, b: ot.sinkhorn_newton(C, a, b, eps, tol=tol,
-                                                          max_iterations=500))
+                                                          max_iters=500))
     if method == "sns":
         return jax.jit(lambda C, a, b: ot.sparse_newton_sinkhorn(
-            C, a, b, eps, tol=tol, max_iterations=500,
+            C, a, b, eps, tol=tol, max_iters=500,
             row_budget=min(cfg.sns_row_budget, C.shape[1])))
     from ott.geometry import geometry
     from ott.problems.linear import linear_problem
