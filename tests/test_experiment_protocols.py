@@ -1,0 +1,94 @@
+"""Invariants of the reproductions' data transforms and estimators (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.data import Split, digits
+from experiments.fisher_merge.experiment import shift
+from experiments.kster.experiment import Config as KsterConfig
+from experiments.kster.experiment import _edit
+from experiments.sclora.experiment import _matched
+from experiments.subspacead.experiment import Config as ADConfig
+from experiments.subspacead.experiment import _padim, add_defects, features
+
+
+def test_shift_translates_each_image_by_one_pixel():
+    split = digits(0).test
+    moved = shift(split, 3)
+    for a, b in zip(split.images[:50], moved.images[:50], strict=True):
+        ok = False
+        for step, axis in ((1, 0), (-1, 0), (1, 1), (-1, 1)):
+            cand = np.roll(a, step, axis=axis)
+            edge = 0 if step == 1 else -1
+            if axis == 0:
+                cand[edge, :] = 0.0
+            else:
+                cand[:, edge] = 0.0
+            ok |= np.array_equal(cand, b)
+        assert ok
+    assert np.array_equal(moved.y, split.y)
+
+
+def test_defects_change_one_2x2_block_by_enough():
+    imgs = digits(0).test.images[:40]
+    out, masks = add_defects(imgs, np.random.default_rng(0))
+    for a, b, m in zip(imgs, out, masks, strict=True):
+        assert m.sum() == 4 and np.array_equal(a[~m], b[~m])
+        rows, cols = np.nonzero(m)
+        assert np.ptp(rows) == 1 and np.ptp(cols) == 1
+        assert np.abs(a - b).sum() >= 1.5 - 1e-6
+        np.testing.assert_allclose(b[m], 1.0 - a[m])
+
+
+def test_patch_features_are_local_and_padim_matches_a_dense_mahalanobis():
+    cfg = ADConfig(channels=8)
+    imgs = digits(0).test.images[:3].copy()
+    f0 = features(cfg, imgs)
+    assert f0.shape == (3, 64, 10)
+    imgs[:, 0, 0] += 1.0  # a change at the corner moves only features within the window
+    f1 = features(cfg, imgs)
+    changed = np.nonzero(np.any(f0 != f1, axis=(0, 2)))[0]
+    assert set(changed) <= {8 * i + j for i in range(3) for j in range(3)}
+    rng = np.random.default_rng(0)
+    train, test = rng.standard_normal((6, 64, 4)), rng.standard_normal((2, 64, 4))
+    d = _padim(train, test, 0.1)
+    p = 5
+    cov = np.cov(train[:, p].T)
+    cov = cov + 0.1 * (np.trace(cov) / 4 + 1e-3) * np.eye(4)
+    diff = test[1, p] - train[:, p].mean(0)
+    assert d[1, p] == pytest.approx(np.sqrt(diff @ np.linalg.solve(cov, diff)), rel=1e-6)
+
+
+def test_memit_edit_lives_in_the_key_row_space_and_writes_its_residuals():
+    cfg = KsterConfig(d=32, d_out=16, ranks=(2,), n_candidates=300, bystanders=10,
+                      lam=1e-6)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((32, 32))
+    cov = a @ a.T / 32 + np.eye(32)
+    k, r = rng.standard_normal((3, 32)), rng.standard_normal((16, 3))
+    dw = _edit(cfg, cov, k, r)
+    np.testing.assert_allclose(dw @ k.T, r, atol=1e-4)  # lambda -> 0: the edit is exact
+    basis = np.linalg.solve(cfg.lam * cov + k.T @ k, k.T)  # (32, 3) row-space directions
+    coef = np.linalg.lstsq(basis, dw.T, rcond=None)[0]
+    np.testing.assert_allclose(basis @ coef, dw.T, atol=1e-8 * np.abs(dw).max() + 1e-10)
+
+
+def test_matched_loss_is_reached_by_every_run():
+    def run(losses, keep):
+        return {"keep_before": {"test": 1.0, "val": 1.0},
+                "trace": [{"step": 10 * (i + 1), "loss": lo, "keep_test": kt, "keep_val": kt}
+                          for i, (lo, kt) in enumerate(zip(losses, keep, strict=True))]}
+
+    runs = {"a": run([1.0, 0.5, 0.2], [0.9, 0.8, 0.7]),
+            "b": run([0.9, 0.6, 0.4], [0.95, 0.9, 0.85])}
+    target, at = _matched(runs)
+    assert target == 0.4  # the lowest loss both reach
+    assert at["a"] == {"step": 30, "forgetting": pytest.approx(0.3)}
+    assert at["b"] == {"step": 30, "forgetting": pytest.approx(0.15)}
+
+
+def test_split_classes_keeps_only_the_requested_labels():
+    s = Split(np.zeros((5, 64), np.float32), np.array([0, 1, 2, 1, 0], np.int32))
+    assert s.classes([1]).y.tolist() == [1, 1] and len(s.classes([3])) == 0
