@@ -57,6 +57,10 @@ class SNNResult(NamedTuple):
         grows); with few anchor columns it is not negligible, and
         ``sqrt(std_err**2 + std_err_regression**2)`` is the first-order error of
         the estimate.
+
+      Both standard errors use ``sigma_hat^2 = ||Y[i, C] - S^T beta||^2 / (|C| - rank)``
+      and are ``nan`` when ``|C| <= rank`` (no residual degrees of freedom: the
+      noise level cannot be estimated).
       rows: ``(m,)`` bool, the anchor rows ``R``.
       cols: ``(n,)`` bool, the anchor columns ``C``.
       n_rows, n_cols: ``|R|`` and ``|C|``.
@@ -149,8 +153,9 @@ def _snn_entry(values, mask, i, j, rank, rcond):
     n_r, n_c = jnp.sum(rows), jnp.sum(cols)
     k = jnp.sum(keep)
     resid = q - s_mat.T @ beta
-    dof = jnp.maximum(n_c - k, 1).astype(dt)
-    sigma2 = jnp.sum(resid ** 2) / dof
+    # the noise level is estimable only with residual degrees of freedom left
+    dof = n_c - k
+    sigma2 = jnp.where(dof > 0, jnp.sum(resid ** 2) / jnp.maximum(dof, 1).astype(dt), jnp.nan)
     std_err = jnp.sqrt(sigma2 * jnp.sum(beta ** 2))
     std_reg = jnp.sqrt(sigma2 * jnp.sum(gamma ** 2))
     feasible = (n_r > 0) & (n_c > 0) & (k > 0)
