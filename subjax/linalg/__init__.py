@@ -7,7 +7,6 @@ float32 and float64. ``docs/linalg.md`` describes the methods.
 
 from subjax.linalg._cg import CGResult, cg
 from subjax.linalg._completion import SNNResult, anchor_submatrix, msnn_impute, snn_impute
-from subjax.linalg._completion import SNNResult, anchor_submatrix, msnn_impute, snn_impute
 from subjax.linalg._geometry import (
     principal_angles,
     project,
@@ -44,10 +43,8 @@ __all__ = [
     "ORTH_METHODS",
     "RandomizedSVDResult",
     "SNNResult",
-    "SNNResult",
     "SubspaceIterationResult",
     "WeightedLowRank",
-    "anchor_submatrix",
     "anchor_submatrix",
     "aslinearoperator",
     "cg",
@@ -56,7 +53,6 @@ __all__ = [
     "lanczos_eigh",
     "marchenko_pastur_median",
     "marchenko_pastur_rank",
-    "msnn_impute",
     "msnn_impute",
     "normalized_spectrum_rank",
     "orthonormalize",
@@ -67,7 +63,6 @@ __all__ = [
     "randomized_range_finder",
     "randomized_svd",
     "residual_norms",
-    "snn_impute",
     "snn_impute",
     "subspace_distance",
     "subspace_iteration",
