@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from subjax import ot
 
 SOLVERS = {
-    "sinkhorn": lambda C, **kw: ot.sinkhorn(C, **{"max_iterations": 20_000, **kw}),
+    "sinkhorn": lambda C, **kw: ot.sinkhorn(C, **{"max_iters": 20_000, **kw}),
     "newton": ot.sinkhorn_newton,
     "sns": lambda C, **kw: ot.sparse_newton_sinkhorn(C, row_budget=8, **kw),
 }
@@ -106,7 +106,7 @@ def test_eps_to_zero_approaches_exact_assignment(x64):
     exact = C[rows, cols].sum() / n
     gaps = []
     for eps in [1e-1, 1e-2, 1e-3, 1e-4]:
-        out = solve("newton", jnp.asarray(C), epsilon=eps, tol=1e-10, max_iterations=400)
+        out = solve("newton", jnp.asarray(C), epsilon=eps, tol=1e-10, max_iters=400)
         assert bool(out.converged), eps
         gap = float(out.transport_cost) - exact
         assert gap >= -1e-9  # an entropic plan is feasible: never below the exact optimum
@@ -152,8 +152,8 @@ def test_cost_definitions(x64):
 def test_epsilon_scaling_same_solution(x64):
     x, y = _clouds()
     C = ot.cost_matrix(x, y)
-    o1 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iterations=50_000)
-    o2 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iterations=50_000,
+    o1 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iters=50_000)
+    o2 = solve("sinkhorn", C, epsilon=0.02, tol=1e-10, max_iters=50_000,
                epsilon_scaling=0.8)
     assert bool(o1.converged) and bool(o2.converged)
     np.testing.assert_allclose(o2.reg_ot_cost, o1.reg_ot_cost, rtol=1e-9)
@@ -224,7 +224,7 @@ def test_float32_small_eps_never_nan(name):
     C = ot.cost_matrix(x, y)
     for eps in [1e-3, 1e-4]:
         # a deliberately small budget: must report non-convergence, with finite output
-        kw = {"max_iterations": 30} if name == "sinkhorn" else {"max_iterations": 3}
+        kw = {"max_iters": 30} if name == "sinkhorn" else {"max_iters": 3}
         out = solve(name, C, epsilon=eps, tol=1e-7, **kw)
         assert out.f.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(out.f))) and bool(jnp.all(jnp.isfinite(out.g)))
@@ -255,7 +255,7 @@ def test_sns_threshold_and_budget(x64):
 
 def test_not_converged_reported(x64):
     x, y = _clouds()
-    out = ot.sinkhorn(ot.cost_matrix(x, y), epsilon=1e-3, tol=1e-9, max_iterations=5)
+    out = ot.sinkhorn(ot.cost_matrix(x, y), epsilon=1e-3, tol=1e-9, max_iters=5)
     assert not bool(out.converged) and int(out.n_iters) == 5 and float(out.error) > 1e-9
 
 
@@ -298,8 +298,8 @@ class TestBadInputs:
     def test_options(self):
         with pytest.raises(ValueError, match="rho_a"):
             ot.sinkhorn(self.C, epsilon=0.1, rho_a=1.0)
-        with pytest.raises(ValueError, match="max_iterations"):
-            ot.sinkhorn(self.C, epsilon=0.1, max_iterations=0)
+        with pytest.raises(ValueError, match="max_iters"):
+            ot.sinkhorn(self.C, epsilon=0.1, max_iters=0)
         with pytest.raises(ValueError, match="epsilon_scaling"):
             ot.sinkhorn(self.C, epsilon=0.1, epsilon_scaling=1.5)
         with pytest.raises(ValueError, match="row_budget"):

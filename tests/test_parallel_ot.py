@@ -1,4 +1,5 @@
-"""Row-sharded Sinkhorn on 8 fake devices equals subjax.ot.sinkhorn."""
+"""Row-sharded Sinkhorn and Sinkhorn-Newton on 8 fake devices equal the single-device
+subjax.ot solvers."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from subjax.ot import PointCloud, cost_matrix, sinkhorn
-from subjax.parallel import sharded_sinkhorn
+from subjax.ot import PointCloud, cost_matrix, sinkhorn, sinkhorn_newton
+from subjax.parallel import sharded_sinkhorn, sharded_sinkhorn_newton
 
 pytestmark = pytest.mark.multidevice
 
@@ -31,12 +32,20 @@ def problem():
 def assert_same(res, ref, atol=2e-6, same_iters=True):
     assert bool(res.converged) and bool(ref.converged)
     if same_iters:
-        assert int(res.n_iters) == int(ref.n_iters)
+        # The reported error includes the column marginal, whose float32 rounding
+        # (~2e-6 here, summed in a different order on 8 devices) can move the sweep
+        # at which row + column error crosses tol by one.
+        assert abs(int(res.n_iters) - int(ref.n_iters)) <= 1
+        k = int(jnp.sum((res.errors >= 0) & (ref.errors >= 0)))
         # the L1 marginal error itself is summed in a different order: float32 noise
         # of ~n * u * mass = 128 * 6e-8 ~ 1e-5 relative to the total mass of 1
-        np.testing.assert_allclose(res.errors, ref.errors, atol=2e-6)
-    np.testing.assert_allclose(res.f, ref.f, atol=atol)
-    np.testing.assert_allclose(res.g, ref.g, atol=atol)
+        np.testing.assert_allclose(res.errors[:k], ref.errors[:k], atol=2e-6)
+    # the reported error is the recomputed marginal error of the returned potentials
+    np.testing.assert_allclose(float(res.error), float(sum(res.marginal_errors())), atol=1e-6)
+    # potentials are defined up to (f + c, g - c); a sweep more or less moves c
+    shift = jnp.mean(res.f - ref.f)
+    np.testing.assert_allclose(res.f - shift, ref.f, atol=atol)
+    np.testing.assert_allclose(res.g + shift, ref.g, atol=atol)
     np.testing.assert_allclose(res.reg_ot_cost, ref.reg_ot_cost, rtol=1e-5)
     # the result is a transport plan with the requested marginals
     ea, eb = res.marginal_errors()
@@ -55,7 +64,7 @@ def test_sharded_sinkhorn_equals_single_device(mesh, problem, kw):
     res = sharded_sinkhorn(c, a, None, mesh=mesh, axis_name="rows", **kw)
     ref = sinkhorn(c, a, None, **kw)
     if "rho_a" in kw:  # unbalanced: marginals are only softly matched
-        assert bool(res.converged) and int(res.n_iters) == int(ref.n_iters)
+        assert bool(res.converged) and abs(int(res.n_iters) - int(ref.n_iters)) <= 1
         np.testing.assert_allclose(res.f, ref.f, atol=2e-6)
         np.testing.assert_allclose(res.g, ref.g, atol=2e-6)
     else:
@@ -71,12 +80,20 @@ def test_sharded_sinkhorn_gradients(mesh, problem):
     """Implicit differentiation through the sharded solver equals the single-device one."""
     c, a = problem
 
-    def obj(solver, **kw):
-        return lambda c: jnp.sum(jnp.square(solver(c, a, None, 0.05, tol=1e-5, **kw).f))
+    b = jnp.full((96,), 1 / 96)
 
-    g8 = jax.grad(obj(sharded_sinkhorn, mesh=mesh, axis_name="rows"))(c)
-    g1 = jax.grad(obj(sinkhorn))(c)
-    np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g1))))
+    def obj(solver, **kw):
+        def fun(c, a, b, eps):
+            o = solver(c, a, b, eps, tol=1e-5, **kw)
+            return jnp.sum(jnp.square(o.f)) + jnp.sum(o.g * jnp.arange(96.0)) + o.reg_ot_cost
+        return jax.grad(fun, argnums=(0, 1, 2, 3))
+
+    # cost and a are split over the devices, b and epsilon replicated: their
+    # cotangents are summed across the axis exactly once
+    g8 = obj(sharded_sinkhorn, mesh=mesh, axis_name="rows")(c, a, b, 0.05)
+    g1 = obj(sinkhorn)(c, a, b, 0.05)
+    for x8, x1 in zip(g8, g1, strict=True):
+        np.testing.assert_allclose(x8, x1, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(x1))))
 
 
 def test_bad_inputs(mesh, problem):
@@ -90,9 +107,58 @@ def test_bad_inputs(mesh, problem):
         sharded_sinkhorn(c, a * 2, None, mesh=mesh, axis_name="rows")
     with pytest.raises(ValueError, match="epsilon"):
         sharded_sinkhorn(c, epsilon=-1.0, mesh=mesh, axis_name="rows")
-    with pytest.raises(TypeError, match="PointCloud"):
-        sharded_sinkhorn(PointCloud(jnp.ones((8, 2)), jnp.ones((8, 2))), mesh=mesh,
+    with pytest.raises(ValueError, match="12 points of `x` are not divisible"):
+        sharded_sinkhorn(PointCloud(jnp.ones((12, 2)), jnp.ones((8, 2))), mesh=mesh,
                          axis_name="rows")
+    with pytest.raises(ValueError, match="epsilon"):
+        sharded_sinkhorn_newton(c, epsilon=0.0, mesh=mesh, axis_name="rows")
+
+
+def test_sharded_negative_epsilon_under_jit(mesh, problem):
+    c, a = problem
+    out = jax.jit(lambda e: sharded_sinkhorn(c, a, None, e, tol=1e-4, mesh=mesh,
+                                             axis_name="rows"))(-0.05)
+    assert not bool(out.converged) and not np.isfinite(float(out.error))
+    assert bool(jnp.all(jnp.isfinite(out.f))) and bool(jnp.all(jnp.isfinite(out.g)))
+    assert bool(jnp.all(jnp.isfinite(out.plan())))
+
+
+def test_sharded_pointcloud_equals_single_device(mesh, problem):
+    """Rows of a point cloud split over the devices, evaluated blockwise on each."""
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (128, 2))
+    y = jax.random.normal(ky, (96, 2)) + 1.0
+    pc = PointCloud(x, y, block_size=4)
+    res = sharded_sinkhorn(pc, epsilon=0.1, tol=1e-4, mesh=mesh, axis_name="rows")
+    ref = sinkhorn(cost_matrix(x, y), epsilon=0.1, tol=1e-4)
+    assert_same(res, ref)
+    assert res.f.sharding.spec == P("rows")
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["dense", "online"])
+def test_sharded_newton_equals_single_device(mesh, problem, online):
+    c, a = problem
+    kw = dict(epsilon=0.02, tol=1e-4)
+    if online:
+        kx, ky = jax.random.split(jax.random.key(0))
+        x = jax.random.normal(kx, (128, 2))
+        y = jax.random.normal(ky, (96, 2)) + 1.0
+        np.testing.assert_allclose(cost_matrix(x, y), c)
+        geom = PointCloud(x, y, block_size=8)
+    else:
+        geom = c
+    res = sharded_sinkhorn_newton(geom, a, None, mesh=mesh, axis_name="rows", **kw)
+    ref = sinkhorn_newton(c, a, None, **kw)
+    assert bool(res.converged) and bool(ref.converged)
+    assert int(res.n_linear_iters) > 0
+    assert float(res.error) <= 1e-4
+    np.testing.assert_allclose(float(res.error), float(sum(res.marginal_errors())), atol=2e-6)
+    # both solve the problem to tol 1e-4: the potentials agree to what that pins down
+    shift = res.f[0] - ref.f[0]
+    np.testing.assert_allclose(res.f - shift, ref.f, atol=2e-3)
+    np.testing.assert_allclose(res.g + shift, ref.g, atol=2e-3)
+    np.testing.assert_allclose(res.reg_ot_cost, ref.reg_ot_cost, rtol=1e-4)
+    assert res.f.sharding.spec == P("rows")
 
 
 def test_traceable_under_eval_shape_and_vmap(mesh):

@@ -2,21 +2,28 @@
 
 Public API:
 
-- :func:`cost_matrix`, :class:`PointCloud` — ground costs (dense or blockwise).
+- :func:`cost_matrix` — dense ground costs between point clouds.
+- :class:`Dense`, :class:`PointCloud` — geometries: a dense cost, or costs
+  evaluated blockwise from two point clouds (never the ``n x m`` matrix).
 - :func:`sinkhorn` — log-domain Sinkhorn, epsilon scaling, unbalanced (KL) variant.
-- :func:`sinkhorn_newton` — Newton on the dual, matrix-free CG.
+- :func:`sinkhorn_newton` — Newton on the dual, matrix-free CG (dense or online).
 - :func:`sparse_newton_sinkhorn` — SNS: Sinkhorn warm-up + sparsified-Hessian Newton.
 - :class:`OTResult` — the common result (potentials, plan, costs, diagnostics).
-- :func:`lse_row_update` — the factored log-domain half-step (for row-sharded solvers).
+- :func:`lse_row_update` — the factored log-domain half-step.
 - :func:`dual_objective` — the entropic dual ``D(f, g)``.
+
+Every solver takes ``axis_name`` to run inside ``jax.shard_map`` with the rows
+of the geometry split over a mesh axis (see :mod:`subjax.parallel`).
 """
 
 from subjax.ot._common import OTResult, dual_objective
-from subjax.ot._costs import PointCloud, cost_matrix, lse_row_update
+from subjax.ot._costs import cost_matrix, lse_row_update
+from subjax.ot._geometry import Dense, PointCloud
 from subjax.ot._newton import sinkhorn_newton, sparse_newton_sinkhorn
 from subjax.ot._sinkhorn import sinkhorn
 
 __all__ = [
+    "Dense",
     "OTResult",
     "PointCloud",
     "cost_matrix",

@@ -1,5 +1,5 @@
-r"""Shared pieces of the OT solvers: validation, the dual, the result type,
-the Newton system (Schur complement + CG) and implicit differentiation.
+r"""The OT problem, its dual, the result type, the Newton system and implicit
+differentiation, shared by every solver.
 
 Conventions. Entropic OT between weights ``a`` (n) and ``b`` (m) with cost ``C``:
 
@@ -30,146 +30,158 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from subjax.ot._costs import PointCloud, lse_row_update
+from subjax._core import (
+    check_finite_if_concrete,
+    floating_array,
+    is_concrete,
+    positive,
+    scalar,
+    unit_interval,
+)
+from subjax.linalg import cg
+from subjax.ot._geometry import Geometry, PointCloud, log_plan, to_geometry
 
-# --------------------------------------------------------------------------- geometry
+# --------------------------------------------------------------------------- the problem
 
 
-@jax.tree_util.register_pytree_node_class
-class _Dense:
-    """A dense cost kept in both layouts, so both Sinkhorn half-steps reduce rows."""
+class Problem(NamedTuple):
+    """An entropic OT problem on a geometry: marginals, epsilon, KL relaxation.
 
-    def __init__(self, C, CT):
-        self.C, self.CT = C, CT
+    ``rho_a = rho_b = None`` is the balanced problem. Under a ``shard_map`` row
+    axis ``a`` holds the local rows' weights and ``b`` all columns' weights.
+    """
 
-    def tree_flatten(self):
-        return (self.C, self.CT), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
+    geom: Geometry
+    a: jax.Array
+    b: jax.Array
+    epsilon: jax.Array
+    rho_a: Any = None
+    rho_b: Any = None
 
     @property
-    def shape(self):
-        return self.C.shape
+    def log_a(self):
+        return safe_log(self.a)
 
-    def dense(self):
-        return self.C
+    @property
+    def log_b(self):
+        return safe_log(self.b)
 
-
-def _to_geom(cost):
-    if isinstance(cost, PointCloud):
-        return cost
-    return _Dense(cost, cost.T)
-
-
-def row_update(geom, g, log_b, eps):
-    """``f_hat`` for all rows (blockwise for a point cloud)."""
-    if isinstance(geom, PointCloud):
-        return geom.map_rows(lambda rows, _: lse_row_update(rows, g, log_b, eps))
-    return lse_row_update(geom.C, g, log_b, eps)
+    @property
+    def balanced(self) -> bool:
+        return self.rho_a is None
 
 
-def col_update(geom, f, log_a, eps):
-    """``g_hat`` for all columns: the row update on the transposed cost."""
-    if isinstance(geom, PointCloud):
-        return geom.transpose().map_rows(lambda rows, _: lse_row_update(rows, f, log_a, eps))
-    return lse_row_update(geom.CT, f, log_a, eps)
-
-
-def mean_cost(geom):
-    if isinstance(geom, PointCloud):
-        return jnp.mean(geom.map_rows(lambda rows, _: jnp.mean(rows, axis=1)))
-    return jnp.mean(geom.C)
+def lam(rho, eps):
+    """The unbalanced Sinkhorn damping ``rho / (rho + eps)`` (1 when balanced)."""
+    return 1 if rho is None else rho / (rho + eps)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _finite_positive(v, name, *, allow_none=False):
+    return scalar(v, name, low=0.0, low_open=True, high=np.inf, high_open=True,
+                  allow_none=allow_none)
 
 
-def validate(cost, a, b, epsilon, rho_a=None, rho_b=None, *, name="sinkhorn"):
-    """Check and normalise the inputs. Returns ``(cost, a, b, epsilon, rho_a, rho_b)``."""
-    if isinstance(cost, PointCloud):
+def check_options(rho_a, rho_b, epsilon_scaling=None, epsilon_init=None):
+    """The relaxation and epsilon-continuation options every solver takes."""
+    if (rho_a is None) != (rho_b is None):
+        raise ValueError("arguments `rho_a` and `rho_b` must both be given (unbalanced) or "
+                         "both be None (balanced)")
+    _finite_positive(rho_a, "rho_a", allow_none=True)
+    _finite_positive(rho_b, "rho_b", allow_none=True)
+    if epsilon_scaling is not None:
+        unit_interval(epsilon_scaling, "epsilon_scaling")
+    positive(epsilon_init, "epsilon_init", allow_none=True)
+
+
+def validate(cost, a, b, epsilon, rho_a=None, rho_b=None, *, epsilon_scaling=None,
+             epsilon_init=None, axis_name=None):
+    """Check and normalise the inputs. Returns ``(cost, a, b, epsilon, rho_a, rho_b)``.
+
+    Value checks (finite entries, non-negative weights, equal masses, epsilon
+    > 0) run when the values are concrete, reduced on their device; under a trace
+    the solvers report a bad value through ``converged=False`` instead. With a
+    row ``axis_name`` ``a`` holds local rows, so the mass balance is not checked.
+    """
+    check_options(rho_a, rho_b, epsilon_scaling, epsilon_init)
+    if isinstance(cost, Geometry):
         n, m = cost.shape
         dtype = cost.dtype
+        if isinstance(cost, PointCloud):
+            check_finite_if_concrete(cost.x, "x")
+            check_finite_if_concrete(cost.y, "y")
+        else:
+            check_finite_if_concrete(cost.dense(), "cost")
     else:
-        if not hasattr(cost, "shape"):
-            cost = jnp.asarray(cost)
-        cost = jnp.asarray(cost)
-        if cost.ndim != 2:
-            raise ValueError(
-                f"argument `cost` must be a 2-D cost matrix or a PointCloud, got shape {cost.shape}"
-            )
-        if not jnp.issubdtype(cost.dtype, jnp.floating):
-            raise TypeError(f"argument `cost` must have a floating dtype, got {cost.dtype}")
+        cost = floating_array(cost, "cost", ndim=2)
         n, m = cost.shape
         dtype = cost.dtype
         if n == 0 or m == 0:
             raise ValueError(f"argument `cost` must be non-empty, got shape {cost.shape}")
-        if _is_concrete(cost) and not np.all(np.isfinite(np.asarray(cost))):
-            raise ValueError("argument `cost` contains non-finite entries")
+        check_finite_if_concrete(cost, "cost")
 
     def weights(w, k, nm):
         if w is None:
             return jnp.full((k,), 1.0 / k, dtype)
-        w = jnp.asarray(w)
+        w = floating_array(w, nm)
         if w.shape != (k,):
             raise ValueError(
                 f"argument `{nm}` must have shape ({k},) to match the cost of shape {(n, m)}, "
                 f"got {w.shape}"
             )
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"argument `{nm}` must have a floating dtype, got {w.dtype}")
         w = w.astype(dtype)
-        if _is_concrete(w):
-            wn = np.asarray(w)
-            if not np.all(np.isfinite(wn)):
-                raise ValueError(f"argument `{nm}` contains non-finite entries")
-            if np.any(wn < 0):
-                raise ValueError(f"argument `{nm}` has negative entries (min {wn.min():g})")
-            if wn.sum() <= 0:
+        check_finite_if_concrete(w, nm)
+        stats = _min_and_sum(w)
+        if stats is not None:
+            lo, total = stats
+            if lo < 0:
+                raise ValueError(f"argument `{nm}` has negative entries (min {lo:g})")
+            if total <= 0:
                 raise ValueError(f"argument `{nm}` must have positive total mass")
         return w
 
     a = weights(a, n, "a")
     b = weights(b, m, "b")
-    balanced = rho_a is None and rho_b is None
-    if balanced and _is_concrete(a) and _is_concrete(b):
-        sa, sb = float(np.sum(np.asarray(a, np.float64))), float(np.sum(np.asarray(b, np.float64)))
+    sums = (_min_and_sum(a), _min_and_sum(b))
+    if rho_a is None and axis_name is None and None not in sums:
+        sa, sb = sums[0][1], sums[1][1]
         tol = 100 * float(jnp.finfo(dtype).eps) * max(sa, sb)
         if abs(sa - sb) > tol:
             raise ValueError(
                 f"arguments `a` and `b` must have the same total mass in the balanced problem, "
                 f"got sum(a)={sa:.10g} and sum(b)={sb:.10g}; pass rho_a/rho_b for unbalanced OT"
             )
-
-    def positive_scalar(v, nm):
-        if v is None:
-            return None
-        v_arr = jnp.asarray(v)
-        if v_arr.ndim != 0:
-            raise ValueError(f"argument `{nm}` must be a scalar, got shape {v_arr.shape}")
-        if _is_concrete(v_arr):
-            fv = float(v_arr)
-            if not np.isfinite(fv) or fv <= 0:
-                raise ValueError(f"argument `{nm}` must be finite and > 0, got {fv!r}")
-        return v_arr.astype(dtype)
-
-    epsilon = positive_scalar(epsilon, "epsilon")
     if epsilon is None:
         raise ValueError("argument `epsilon` must be given (> 0)")
-    rho_a = positive_scalar(rho_a, "rho_a")
-    rho_b = positive_scalar(rho_b, "rho_b")
-    return cost, a, b, epsilon, rho_a, rho_b
+    _finite_positive(epsilon, "epsilon")
+    as_scalar = lambda v: None if v is None else jnp.asarray(v).astype(dtype)
+    return cost, a, b, as_scalar(epsilon), as_scalar(rho_a), as_scalar(rho_b)
 
 
-def check_positive_int(v, nm):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"argument `{nm}` must be a positive int, got {v!r}")
-    return int(v)
+@jax.jit
+def _min_and_sum_device(w):
+    return jnp.stack([jnp.min(w), jnp.sum(w)])
+
+
+def _min_and_sum(w):
+    """``(min, sum)`` of a concrete ``w`` as floats (reduced on its device), else None."""
+    if not is_concrete(w):
+        return None
+    try:
+        lo, total = _min_and_sum_device(w)
+        return float(lo), float(total)
+    except jax.errors.ConcretizationTypeError:  # inside an outer trace
+        return None
+
+
+def epsilon_guard(eps, mean_cost):
+    """``(eps_ok, eps_run)``: a traced epsilon that is not finite and positive is
+    replaced by the mean cost (a well-posed stand-in) and reported by ``eps_ok``."""
+    ok = jnp.isfinite(eps) & (eps > 0)
+    fallback = jnp.where(jnp.isfinite(mean_cost) & (mean_cost > 0), mean_cost, 1)
+    return ok, jnp.where(ok, eps, fallback.astype(eps.dtype))
 
 
 # --------------------------------------------------------------------------- the dual
@@ -180,11 +192,11 @@ def safe_log(w):
     return jnp.where(pos, jnp.log(jnp.where(pos, w, 1)), -jnp.inf)
 
 
-def phi(f, w, rho):
-    """Marginal part of the dual: <w, f> or -rho <w, exp(-f/rho) - 1>."""
-    if rho is None:
-        return jnp.sum(w * f)
-    return -rho * jnp.sum(w * jnp.expm1(-f / rho))
+def phi(f, w, rho, geom):
+    """Marginal part of the dual: <w, f> or -rho <w, exp(-f/rho) - 1> (summed over rows
+    of ``geom`` when ``f`` is row-indexed; pass ``geom=None`` for columns)."""
+    terms = w * f if rho is None else -rho * (w * jnp.expm1(-f / rho))
+    return jnp.sum(terms) if geom is None else geom.row_sum(terms)
 
 
 def dphi(f, w, rho):
@@ -199,38 +211,27 @@ def d2phi(f, w, rho):
     return w * jnp.exp(-f / rho) / rho
 
 
-def plan_dense(C, f, g, log_a, log_b, eps):
-    z = (f[:, None] + g[None, :] - C) * (1 / eps) + log_a[:, None] + log_b[None, :]
-    return jnp.exp(z)
+def dual_value(prob: Problem, f, g, plan_sum):
+    """``D(f, g)`` from the plan's total mass."""
+    geom = prob.geom
+    return (phi(f, prob.a, prob.rho_a, geom) + phi(g, prob.b, prob.rho_b, None)
+            - prob.epsilon * (plan_sum - geom.row_sum(prob.a) * jnp.sum(prob.b)))
 
 
-def dual_value(f, g, P_sum, a, b, eps, rho_a, rho_b):
-    return (phi(f, a, rho_a) + phi(g, b, rho_b)
-            - eps * (P_sum - jnp.sum(a) * jnp.sum(b)))
-
-
-def _plan_rowsum(geom, f, g, log_a, log_b, eps):
-    """Row sums of the plan without the dense matrix (blockwise for point clouds)."""
-    if isinstance(geom, PointCloud):
-        def fn(rows, idx):
-            z = (f[idx][:, None] + g[None, :] - rows) * (1 / eps) + log_a[idx][:, None] + log_b
-            return jnp.sum(jnp.exp(z), axis=1)
-        return geom.map_rows(fn)
-    return jnp.sum(plan_dense(geom.C, f, g, log_a, log_b, eps), axis=1)
+def marginal_error(prob: Problem, f, g, rows, cols):
+    """``|phi_a'(f) - P1|_1 + |phi_b'(g) - P^T1|_1`` and the two gradients."""
+    ga = dphi(f, prob.a, prob.rho_a) - rows
+    gb = dphi(g, prob.b, prob.rho_b) - cols
+    err = prob.geom.row_sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
+    return ga, gb, jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
 def dual_objective(cost, f, g, a, b, eps, rho_a=None, rho_b=None):
     """The dual ``D(f, g)`` (see module docstring), blockwise for point clouds."""
-    geom = _to_geom(cost)
-    r = _plan_rowsum(geom, f, g, safe_log(a), safe_log(b), eps)
-    return dual_value(f, g, jnp.sum(r), a, b, eps, rho_a, rho_b)
-
-
-def dual_grad(cost, f, g, a, b, eps, rho_a, rho_b):
-    """``grad D = (phi_a'(f) - P1, phi_b'(g) - P^T 1)`` with the dense plan."""
-    C = cost.dense() if isinstance(cost, PointCloud) else cost
-    P = plan_dense(C, f, g, safe_log(a), safe_log(b), eps)
-    return dphi(f, a, rho_a) - jnp.sum(P, axis=1), dphi(g, b, rho_b) - jnp.sum(P, axis=0)
+    geom = to_geometry(cost)
+    prob = Problem(geom, a, b, eps, rho_a, rho_b)
+    rows = geom.plan_map(f, g, prob.log_a, prob.log_b, eps, lambda p, _: jnp.sum(p, axis=1))
+    return dual_value(prob, f, g, geom.row_sum(rows))
 
 
 # --------------------------------------------------------------------------- result
@@ -242,14 +243,15 @@ class OTResult(NamedTuple):
     Fields (``n, m`` the marginal sizes, ``dt`` the cost dtype):
       f: ``(n,) dt`` row potential.
       g: ``(m,) dt`` column potential.
-      cost: the ``(n, m)`` cost matrix or the :class:`PointCloud` that was solved.
+      cost: the ``(n, m)`` cost matrix or the geometry that was solved.
       a, b: ``(n,)``, ``(m,)`` marginal weights.
-      epsilon: ``() dt`` entropic regularisation.
+      epsilon: ``() dt`` entropic regularisation the potentials solve (the given
+        one; a traced epsilon that is not finite and positive is replaced by the
+        mean cost and the result reports ``converged=False``, ``error=inf``).
       rho_a, rho_b: ``() dt`` marginal relaxation (unbalanced) or ``None`` (balanced).
       error: ``() dt`` marginal error ``|grad D(f, g)|_1`` of the returned potentials
         (balanced: ``|P1 - a|_1 + |P^T 1 - b|_1``).
-      errors: ``(history,) dt`` error every ``inner_iterations`` iterations
-        (entry ``k`` after iteration ``k * inner_iterations``), -1 padded.
+      errors: ``(history,) dt`` error history (see each solver), -1 padded.
       n_iters: ``() int32`` outer iterations run (Sinkhorn sweeps or Newton steps,
         warm-up Sinkhorn sweeps included).
       converged: ``() bool`` ``error <= tol`` reached (and everything finite).
@@ -273,33 +275,22 @@ class OTResult(NamedTuple):
     converged: jax.Array
     n_linear_iters: jax.Array
 
-    def _dense_cost(self):
-        return self.cost.dense() if isinstance(self.cost, PointCloud) else self.cost
+    def _args(self):
+        return self.f, self.g, safe_log(self.a), safe_log(self.b), self.epsilon
 
     def plan(self) -> jax.Array:
         """The dense ``(n, m)`` transport plan ``P_ij = a_i b_j exp((f_i+g_j-C_ij)/eps)``."""
-        return plan_dense(self._dense_cost(), self.f, self.g, safe_log(self.a),
-                          safe_log(self.b), self.epsilon)
+        return to_geometry(self.cost).plan(*self._args())
 
     def apply_plan(self, v: jax.Array, transpose: bool = False) -> jax.Array:
         """``P @ v`` (``v`` of shape ``(m,)`` or ``(m, k)``), or ``P^T @ v`` if ``transpose``.
 
         For a blockwise :class:`PointCloud` the plan is never materialised.
         """
-        geom = self.cost
-        f, g, la, lb = self.f, self.g, safe_log(self.a), safe_log(self.b)
+        geom = to_geometry(self.cost)
         if transpose:
-            f, g, la, lb = g, f, lb, la
-            if isinstance(geom, PointCloud):
-                geom = geom.transpose()
-        eps = self.epsilon
-        if isinstance(geom, PointCloud):
-            def fn(rows, idx):
-                z = (f[idx][:, None] + g[None, :] - rows) * (1 / eps) + la[idx][:, None] + lb
-                return jnp.exp(z) @ v
-            return geom.map_rows(fn)
-        C = geom.T if transpose else geom
-        return plan_dense(C, f, g, la, lb, eps) @ v
+            return geom.plan_rmatvec(*self._args(), v)
+        return geom.plan_matvec(*self._args(), v)
 
     @property
     def reg_ot_cost(self) -> jax.Array:
@@ -316,15 +307,8 @@ class OTResult(NamedTuple):
 
     @property
     def transport_cost(self) -> jax.Array:
-        """Unregularised cost ``<C, P>`` of the entropic plan."""
-        geom = self.cost
-        if isinstance(geom, PointCloud):
-            f, g, la, lb, eps = self.f, self.g, safe_log(self.a), safe_log(self.b), self.epsilon
-            def fn(rows, idx):
-                z = (f[idx][:, None] + g[None, :] - rows) * (1 / eps) + la[idx][:, None] + lb
-                return jnp.sum(jnp.exp(z) * rows, axis=1)
-            return jnp.sum(geom.map_rows(fn))
-        return jnp.sum(self.plan() * geom)
+        """Unregularised cost ``<C, P>`` of the entropic plan (blockwise)."""
+        return to_geometry(self.cost).transport_cost(*self._args())
 
     def marginal_errors(self) -> tuple[jax.Array, jax.Array]:
         """``(|P1 - a|_1, |P^T1 - b|_1)`` recomputed from the potentials."""
@@ -334,75 +318,94 @@ class OTResult(NamedTuple):
         return jnp.sum(jnp.abs(r - self.a)), jnp.sum(jnp.abs(c - self.b))
 
 
+def make_result(f, g, cost, a, b, eps, rho_a, rho_b, error, errors, n_iters, converged,
+                n_linear):
+    return OTResult(f=f, g=g, cost=cost, a=a, b=b, epsilon=eps, rho_a=rho_a, rho_b=rho_b,
+                    error=error, errors=errors, n_iters=n_iters, converged=converged,
+                    n_linear_iters=n_linear)
+
+
 # --------------------------------------------------------------------------- Newton system
 
 
-def pcg(matvec, rhs, diag_inv, rtol, maxiter, project):
-    """Preconditioned CG for an SPD(-on-a-subspace) operator, fixed shapes.
-
-    Specialised rather than ``subjax.linalg.cg`` because the operator here needs the
-    null direction (constants) projected out of every residual, and the solve
-    runs inside the solver's ``while_loop`` under ``vmap``. Returns ``(x, iters)``.
-    """
-    proj = (lambda v: v - jnp.mean(v)) if project else (lambda v: v)
-    rhs = proj(rhs)
-    tol2 = (rtol * jnp.linalg.norm(rhs)) ** 2
-    x0 = jnp.zeros_like(rhs)
-    z0 = diag_inv * rhs
-    rz0 = jnp.vdot(rhs, z0)
-
-    def cond(s):
-        k, _, r, _, _ = s
-        return (k < maxiter) & (jnp.vdot(r, r) > tol2)
-
-    def body(s):
-        k, x, r, p, rz = s
-        q = matvec(p)
-        pq = jnp.vdot(p, q)
-        alpha = jnp.where(pq > 0, rz / jnp.where(pq > 0, pq, 1), 0)
-        x = x + alpha * p
-        r = proj(r - alpha * q)
-        z = diag_inv * r
-        rz_new = jnp.vdot(r, z)
-        beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1), 0)
-        # A non-positive curvature means breakdown (rounding): stop there.
-        k_next = jnp.where(pq > 0, k + 1, maxiter)
-        return k_next, x, r, z + beta * p, rz_new
-
-    k, x, *_ = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), x0, rhs, z0, rz0))
-    return x, jnp.minimum(k, maxiter)
-
-
-def newton_solve(Pv, PTu, dr, dc, rhs_f, rhs_g, rtol, maxiter, balanced):
+def newton_solve(geom: Geometry, Pv, PTu, dr, dc, rhs_f, rhs_g, rtol, max_iters, balanced):
     r"""Solve ``[[diag(dr), P], [P^T, diag(dc)]] (x, y) = (rhs_f, rhs_g)`` matrix-free.
 
     Eliminating ``y`` gives the Schur system
     ``(diag(dr) - P diag(1/dc) P^T) x = rhs_f - P (rhs_g / dc)``: one product with
-    ``P`` and one with ``P^T`` per CG step, Jacobi-preconditioned by ``dr``. In the
-    balanced problem the Schur matrix has the constants as null direction (the
-    (1, -1) direction of the full system); CG runs on its orthogonal complement.
+    ``P`` and one with ``P^T`` per CG step (:func:`subjax.linalg.cg`),
+    Jacobi-preconditioned by ``dr``. On a row-sharded geometry ``x`` is split like
+    the rows and CG's inner products are summed across the axis. In the balanced
+    problem the Schur matrix has the constants as null direction (the (1, -1)
+    direction of the full system); CG runs on its orthogonal complement.
+    The relative tolerance is raised to ``10 u`` (``u`` the unit roundoff of the
+    dtype): below it CG's recursive residual no longer tracks the true one and the
+    iterates drift (float32 with a 1e-10 tolerance). Returns ``(x, y, cg_iters)``.
     """
-    tiny = jnp.finfo(dr.dtype).tiny
-    dc_safe = jnp.maximum(dc, tiny)
-    inv_dc = 1 / dc_safe
-    rhs = rhs_f - Pv(rhs_g * inv_dc)
-    matvec = lambda v: dr * v - Pv(PTu(v) * inv_dc)
-    x, k = pcg(matvec, rhs, 1 / jnp.maximum(dr, tiny), rtol, maxiter, balanced)
+    fi = jnp.finfo(dr.dtype)
+    tiny = fi.tiny
+    rtol = jnp.maximum(rtol, 10 * fi.eps)
+    inv_dc = 1 / jnp.maximum(dc, tiny)
+    if balanced:
+        n_all = geom.row_sum(jnp.ones_like(dr))
+        proj = lambda v: v - geom.row_sum(v) / n_all
+    else:
+        proj = lambda v: v
+    rhs = proj(rhs_f - Pv(rhs_g * inv_dc))
+    schur = lambda v: proj(dr * v - Pv(PTu(v) * inv_dc))
+    sol = cg(schur, rhs, tol=rtol, max_iters=max_iters, m=1 / jnp.maximum(dr, tiny),
+             axis_name=geom.axis_name)
+    x = sol.x
     y = (rhs_g - PTu(x)) * inv_dc
-    return x, y, k
+    return x, y, sol.n_iters
+
+
+class PlanOperator(NamedTuple):
+    """``P v``, ``P^T u`` and the marginals of one plan (dense or blockwise)."""
+
+    matvec: Any
+    rmatvec: Any
+    rows: jax.Array
+    cols: jax.Array
+
+
+def plan_operator(prob: Problem, f, g, eps, materialize: bool) -> PlanOperator:
+    """The plan at ``(f, g)`` as an operator: the dense plan when ``materialize``,
+    else blockwise products that recompute it from the geometry."""
+    geom, la, lb = prob.geom, prob.log_a, prob.log_b
+    if materialize:
+        P = geom.plan(f, g, la, lb, eps)
+        return dense_operator(geom, P)
+    n, m = geom.shape
+    mv = lambda v: geom.plan_matvec(f, g, la, lb, eps, v)
+    rmv = lambda u: geom.plan_rmatvec(f, g, la, lb, eps, u)
+    return PlanOperator(mv, rmv, mv(jnp.ones((m,), f.dtype)), rmv(jnp.ones((n,), f.dtype)))
+
+
+def dense_operator(geom: Geometry, P) -> PlanOperator:
+    """The operator of a dense plan (its local rows when sharded)."""
+    ax = geom.axis_name
+    colsum = lambda x: x if ax is None else lax.psum(x, ax)
+    return PlanOperator(lambda v: P @ v, lambda u: colsum(u @ P), jnp.sum(P, axis=1),
+                        colsum(jnp.sum(P, axis=0)))
 
 
 # --------------------------------------------------------------------------- implicit diff
 
 
-def with_implicit_diff(forward, cost, a, b, eps, rho_a, rho_b, implicit_maxiter, implicit_rtol):
+def with_implicit_diff(forward, cost, a, b, eps, rho_a, rho_b, *, implicit_max_iters,
+                       implicit_rtol, materialize, axis_name=None):
     """Run ``forward(cost, a, b, eps, rho_a, rho_b) -> (f, g, aux)`` with implicit VJPs.
 
     The backward pass differentiates the optimality condition ``grad D(f, g) = 0``:
     for a cotangent ``(u, v)`` on ``(f, g)`` it solves ``H lam = (u, v)`` with
-    ``H = -Hess D`` (same Schur-complement CG as the Newton step, dense plan) and
-    returns ``lam^T d(grad D)/d(theta)`` for ``theta = (cost, a, b, eps, rho)``.
-    No iteration is unrolled.
+    ``H = -Hess D`` (the Newton system's CG, on the dense plan when
+    ``materialize``, else blockwise from the geometry) and returns
+    ``lam^T d(grad D)/d(theta)`` for ``theta = (cost, a, b, eps, rho)``, also
+    blockwise (each block rematerialised). No iteration is unrolled.
+    A solver called with a row ``axis_name`` inside ``shard_map`` runs forward
+    only: its backward pass raises (the wrappers of :mod:`subjax.parallel` shard
+    the forward pass and differentiate on the whole arrays).
     """
     balanced = rho_a is None and rho_b is None
 
@@ -415,36 +418,47 @@ def with_implicit_diff(forward, cost, a, b, eps, rho_a, rho_b, implicit_maxiter,
         return (f, g, aux), (f, g, cost, a, b, eps, rho_a, rho_b)
 
     def bwd(res, cts):
+        if axis_name is not None:
+            raise NotImplementedError(
+                f"differentiating an OT solver called with axis_name={axis_name!r} inside "
+                f"shard_map is not supported; call subjax.parallel.sharded_sinkhorn / "
+                f"sharded_sinkhorn_newton, which shard the solve and differentiate it")
         f, g, cost, a, b, eps, rho_a, rho_b = res
         u, v = cts[0], cts[1]
-        C = cost.dense() if isinstance(cost, PointCloud) else cost
-        P = plan_dense(C, f, g, safe_log(a), safe_log(b), eps)
-        dr = jnp.sum(P, axis=1) + eps * d2phi(f, a, rho_a)
-        dc = jnp.sum(P, axis=0) + eps * d2phi(g, b, rho_b)
+        prob = Problem(to_geometry(cost), a, b, eps, rho_a, rho_b)
+        geom = prob.geom
+        op = plan_operator(prob, f, g, eps, materialize)
+        dr = op.rows + eps * d2phi(f, a, rho_a)
+        dc = op.cols + eps * d2phi(g, b, rho_b)
         if balanced:
             # Cotangent component along the null direction (1, -1) is dropped.
-            s = (jnp.sum(u) - jnp.sum(v)) / (u.shape[0] + v.shape[0])
+            n_all = geom.row_sum(jnp.ones_like(u))
+            s = (geom.row_sum(u) - jnp.sum(v)) / (n_all + v.shape[0])
             u, v = u - s, v + s
-        lf, lg, _ = newton_solve(lambda w: P @ w, lambda w: w @ P, dr, dc, eps * u, eps * v,
-                                 implicit_rtol, implicit_maxiter, balanced)
-        _, vjp = jax.vjp(lambda c, a_, b_, e, ra, rb: dual_grad(c, f, g, a_, b_, e, ra, rb),
-                         cost, a, b, eps, rho_a, rho_b)
-        return vjp((lf, lg))
+        lf, lg, _ = newton_solve(geom, op.matvec, op.rmatvec, dr, dc, eps * u, eps * v,
+                                 implicit_rtol, implicit_max_iters, balanced)
+
+        # lam^T grad D(theta) = <lf, phi_a'(f)> + <lg, phi_b'(g)> - sum_ij P_ij (lf_i + lg_j)
+        def rows_part(cost, a, b, eps, rho_a):
+            geo = to_geometry(cost)
+            la, lb = safe_log(a), safe_log(b)
+
+            def block(c, idx):
+                lfi = lf if idx is None else lf[idx]
+                fi = f if idx is None else f[idx]
+                lai = la if idx is None else la[idx]
+                p = jnp.exp(log_plan(c, fi, g, lai, lb, eps))
+                return jnp.sum(p * (lfi[:, None] + lg[None, :]), axis=1)
+
+            coupled = geo.map_rows(jax.checkpoint(block))
+            return jnp.vdot(lf, dphi(f, a, rho_a)) - jnp.sum(coupled)
+
+        _, vjp_rows = jax.vjp(rows_part, cost, a, b, eps, rho_a)
+        ct_cost, ct_a, ct_b, ct_eps, ct_rho_a = vjp_rows(jnp.ones((), f.dtype))
+        _, vjp_cols = jax.vjp(lambda b, rho_b: jnp.vdot(lg, dphi(g, b, rho_b)), b, rho_b)
+        ct_b2, ct_rho_b = vjp_cols(jnp.ones((), f.dtype))
+        return ct_cost, ct_a, ct_b + ct_b2, ct_eps, ct_rho_a, ct_rho_b
 
     solve.defvjp(fwd, bwd)
     return solve(cost, a, b, eps, rho_a, rho_b)
-
-
-def make_result(f, g, cost, a, b, eps, rho_a, rho_b, error, errors, n_iters, converged,
-                n_linear):
-    return OTResult(f=f, g=g, cost=cost, a=a, b=b, epsilon=eps, rho_a=rho_a, rho_b=rho_b,
-                    error=error, errors=errors, n_iters=n_iters, converged=converged,
-                    n_linear_iters=n_linear)
-
-
-def record(errors, it, err, inner):
-    """Write ``err`` into the history at slot ``it // inner`` when ``it % inner == 0``."""
-    k = it // inner
-    ok = (it % inner == 0) & (k < errors.shape[0])
-    return errors.at[jnp.where(ok, k, errors.shape[0])].set(err, mode="drop")
 

@@ -1,12 +1,8 @@
-"""Ground costs: dense matrices, point clouds, blockwise evaluation.
+"""Ground costs between point clouds and the log-domain Sinkhorn half-step.
 
-A *geometry* is either a dense cost matrix ``C`` (a 2-D array) or a
-:class:`PointCloud` whose costs ``C_ij = c(x_i, y_j)`` are evaluated on the fly,
-``block_size`` rows at a time, so that Sinkhorn never holds the n x m matrix.
-
-The log-domain Sinkhorn half-step is factored as :func:`lse_row_update`, a
-function of a *block of cost rows*; a row-sharded Sinkhorn (each device holding
-rows of ``C``) reuses it unchanged.
+The named costs (and user callables) are evaluated here for a block of rows;
+the geometries of :mod:`subjax.ot._geometry` call :func:`pairwise` block by
+block. :func:`lse_row_update` is the only place Sinkhorn touches the cost.
 """
 
 from __future__ import annotations
@@ -17,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["PointCloud", "cost_matrix", "lse_row_update"]
+__all__ = ["cost_matrix", "lse_row_update"]
 
 _NAMED_COSTS = ("sqeuclidean", "euclidean", "l1")
 
 
-def _check_cost_name(cost) -> None:
+def check_cost_name(cost) -> None:
     if callable(cost):
         return
     if cost not in _NAMED_COSTS:
@@ -46,7 +42,7 @@ def _safe_sqrt(d: jax.Array) -> jax.Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, d, 1)), 0)
 
 
-def _pairwise(x: jax.Array, y: jax.Array, cost) -> jax.Array:
+def pairwise(x: jax.Array, y: jax.Array, cost) -> jax.Array:
     if cost == "sqeuclidean":
         return _sqdist(x, y)
     if cost == "euclidean":
@@ -57,7 +53,7 @@ def _pairwise(x: jax.Array, y: jax.Array, cost) -> jax.Array:
     return jax.vmap(lambda xi: jax.vmap(lambda yj: fn(xi, yj))(y))(x)
 
 
-def _check_points(x, y) -> tuple[jax.Array, jax.Array]:
+def check_points(x, y) -> tuple[jax.Array, jax.Array]:
     x = jnp.asarray(x)
     y = jnp.asarray(y)
     if x.ndim == 1:
@@ -102,87 +98,9 @@ def cost_matrix(x: jax.Array, y: jax.Array, cost: str | Callable = "sqeuclidean"
       Array([[0., 3.],
              [1., 2.]], dtype=float32)
     """
-    _check_cost_name(cost)
-    x, y = _check_points(x, y)
-    return _pairwise(x, y, cost)
-
-
-@jax.tree_util.register_pytree_node_class
-class PointCloud:
-    r"""Costs between two point clouds, evaluated blockwise on demand.
-
-    Sinkhorn on a ``PointCloud`` never materialises the ``n x m`` matrix: each
-    half-step computes ``block_size`` rows of costs at a time (memory
-    ``O(block_size * m)``). Newton solvers and :meth:`OTResult.plan` need the dense
-    matrix and build it with :meth:`dense`.
-
-    Args:
-      x: ``(n, d)`` source points.
-      y: ``(m, d)`` target points (same dtype).
-      cost: ``"sqeuclidean"``, ``"euclidean"``, ``"l1"`` or a callable ``c(xi, yj)``.
-      block_size: rows per block (static). ``None``: whole matrix at once.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from subjax.ot import PointCloud
-      >>> pc = PointCloud(jnp.zeros((3, 2)), jnp.ones((4, 2)), block_size=2)
-      >>> pc.shape, float(pc.dense()[0, 0])
-      ((3, 4), 2.0)
-    """
-
-    def __init__(self, x, y, cost: str | Callable = "sqeuclidean", block_size: int | None = None):
-        _check_cost_name(cost)
-        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(
-                f"argument `block_size` must be a positive int or None, got {block_size!r}")
-        self.x, self.y = _check_points(x, y)
-        self.cost = cost
-        self.block_size = block_size
-
-    def tree_flatten(self):
-        return (self.x, self.y), (self.cost, self.block_size)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.x, obj.y = children
-        obj.cost, obj.block_size = aux
-        return obj
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.x.shape[0], self.y.shape[0])
-
-    @property
-    def dtype(self):
-        return self.x.dtype
-
-    def dense(self) -> jax.Array:
-        """The dense ``(n, m)`` cost matrix."""
-        return _pairwise(self.x, self.y, self.cost)
-
-    def transpose(self) -> PointCloud:
-        return PointCloud.tree_unflatten((self.cost, self.block_size), (self.y, self.x))
-
-    def map_rows(self, fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-        """``fn(cost_row_block, row_index_block)`` over blocks of cost rows, stacked.
-
-        ``fn`` maps a ``(k, m)`` block of rows of ``C`` and the ``(k,)`` indices of
-        those rows to a ``(k, ...)`` array.
-        """
-        n = self.x.shape[0]
-        if self.block_size is None or self.block_size >= n:
-            return fn(self.dense(), jnp.arange(n))
-
-        def one(args):
-            xi, i = args
-            row = _pairwise(xi[None, :], self.y, self.cost)
-            return fn(row, i[None])[0]
-
-        return lax.map(one, (self.x, jnp.arange(n)), batch_size=self.block_size)
-
-    def __repr__(self) -> str:
-        return f"PointCloud(shape={self.shape}, cost={self.cost!r}, block_size={self.block_size})"
+    check_cost_name(cost)
+    x, y = check_points(x, y)
+    return pairwise(x, y, cost)
 
 
 def lse_row_update(cost_rows: jax.Array, g: jax.Array, log_b: jax.Array, epsilon) -> jax.Array:

@@ -1,233 +1,316 @@
-"""Sinkhorn–Newton and Sparse Newton Sinkhorn (SNS).
+"""Sinkhorn–Newton and Sparse Newton Sinkhorn (SNS), dense or online.
 
 Both maximise the concave dual ``D(f, g)`` with damped Newton steps after a short
-Sinkhorn warm-up. Per outer step the plan ``P`` is computed once (the only
-``n x m`` exponentials of the step: the plan accepted by the previous line search
-is reused) and every CG iteration costs one product with ``P`` and one with
-``P^T`` (dense: two GEMVs; SNS: two sparse products with the ``k`` largest entries
-of each row).
+Sinkhorn warm-up; a step is :func:`_newton_step` on a :class:`NewtonState` run by
+the shared fixed-point loop. The Hessian products per CG iteration come from a
+:class:`~subjax.ot._common.PlanOperator`:
+
+- dense geometry: the plan ``P`` is computed once per outer step (the plan the
+  previous line search accepted) and each CG iteration is two GEMVs; SNS keeps
+  the ``k`` largest entries of each row of ``P`` (two sparse products);
+- online geometry (a :class:`~subjax.ot.PointCloud` with ``block_size``): the
+  plan is never held. Sinkhorn–Newton recomputes ``P v`` / ``P^T u`` block by
+  block in every CG iteration; SNS builds its top-``k`` rows in one blockwise
+  pass per outer step and falls back to the blockwise exact step. The line
+  search and marginals are blockwise passes too: memory ``O((n + m) k + block m)``.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from subjax._core import LoopOutput, fixed_point_loop, is_concrete, static_int
 from subjax.ot import _common as cm
-from subjax.ot._sinkhorn import sinkhorn_sweeps
+from subjax.ot._sinkhorn import Prepared, all_finite, finish, guarded_problem, sinkhorn_loop
 
 __all__ = ["sinkhorn_newton", "sparse_newton_sinkhorn"]
 
 
-def _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, eps, rho_a, rho_b,
-                 max_backtracks, c1=1e-4):
+class Point(NamedTuple):
+    """The dual at ``(f, g)``: what a Newton step needs, what the line search returns."""
+
+    f: jax.Array
+    g: jax.Array
+    plan: Any  # the dense plan (local rows when sharded), or None when online
+    rows: jax.Array  # P 1
+    cols: jax.Array  # P^T 1
+    dual: jax.Array  # D(f, g)
+    ga: jax.Array  # grad_f D
+    gb: jax.Array  # grad_g D
+    err: jax.Array  # |grad D|_1
+
+
+class NewtonState(NamedTuple):
+    eps: jax.Array  # the current level of the epsilon continuation
+    point: Point
+    n_linear: jax.Array  # CG iterations so far
+    stalled: jax.Array  # the last line search failed
+
+
+class LineSearchState(NamedTuple):
+    t: jax.Array
+    ok: jax.Array
+    point: Point
+
+
+class Options(NamedTuple):
+    """Static settings of a Newton run."""
+
+    sparse: bool
+    materialize: bool
+    budget: int
+    cg_max_iters: int
+    max_backtracks: int
+
+
+def evaluate(prob: cm.Problem, f, g, eps, materialize: bool) -> Point:
+    """:class:`Point` at ``(f, g)`` and epsilon ``eps`` (one pass over the plan)."""
+    if materialize:
+        P = prob.geom.plan(f, g, prob.log_a, prob.log_b, eps)
+        op = cm.dense_operator(prob.geom, P)
+    else:
+        P = None
+        op = cm.plan_operator(prob, f, g, eps, materialize=False)
+    pe = prob._replace(epsilon=eps)
+    dual = cm.dual_value(pe, f, g, prob.geom.row_sum(op.rows))
+    ga, gb, err = cm.marginal_error(pe, f, g, op.rows, op.cols)
+    return Point(f, g, P, op.rows, op.cols, dual, ga, gb, err)
+
+
+def _top_k_rows(p, budget, threshold):
+    """Top-``budget`` entries of each row of ``p`` (those ``< threshold * row max``
+    zeroed). The selection runs on a float32 copy (XLA's top-k is far slower in
+    float64); values are gathered at full precision."""
+    _, idx = lax.top_k(p.astype(jnp.float32), budget)
+    vals = jnp.take_along_axis(p, idx, axis=1)
+    keep = vals >= threshold * vals[:, :1]
+    return jnp.where(keep, vals, 0), idx
+
+
+def sparse_operator(geom, vals, idx, m: int):
+    """``P v``, ``P^T u`` of a plan given by ``k`` entries per row."""
+    ax = geom.axis_name
+
+    def rmatvec(u):
+        out = jnp.zeros((m,), vals.dtype).at[idx].add(vals * u[:, None])
+        return out if ax is None else lax.psum(out, ax)
+
+    return (lambda v: jnp.sum(vals * v[idx], axis=1)), rmatvec
+
+
+def _operators(prob: cm.Problem, pt: Point, eps, opts: Options, threshold):
+    """``(primary, fallback)`` Hessian operators ``(Pv, PTu)`` of the step at ``pt``."""
+    geom = prob.geom
+    m = pt.g.shape[0]
+    if opts.materialize:
+        exact = cm.dense_operator(geom, pt.plan)[:2]
+    else:
+        exact = cm.plan_operator(prob, pt.f, pt.g, eps, materialize=False)[:2]
+    if not opts.sparse:
+        return exact, None
+    if opts.materialize:
+        vals, idx = _top_k_rows(pt.plan, opts.budget, threshold)
+    else:
+        vals, idx = geom.plan_map(pt.f, pt.g, prob.log_a, prob.log_b, eps,
+                                  lambda p, _: _top_k_rows(p, opts.budget, threshold))
+    return sparse_operator(geom, vals, idx, m), exact
+
+
+def _direction(prob: cm.Problem, pt: Point, eps, ops, cg_max_iters):
+    """Inexact Newton direction (relative residual ``min(0.1, sqrt(err))``) and slope."""
+    a, b, geom = prob.a, prob.b, prob.geom
+    tiny = jnp.finfo(pt.f.dtype).tiny
+    dr = pt.rows + eps * cm.d2phi(pt.f, a, prob.rho_a)
+    dc = pt.cols + eps * cm.d2phi(pt.g, b, prob.rho_b)
+    rtol = jnp.minimum(jnp.asarray(0.1, pt.f.dtype), jnp.sqrt(pt.err))
+    df, dg, k = cm.newton_solve(geom, *ops, dr, dc, eps * pt.ga, eps * pt.gb, rtol, cg_max_iters,
+                                prob.balanced)
+    slope_of = lambda df, dg: geom.row_sum(pt.ga * df) + jnp.vdot(pt.gb, dg)
+    slope = slope_of(df, dg)
+    # CG in finite precision on a nearly singular system can return a direction
+    # that is not ascent; then take the diagonally scaled gradient (always ascent).
+    bad = ~(jnp.isfinite(slope) & (slope > 0))
+    df = jnp.where(bad, eps * pt.ga / jnp.maximum(dr, tiny), df)
+    dg = jnp.where(bad, eps * pt.gb / jnp.maximum(dc, tiny), dg)
+    return df, dg, jnp.where(bad, slope_of(df, dg), slope), k
+
+
+def _line_search(prob: cm.Problem, pt: Point, df, dg, slope, eps, opts: Options, c1=1e-4):
     """Backtracking (Armijo) on ``D(f + t df, g + t dg)``, ``t = 1, 1/2, ...``.
 
     Accepts the first ``t`` with a finite dual that increases by ``c1 t slope``.
     Near the solution the increase falls below the rounding of ``D`` (a sum of
     ``n m`` terms); there a step is also accepted if ``D`` does not decrease beyond
-    that rounding level and the marginal error ``err`` decreases.
-    Returns ``(ok, f, g, P, D)`` (the old point if not ok).
+    that rounding level and the marginal error decreases.
+    Returns ``(ok, point)`` (the old point if not ok).
     """
-    dtype = f.dtype
+    dtype = pt.f.dtype
+    geom = prob.geom
     mach = jnp.finfo(dtype).eps
+    scale = (jnp.abs(pt.dual) + jnp.abs(cm.phi(pt.f, prob.a, prob.rho_a, geom))
+             + jnp.abs(cm.phi(pt.g, prob.b, prob.rho_b, None)))
+    n_terms = geom.row_sum(jnp.ones_like(pt.f)) + pt.g.shape[0]
 
-    def trial(t):
-        ft, gt = f + t * df, g + t * dg
-        Pt = cm.plan_dense(C, ft, gt, log_a, log_b, eps)
-        Dt = cm.dual_value(ft, gt, jnp.sum(Pt), a, b, eps, rho_a, rho_b)
-        et = (jnp.sum(jnp.abs(cm.dphi(ft, a, rho_a) - jnp.sum(Pt, axis=1)))
-              + jnp.sum(jnp.abs(cm.dphi(gt, b, rho_b) - jnp.sum(Pt, axis=0))))
-        return ft, gt, Pt, Dt, et
+    def step(s: LineSearchState, it):
+        t = s.t / 2
+        new = evaluate(prob, pt.f + t * df, pt.g + t * dg, eps, opts.materialize)
+        armijo = new.dual >= pt.dual + c1 * t * slope - 16 * mach * scale
+        rounding = (new.dual >= pt.dual - 16 * n_terms * mach * scale) & (new.err < pt.err)
+        ok = jnp.isfinite(new.dual) & jnp.isfinite(new.err) & (armijo | rounding)
+        return LineSearchState(t, ok, new), jnp.zeros((), dtype)
 
-    scale = jnp.abs(D) + jnp.abs(cm.phi(f, a, rho_a)) + jnp.abs(cm.phi(g, b, rho_b))
-    n_terms = P.shape[0] + P.shape[1]
-
-    def accept(t, Dt, et):
-        armijo = Dt >= D + c1 * t * slope - 16 * mach * scale
-        rounding = (Dt >= D - 16 * n_terms * mach * scale) & (et < err)
-        return jnp.isfinite(Dt) & jnp.isfinite(et) & (armijo | rounding)
-
-    t0 = jnp.ones((), dtype)
-    ft, gt, Pt, Dt, et = trial(t0)
-
-    def cond(s):
-        k, t, ok, *_ = s
-        return ~ok & (k < max_backtracks)
-
-    def body(s):
-        k, t, _, *_ = s
-        t = t / 2
-        ft, gt, Pt, Dt, et = trial(t)
-        return k + 1, t, accept(t, Dt, et), ft, gt, Pt, Dt
-
-    init = (jnp.zeros((), jnp.int32), t0, accept(t0, Dt, et), ft, gt, Pt, Dt)
-    _, _, ok, ft, gt, Pt, Dt = lax.while_loop(cond, body, init)
-    keep = lambda new, old: jnp.where(ok, new, old)
-    return ok, keep(ft, f), keep(gt, g), keep(Pt, P), keep(Dt, D)
+    init = LineSearchState(jnp.asarray(2.0, dtype), jnp.array(False), pt)
+    out = fixed_point_loop(step, init, max_iters=opts.max_backtracks + 1,
+                           stop=lambda s, _: s.ok, dtype=dtype, history=1,
+                           stop_on_nonfinite=False)
+    ok = out.state.ok
+    return ok, jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old),
+                                      out.state.point, pt)
 
 
-def _sparsify(P, budget, threshold):
-    """Top-``budget`` entries of each row of ``P`` (those ``< threshold * row max``
-    zeroed). The selection runs on a float32 copy (XLA's top-k is far slower in
-    float64); values are gathered at full precision."""
-    _, idx = lax.top_k(P.astype(jnp.float32), budget)
-    vals = jnp.take_along_axis(P, idx, axis=1)
-    keep = vals >= threshold * vals[:, :1]
-    return jnp.where(keep, vals, 0), idx
+def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, threshold, eps_target,
+                 decay, level_tol):
+    """One damped Newton step at the current level, then the continuation."""
+    pt, e = s.point, s.eps
+    primary, fallback = _operators(prob, pt, e, opts, threshold)
+
+    def update(ops):
+        df, dg, slope, k = _direction(prob, pt, e, ops, opts.cg_max_iters)
+        ok, new = _line_search(prob, pt, df, dg, slope, e, opts)
+        return ok, new, k
+
+    ok, new, k = update(primary)
+    if fallback is not None:
+        # The sparse step "fails to improve": line search failed, or the marginal
+        # error did not halve. Then take the exact step.
+        def exact():
+            ok2, new2, k2 = update(fallback)
+            return ok2, new2, k + k2
+
+        ok, new, k = lax.cond(ok & (new.err < 0.5 * pt.err), lambda: (ok, new, k), exact)
+    recorded = new.err
+    if decay is not None:
+        # Continuation: once this level is solved to level_tol, move to the next epsilon.
+        advance = (e > eps_target) & (new.err <= level_tol)
+        e_next = jnp.where(advance, jnp.maximum(eps_target, e * decay), e)
+        new = lax.cond(advance, lambda: evaluate(prob, new.f, new.g, e_next, opts.materialize),
+                       lambda: new)
+        e = e_next
+    return NewtonState(e, new, s.n_linear + k, ~ok), recorded
 
 
-def _newton(cost, a, b, eps, rho_a, rho_b, *, tol, max_iterations, warmup_iterations,
-            cg_maxiter, max_backtracks, sparse, budget, threshold, history, eps_init, decay,
-            level_tol):
-    dtype = a.dtype
-    geom = cm._to_geom(cost)
-    C = geom.dense()
-    m = C.shape[1]
-    log_a, log_b = cm.safe_log(a), cm.safe_log(b)
-    balanced = rho_a is None
+def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts: Options,
+               threshold, eps_init, decay, level_tol):
+    """Warm-up Sinkhorn, then Newton steps to ``tol`` at ``prob.epsilon``.
+
+    Returns ``(f, g, error, errors, n_iters, converged, n_linear)``.
+    """
+    eps = prob.epsilon
+    dtype = prob.a.dtype
 
     # Warm-up: Sinkhorn at the first epsilon of the continuation (eps itself if none).
     eps0 = eps if decay is None else jnp.maximum(eps, eps_init)
     warm_tol = jnp.where(eps0 > eps, jnp.maximum(tol, level_tol), tol)
-    f, g, _, it, errors = sinkhorn_sweeps(
-        geom, a, b, eps0, rho_a, rho_b, jnp.zeros_like(a), warm_tol, warmup_iterations, 1,
-        history)
-
-    def at_eps(f, g, e):
-        P = cm.plan_dense(C, f, g, log_a, log_b, e)
-        D = cm.dual_value(f, g, jnp.sum(P), a, b, e, rho_a, rho_b)
-        return (P, D, *grads(f, g, P))
-
-    def grads(f, g, P):
-        r, c = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
-        ga, gb = cm.dphi(f, a, rho_a) - r, cm.dphi(g, b, rho_b) - c
-        e = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
-        return r, c, ga, gb, jnp.where(jnp.isnan(e), jnp.inf, e)
-
-    def direction(e, f, g, r, c, ga, gb, err, Pv, PTu):
-        dr = r + e * cm.d2phi(f, a, rho_a)
-        dc = c + e * cm.d2phi(g, b, rho_b)
-        rtol = jnp.minimum(jnp.asarray(0.1, dtype), jnp.sqrt(err))
-        df, dg, k = cm.newton_solve(Pv, PTu, dr, dc, e * ga, e * gb, rtol, cg_maxiter,
-                                    balanced)
-        slope = jnp.vdot(ga, df) + jnp.vdot(gb, dg)
-        # CG in finite precision on a nearly singular system can return a direction
-        # that is not ascent; then take the diagonally scaled gradient (always ascent).
-        bad = ~(jnp.isfinite(slope) & (slope > 0))
-        df = jnp.where(bad, e * ga / jnp.maximum(dr, jnp.finfo(dtype).tiny), df)
-        dg = jnp.where(bad, e * gb / jnp.maximum(dc, jnp.finfo(dtype).tiny), dg)
-        slope = jnp.where(bad, jnp.vdot(ga, df) + jnp.vdot(gb, dg), slope)
-        return df, dg, slope, k
-
-    def dense_step(e, P, f, g, r, c, ga, gb, err, D):
-        df, dg, slope, k = direction(e, f, g, r, c, ga, gb, err,
-                                     lambda v: P @ v, lambda u: u @ P)
-        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, e,
-                                          rho_a, rho_b, max_backtracks)
-        return ok, f2, g2, P2, D2, k
-
-    def sparse_step(e, P, f, g, r, c, ga, gb, err, D):
-        vals, idx = _sparsify(P, budget, threshold)
-        Pv = lambda v: jnp.sum(vals * v[idx], axis=1)
-        PTu = lambda u: jnp.zeros((m,), dtype).at[idx].add(vals * u[:, None])
-        df, dg, slope, k = direction(e, f, g, r, c, ga, gb, err, Pv, PTu)
-        ok, f2, g2, P2, D2 = _line_search(C, f, g, P, df, dg, D, err, slope, log_a, log_b, a, b, e,
-                                          rho_a, rho_b, max_backtracks)
-
-        def fallback():
-            res = dense_step(e, P, f, g, r, c, ga, gb, err, D)
-            return (*res[:5], res[5] + k)
-
-        # "Fails to improve": line search failed, or the marginal error did not halve.
-        improved = ok & (grads(f2, g2, P2)[-1] < 0.5 * err)
-        return lax.cond(improved, lambda: (ok, f2, g2, P2, D2, k), fallback)
-
-    step = sparse_step if sparse else dense_step
-    total_cap = warmup_iterations + max_iterations
-
-    def cond(s):
-        it, e, *_, err, _, _, stalled = s
-        done = (e <= eps) & (err <= tol)
-        return ~done & ~stalled & (it < total_cap)
-
-    def body(s):
-        it, e, f, g, P, D, r, c, ga, gb, err, errors, nlin, _ = s
-        ok, f, g, P, D, k = step(e, P, f, g, r, c, ga, gb, err, D)
-        r, c, ga, gb, err = grads(f, g, P)
-        errors = cm.record(errors, it, err, 1)
-        # Continuation: once this level is solved to level_tol, move to the next epsilon.
-        advance = (e > eps) & (err <= level_tol)
-        e_next = jnp.where(advance, jnp.maximum(eps, e * decay), e) if decay is not None else e
-        P, D, r, c, ga, gb, err = lax.cond(
-            advance, lambda: at_eps(f, g, e_next), lambda: (P, D, r, c, ga, gb, err))
-        return it + 1, e_next, f, g, P, D, r, c, ga, gb, err, errors, nlin + k, ~ok
-
+    warm = sinkhorn_loop(prob._replace(epsilon=eps0), jnp.zeros_like(prob.a), tol=warm_tol,
+                         max_iters=warmup_steps, history=warmup_steps)
+    pt = evaluate(prob, warm.f, warm.g, eps0, opts.materialize)
     e_start = eps0
-    st = at_eps(f, g, eps0)
     if decay is not None:
         # Warm-up may already meet the level tolerance: step the continuation once.
-        advance = (eps0 > eps) & (st[-1] <= level_tol)
+        advance = (eps0 > eps) & (pt.err <= level_tol)
         e_start = jnp.where(advance, jnp.maximum(eps, eps0 * decay), eps0)
-        st = lax.cond(advance, lambda: at_eps(f, g, e_start), lambda: st)
-    P, D, r, c, ga, gb, err = st
-    errors = cm.record(errors, jnp.maximum(it - 1, 0), err, 1)
-    init = (it, e_start, f, g, P, D, r, c, ga, gb, err, errors, jnp.zeros((), jnp.int32),
-            jnp.array(False))
-    s = lax.while_loop(cond, body, init)
-    it, e, f, g, _, _, _, _, _, _, err, errors, nlin, _ = s
+        pt = lax.cond(advance, lambda: evaluate(prob, warm.f, warm.g, e_start, opts.materialize),
+                      lambda: pt)
+
+    init = NewtonState(e_start, pt, jnp.zeros((), jnp.int32), jnp.array(False))
+    step = lambda s, it: _newton_step(prob, s, opts, threshold, eps, decay, level_tol)
+    stop = lambda s, _: ((s.eps <= eps) & (s.point.err <= tol)) | s.stalled
+    skip = LoopOutput(init, jnp.zeros((), jnp.int32), pt.err, -jnp.ones((max_iters,), dtype))
+    out = lax.cond(
+        (e_start <= eps) & (pt.err <= tol), lambda: skip,
+        lambda: fixed_point_loop(step, init, max_iters=max_iters, stop=stop, dtype=dtype,
+                                 history=max_iters, stop_on_nonfinite=False))
+    s = out.state
+    f, g, err = s.point.f, s.point.g, s.point.err
+
+    # one history: warm-up sweeps (the last one replaced by the error at the first
+    # Newton level), then the Newton steps
+    it_w = warm.n_iters
+    errors = jnp.concatenate([warm.errors, -jnp.ones((max_iters,), dtype)])
+    errors = errors.at[jnp.maximum(it_w - 1, 0)].set(pt.err)
+    errors = lax.dynamic_update_slice(errors, out.errors, (it_w,))
 
     def finish_at_target():
         # Stopped before the continuation reached eps (cap or stall): one Sinkhorn
         # sweep at the target eps makes the potentials consistent with it (finite
         # plan and dual) and gives their honest marginal error.
-        never = -jnp.ones((), dtype)
-        f2, g2, err2, _, _ = sinkhorn_sweeps(geom, a, b, eps, rho_a, rho_b, f, never, 1, 1, 1)
-        return f2, g2, err2
+        run = sinkhorn_loop(prob, f, tol=-jnp.ones((), dtype), max_iters=1)
+        return run.f, run.g, run.error
 
-    f, g, err = lax.cond(e > eps, finish_at_target, lambda: (f, g, err))
-    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    return f, g, (err, errors, it, (err <= tol) & (e <= eps) & finite, nlin)
+    f, g, err = lax.cond(s.eps > eps, finish_at_target, lambda: (f, g, err))
+    conv = (err <= tol) & (s.eps <= eps) & all_finite(prob.geom, f, g)
+    return f, g, err, errors, it_w + out.n_iters, conv, s.n_linear
 
 
-def _solve(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iterations, warmup_iterations,
-           cg_maxiter, max_backtracks, sparse, budget, threshold, implicit_maxiter,
-           implicit_rtol, epsilon_scaling, epsilon_init, level_tol):
-    if (rho_a is None) != (rho_b is None):
-        raise ValueError("arguments `rho_a` and `rho_b` must both be given (unbalanced) or "
-                         "both be None (balanced)")
-    cost, a, b, epsilon, rho_a, rho_b = cm.validate(cost, a, b, epsilon, rho_a, rho_b)
-    max_iterations = cm.check_positive_int(max_iterations, "max_iterations")
-    warmup_iterations = cm.check_positive_int(warmup_iterations, "warmup_iterations")
-    cg_maxiter = cm.check_positive_int(cg_maxiter, "cg_maxiter")
-    max_backtracks = cm.check_positive_int(max_backtracks, "max_backtracks")
+def prepare_newton(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iters, warmup_steps, cg_max_iters,
+           max_backtracks, sparse, budget, threshold, implicit_max_iters, implicit_rtol,
+           epsilon_scaling, epsilon_init, level_tol, axis_name):
+    eps_checked = is_concrete(epsilon)
+    cost, a, b, epsilon, rho_a, rho_b = cm.validate(
+        cost, a, b, epsilon, rho_a, rho_b, epsilon_scaling=epsilon_scaling,
+        epsilon_init=epsilon_init, axis_name=axis_name)
+    max_iters = static_int(max_iters, "max_iters", minimum=1)
+    warmup_steps = static_int(warmup_steps, "warmup_steps", minimum=1)
+    cg_max_iters = static_int(cg_max_iters, "cg_max_iters", minimum=1)
+    max_backtracks = static_int(max_backtracks, "max_backtracks", minimum=1)
+    implicit_max_iters = static_int(implicit_max_iters, "implicit_max_iters", minimum=1)
     dtype = a.dtype
-    history = warmup_iterations + max_iterations
     tol = jnp.asarray(tol, dtype)
     thr = jnp.asarray(threshold, dtype)
-
-    if epsilon_scaling is not None and not (0 < float(epsilon_scaling) < 1):
-        raise ValueError(f"argument `epsilon_scaling` must be in (0, 1) or None, "
-                         f"got {epsilon_scaling!r}")
     lvl = jnp.asarray(level_tol, dtype)
+    online = cm.to_geometry(cost).is_online
+    opts = Options(sparse=sparse, materialize=not online, budget=budget,
+                   cg_max_iters=cg_max_iters, max_backtracks=max_backtracks)
 
     def forward(cost, a, b, eps, rho_a, rho_b):
+        prob, eps_ok = guarded_problem(cost, a, b, eps, rho_a, rho_b, checked=eps_checked,
+                                       axis_name=axis_name)
         decay = eps_init = None
         if epsilon_scaling is not None:
             decay = jnp.asarray(epsilon_scaling, dtype)
-            eps_init = (0.1 * cm.mean_cost(cm._to_geom(cost)) if epsilon_init is None
+            eps_init = (0.1 * prob.geom.mean_cost() if epsilon_init is None
                         else jnp.asarray(epsilon_init, dtype))
-        f, g, aux = _newton(cost, a, b, eps, rho_a, rho_b, tol=tol,
-                            max_iterations=max_iterations, warmup_iterations=warmup_iterations,
-                            cg_maxiter=cg_maxiter, max_backtracks=max_backtracks, sparse=sparse,
-                            budget=budget, threshold=thr, history=history, eps_init=eps_init,
-                            decay=decay, level_tol=lvl * jnp.sum(a))
-        return f, g, aux
+        f, g, err, errors, it, conv, nlin = newton_run(
+            prob, tol=tol, max_iters=max_iters, warmup_steps=warmup_steps, opts=opts,
+            threshold=thr, eps_init=eps_init, decay=decay,
+            level_tol=lvl * prob.geom.row_sum(prob.a))
+        return f, g, (err, errors, it, conv, nlin, eps_ok, prob.epsilon)
 
-    f, g, (err, errors, it, conv, nlin) = cm.with_implicit_diff(
-        forward, cost, a, b, epsilon, rho_a, rho_b, implicit_maxiter, implicit_rtol)
-    return cm.make_result(f, g, cost, a, b, epsilon, rho_a, rho_b, err, errors, it, conv, nlin)
+    implicit = dict(implicit_max_iters=implicit_max_iters, implicit_rtol=implicit_rtol,
+                    materialize=not online)
+    return Prepared((cost, a, b, epsilon, rho_a, rho_b), forward, implicit)
+
+
+_SHARED_ARGS = """      cost, a, b, epsilon, rho_a, rho_b, axis_name: as in
+        :func:`~subjax.ot.sinkhorn`.
+        A :class:`~subjax.ot.PointCloud` with ``block_size`` runs online (never
+        holds the plan); other geometries use the dense plan.
+      tol: target marginal error ``|P1-a|_1 + |P^T1-b|_1``.
+      max_iters: cap on Newton steps (static).
+      warmup_steps: cap on Sinkhorn sweeps before Newton (static; stops early at
+        tol, or at ``level_tol`` when the continuation starts above epsilon).
+      cg_max_iters: cap on CG iterations per step (static).
+      max_backtracks: line-search halvings before the step is declared failed.
+      epsilon_scaling, epsilon_init, level_tol: epsilon continuation: start at
+        ``epsilon_init`` (default 0.1 x mean cost), solve each level to marginal
+        error ``level_tol`` (relative to the mass), multiply epsilon by
+        ``epsilon_scaling``; ``None`` solves at epsilon directly.
+      implicit_max_iters, implicit_rtol: CG settings of the implicit backward pass.
+"""
 
 
 def sinkhorn_newton(
@@ -237,43 +320,40 @@ def sinkhorn_newton(
     epsilon: float | jax.Array = 1e-2,
     *,
     tol: float | jax.Array = 1e-6,
-    max_iterations: int = 200,
-    warmup_iterations: int = 20,
-    cg_maxiter: int = 500,
+    max_iters: int = 200,
+    warmup_steps: int = 20,
+    cg_max_iters: int = 500,
     max_backtracks: int = 40,
     epsilon_scaling: float | None = 0.5,
     epsilon_init: float | jax.Array | None = None,
     level_tol: float | jax.Array = 1e-2,
     rho_a: float | jax.Array | None = None,
     rho_b: float | jax.Array | None = None,
-    implicit_maxiter: int = 2000,
+    implicit_max_iters: int = 2000,
     implicit_rtol: float = 1e-10,
+    axis_name: str | None = None,
 ) -> cm.OTResult:
     r"""Sinkhorn–Newton: damped Newton on the entropic dual, matrix-free CG.
 
-    After ``warmup_iterations`` Sinkhorn sweeps, each step solves
+    After at most ``warmup_steps`` Sinkhorn sweeps, each step solves
 
     .. math::
        \frac{1}{\varepsilon}\begin{pmatrix}\mathrm{diag}(P1) & P\\ P^\top & \mathrm{diag}(P^\top 1)
        \end{pmatrix}\begin{pmatrix}\delta f\\ \delta g\end{pmatrix} = \nabla D(f, g)
 
-    by CG on the Schur complement in ``delta f`` (one product with ``P`` and one
+    by CG on the Schur complement in ``delta g`` (one product with ``P`` and one
     with ``P^T`` per CG iteration; inexact, relative residual
     ``min(0.1, sqrt(error))``). The constant (1, -1) null direction of the
-    balanced Hessian is projected out of the CG residuals. A backtracking line
-    search keeps ``D`` increasing; the plan it accepts is the next step's ``P``,
-    so one ``n x m`` exponential pass per step (more only when it backtracks).
+    balanced Hessian is projected out. A backtracking line search keeps ``D``
+    increasing; the plan it accepts is the next step's ``P``, so one ``n x m``
+    exponential pass per step (more only when it backtracks). Online (a
+    :class:`~subjax.ot.PointCloud` with ``block_size``), every CG product
+    recomputes the plan block by block instead: exact, memory
+    ``O(block_size * m)``, but one exponential pass per CG iteration —
+    :func:`sparse_newton_sinkhorn` is the faster online solver.
 
     Args:
-      cost, a, b, epsilon, rho_a, rho_b: as in :func:`~subjax.ot.sinkhorn`
-        (point clouds are materialised densely).
-      tol: target marginal error ``|P1-a|_1 + |P^T1-b|_1``.
-      max_iterations: cap on Newton steps (static).
-      warmup_iterations: Sinkhorn sweeps before Newton (static; stops early at tol).
-      cg_maxiter: cap on CG iterations per step (static).
-      max_backtracks: line-search halvings before the step is declared failed.
-      implicit_maxiter, implicit_rtol: CG settings of the implicit backward pass.
-
+    {args}
     Returns:
       :class:`~subjax.ot.OTResult` (``errors`` recorded every outer iteration,
       warm-up sweeps included; ``n_linear_iters`` the CG iterations).
@@ -290,12 +370,12 @@ def sinkhorn_newton(
       Brauer, Clason, Lorenz, Wirth, "A Sinkhorn-Newton method for entropic
       optimal transport", 2017.
     """
-    return _solve(cost, a, b, epsilon, rho_a, rho_b, tol=tol, max_iterations=max_iterations,
-                  warmup_iterations=warmup_iterations, cg_maxiter=cg_maxiter,
-                  max_backtracks=max_backtracks, sparse=False, budget=0, threshold=0.0,
-                  implicit_maxiter=implicit_maxiter, implicit_rtol=implicit_rtol,
-                  epsilon_scaling=epsilon_scaling, epsilon_init=epsilon_init,
-                  level_tol=level_tol)
+    return finish(prepare_newton(
+        cost, a, b, epsilon, rho_a, rho_b, tol=tol, max_iters=max_iters,
+        warmup_steps=warmup_steps, cg_max_iters=cg_max_iters, max_backtracks=max_backtracks,
+        sparse=False, budget=0, threshold=0.0, implicit_max_iters=implicit_max_iters,
+        implicit_rtol=implicit_rtol, epsilon_scaling=epsilon_scaling, epsilon_init=epsilon_init,
+        level_tol=level_tol, axis_name=axis_name), axis_name=axis_name)
 
 
 def sparse_newton_sinkhorn(
@@ -305,19 +385,20 @@ def sparse_newton_sinkhorn(
     epsilon: float | jax.Array = 1e-2,
     *,
     tol: float | jax.Array = 1e-6,
-    max_iterations: int = 500,
-    warmup_iterations: int = 20,
+    max_iters: int = 500,
+    warmup_steps: int = 20,
     row_budget: int = 16,
     threshold: float | jax.Array = 0.0,
-    cg_maxiter: int = 1000,
+    cg_max_iters: int = 1000,
     max_backtracks: int = 40,
     epsilon_scaling: float | None = 0.5,
     epsilon_init: float | jax.Array | None = None,
     level_tol: float | jax.Array = 1e-2,
     rho_a: float | jax.Array | None = None,
     rho_b: float | jax.Array | None = None,
-    implicit_maxiter: int = 2000,
+    implicit_max_iters: int = 2000,
     implicit_rtol: float = 1e-10,
+    axis_name: str | None = None,
 ) -> cm.OTResult:
     r"""Sparse Newton Sinkhorn (SNS): Newton with a sparsified Hessian.
 
@@ -326,13 +407,15 @@ def sparse_newton_sinkhorn(
     (entries below ``threshold`` times the row maximum dropped too); the diagonal
     blocks ``diag(P1), diag(P^T1)`` stay exact, so the sparsified Hessian remains
     positive semi-definite. CG products then cost ``O(n * row_budget)``. If the
-    sparse step fails the line search, the dense Sinkhorn–Newton step is taken.
+    sparse step fails the line search or does not halve the marginal error, the
+    exact Sinkhorn–Newton step is taken. Online (a :class:`~subjax.ot.PointCloud`
+    with ``block_size``) the top-``k`` rows are built in one blockwise pass per
+    step and the line search is blockwise: the plan is never held.
 
     Args:
       row_budget: entries kept per row (static, ``<= m``).
       threshold: relative per-row threshold in [0, 1) (traced).
-      Others: as in :func:`~subjax.ot.sinkhorn_newton`.
-
+    {args}
     Returns:
       :class:`~subjax.ot.OTResult`.
 
@@ -350,12 +433,18 @@ def sparse_newton_sinkhorn(
     """
     shape = cost.shape if hasattr(cost, "shape") else jnp.shape(cost)
     m = shape[1] if len(shape) == 2 else 0
-    row_budget = cm.check_positive_int(row_budget, "row_budget")
+    row_budget = static_int(row_budget, "row_budget", minimum=1)
     if m and row_budget > m:
         raise ValueError(f"argument `row_budget`={row_budget} exceeds the number of columns m={m}")
-    return _solve(cost, a, b, epsilon, rho_a, rho_b, tol=tol, max_iterations=max_iterations,
-                  warmup_iterations=warmup_iterations, cg_maxiter=cg_maxiter,
-                  max_backtracks=max_backtracks, sparse=True, budget=row_budget,
-                  threshold=threshold, implicit_maxiter=implicit_maxiter,
-                  implicit_rtol=implicit_rtol, epsilon_scaling=epsilon_scaling,
-                  epsilon_init=epsilon_init, level_tol=level_tol)
+    return finish(prepare_newton(
+        cost, a, b, epsilon, rho_a, rho_b, tol=tol, max_iters=max_iters,
+        warmup_steps=warmup_steps, cg_max_iters=cg_max_iters, max_backtracks=max_backtracks,
+        sparse=True, budget=row_budget, threshold=threshold,
+        implicit_max_iters=implicit_max_iters, implicit_rtol=implicit_rtol,
+        epsilon_scaling=epsilon_scaling, epsilon_init=epsilon_init, level_tol=level_tol,
+        axis_name=axis_name), axis_name=axis_name)
+
+
+for _fn in (sinkhorn_newton, sparse_newton_sinkhorn):
+    _fn.__doc__ = _fn.__doc__.replace("    {args}\n", _SHARED_ARGS)
+del _fn

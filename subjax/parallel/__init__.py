@@ -6,8 +6,9 @@
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
   ``psum`` of the small Gram matrix, TSQR fallback); equal to ``subjax.linalg``.
-- :func:`sharded_sinkhorn`: cost rows split over the axis, cross-device
-  log-sum-exp; equal to ``subjax.ot.sinkhorn``.
+- :func:`sharded_sinkhorn`, :func:`sharded_sinkhorn_newton`: the rows of a dense
+  cost or point cloud split over the axis; ``subjax.ot``'s solvers run with
+  ``axis_name`` inside ``shard_map`` (equal to the single-device solvers).
 
 Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.distributed``
 from ``SUBJAX_*`` environment variables; see ``docs/parallel.md``).
@@ -28,7 +29,7 @@ from subjax.parallel._linalg import (
     sharded_randomized_svd,
     sharded_subspace_iteration,
 )
-from subjax.parallel._ot import sharded_sinkhorn
+from subjax.parallel._ot import sharded_sinkhorn, sharded_sinkhorn_newton
 
 __all__ = [
     "SHARDED_ORTH_METHODS",
@@ -41,6 +42,7 @@ __all__ = [
     "sharded_orthonormalize",
     "sharded_randomized_svd",
     "sharded_sinkhorn",
+    "sharded_sinkhorn_newton",
     "sharded_subspace_iteration",
     "train_step",
 ]

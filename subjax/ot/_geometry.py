@@ -1,0 +1,260 @@
+r"""Geometries: where the cost lives, and every reduction of the plan over it.
+
+A geometry holds a cost ``C`` (``n x m``) and owns every operation a solver needs
+from it: the row and column log-sum-exp half-steps of Sinkhorn, the plan
+products ``P v`` and ``P^T u``, row-wise reductions of the plan (marginals,
+top-k entries, ``<C, P>``) and the dense matrix when asked. The plan
+
+.. math:: P_{ij} = a_i b_j \exp\big((f_i + g_j - C_{ij})/\varepsilon\big)
+
+has its exponent written once (:func:`log_plan`). Solvers never branch on the
+kind of geometry:
+
+- :class:`Dense` keeps ``C`` and ``C^T`` so both half-steps reduce rows;
+- :class:`PointCloud` evaluates ``C_ij = c(x_i, y_j)`` ``block_size`` rows at a
+  time (memory ``O(block_size * m)``);
+- a geometry built with ``axis_name`` holds one block of rows per device of a
+  ``shard_map`` axis; its column reductions combine across the axis (a
+  log-sum-exp of the local log-sum-exps, ``psum`` of ``P^T u``) and
+  :meth:`Geometry.row_sum` sums row-indexed vectors across it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from subjax._core import static_int
+from subjax.ot._costs import check_cost_name, check_points, lse_row_update, pairwise
+
+__all__ = ["Dense", "Geometry", "PointCloud", "log_plan", "to_geometry"]
+
+
+def log_plan(cost_rows, f_rows, g, log_a_rows, log_b, eps):
+    """``log P`` for a block of rows: ``(f_i + g_j - C_ij)/eps + log a_i + log b_j``."""
+    return (f_rows[:, None] + g[None, :] - cost_rows) * (1 / eps) + log_a_rows[:, None] + log_b
+
+
+def _rows(x, idx):
+    return x if idx is None else x[idx]
+
+
+class Geometry:
+    """A cost ``C`` and the plan reductions over it (see the module docstring).
+
+    Subclasses provide :meth:`map_rows`, :meth:`transpose`, :meth:`dense`,
+    ``shape`` and ``dtype``; everything else is written here once.
+    ``axis_name`` (set by :func:`to_geometry`) names the ``shard_map`` axis the
+    rows are split over, or is ``None``.
+    """
+
+    axis_name: str | None = None
+
+    # ----------------------------------------------------------- to implement
+    def map_rows(self, fn: Callable) -> jax.Array:
+        """``fn(cost_rows, idx)`` over blocks of rows of ``C``, outputs stacked by row.
+
+        ``idx`` holds the block's row indices, or is ``None`` for all rows at once.
+        """
+        raise NotImplementedError
+
+    def transpose(self) -> Geometry:
+        raise NotImplementedError
+
+    def dense(self) -> jax.Array:
+        raise NotImplementedError
+
+    @property
+    def is_online(self) -> bool:
+        """True when reductions run block by block (the plan is never held)."""
+        return False
+
+    # ----------------------------------------------------------- reductions
+    def row_sum(self, x) -> jax.Array:
+        """``sum_i x_i`` of a row-indexed array (across the axis when sharded)."""
+        s = jnp.sum(x)
+        return s if self.axis_name is None else lax.psum(s, self.axis_name)
+
+    def row_lse(self, g, log_b, eps) -> jax.Array:
+        r"""``-eps log sum_j b_j exp((g_j - C_ij)/eps)`` for every row ``i``."""
+        return self.map_rows(lambda c, _: lse_row_update(c, g, log_b, eps))
+
+    def col_lse(self, f, log_a, eps) -> jax.Array:
+        r"""``-eps log sum_i a_i exp((f_i - C_ij)/eps)`` for every column ``j``."""
+        h = self.transpose().row_lse(f, log_a, eps)
+        if self.axis_name is None:
+            return h
+        # log-sum-exp over devices of the local log-sum-exps, stabilised by the max
+        z = -h / eps
+        zmax = lax.pmax(z, self.axis_name)
+        zmax = lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0))
+        s = lax.psum(jnp.exp(z - zmax), self.axis_name)
+        return -eps * (jnp.log(s) + zmax)
+
+    def plan_map(self, f, g, log_a, log_b, eps, fn: Callable) -> jax.Array:
+        """``fn(plan_rows, cost_rows)`` over blocks of rows of the plan, stacked by row."""
+        def block(c, idx):
+            p = jnp.exp(log_plan(c, _rows(f, idx), g, _rows(log_a, idx), log_b, eps))
+            return fn(p, c)
+        return self.map_rows(block)
+
+    def plan_matvec(self, f, g, log_a, log_b, eps, v) -> jax.Array:
+        """``P @ v`` (``v`` of shape ``(m,)`` or ``(m, k)``) without the dense plan."""
+        return self.plan_map(f, g, log_a, log_b, eps, lambda p, _: p @ v)
+
+    def plan_rmatvec(self, f, g, log_a, log_b, eps, u) -> jax.Array:
+        """``P^T @ u`` (``u`` of shape ``(n,)`` or ``(n, k)``) without the dense plan."""
+        out = self.transpose().plan_matvec(g, f, log_b, log_a, eps, u)
+        return out if self.axis_name is None else lax.psum(out, self.axis_name)
+
+    def plan(self, f, g, log_a, log_b, eps) -> jax.Array:
+        """The dense plan (its local rows when sharded)."""
+        return jnp.exp(log_plan(self.dense(), f, g, log_a, log_b, eps))
+
+    def transport_cost(self, f, g, log_a, log_b, eps) -> jax.Array:
+        """``<C, P>``, blockwise."""
+        rows = self.plan_map(f, g, log_a, log_b, eps, lambda p, c: jnp.sum(p * c, axis=1))
+        return self.row_sum(rows)
+
+    def mean_cost(self) -> jax.Array:
+        n, m = self.shape
+        total = self.row_sum(self.map_rows(lambda c, _: jnp.sum(c, axis=1)))
+        size = n * m if self.axis_name is None else lax.psum(n * m, self.axis_name)
+        return total / size
+
+
+@jax.tree_util.register_pytree_node_class
+class Dense(Geometry):
+    """A dense ``(n, m)`` cost matrix, kept in both layouts.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from subjax.ot import Dense
+      >>> geom = Dense(jnp.array([[0.0, 1.0], [1.0, 0.0]]))
+      >>> geom.shape, float(geom.mean_cost())
+      ((2, 2), 0.5)
+    """
+
+    def __init__(self, cost, cost_t=None, axis_name: str | None = None):
+        self.cost = cost
+        self.cost_t = cost.T if cost_t is None else cost_t
+        self.axis_name = axis_name
+
+    def tree_flatten(self):
+        return (self.cost, self.cost_t), self.axis_name
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, axis_name=aux)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cost.shape
+
+    @property
+    def dtype(self):
+        return self.cost.dtype
+
+    def dense(self):
+        return self.cost
+
+    def transpose(self) -> Dense:
+        return Dense(self.cost_t, self.cost)
+
+    def map_rows(self, fn):
+        return fn(self.cost, None)
+
+
+@jax.tree_util.register_pytree_node_class
+class PointCloud(Geometry):
+    r"""Costs between two point clouds, evaluated blockwise on demand.
+
+    Every solver reduction over a ``PointCloud`` (Sinkhorn half-steps, plan
+    products, marginals, top-k rows of the plan, ``<C, P>``) computes
+    ``block_size`` rows of costs at a time: memory ``O(block_size * m)``, never
+    the ``n x m`` matrix. :meth:`dense` builds the matrix when asked (the
+    dense-product Newton solver and :meth:`OTResult.plan` do).
+
+    Args:
+      x: ``(n, d)`` source points.
+      y: ``(m, d)`` target points (same dtype).
+      cost: ``"sqeuclidean"``, ``"euclidean"``, ``"l1"`` or a callable ``c(xi, yj)``.
+      block_size: rows per block (static). ``None``: whole matrix at once.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from subjax.ot import PointCloud
+      >>> pc = PointCloud(jnp.zeros((3, 2)), jnp.ones((4, 2)), block_size=2)
+      >>> pc.shape, float(pc.dense()[0, 0])
+      ((3, 4), 2.0)
+    """
+
+    def __init__(self, x, y, cost: str | Callable = "sqeuclidean", block_size: int | None = None,
+                 axis_name: str | None = None):
+        check_cost_name(cost)
+        if block_size is not None:
+            block_size = static_int(block_size, "block_size", minimum=1)
+        self.x, self.y = check_points(x, y)
+        self.cost = cost
+        self.block_size = block_size
+        self.axis_name = axis_name
+
+    def tree_flatten(self):
+        return (self.x, self.y), (self.cost, self.block_size, self.axis_name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.x, obj.y = children
+        obj.cost, obj.block_size, obj.axis_name = aux
+        return obj
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[0], self.y.shape[0])
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def dense(self) -> jax.Array:
+        """The dense ``(n, m)`` cost matrix."""
+        return pairwise(self.x, self.y, self.cost)
+
+    def transpose(self) -> PointCloud:
+        return PointCloud.tree_unflatten((self.cost, self.block_size, None), (self.y, self.x))
+
+    @property
+    def is_online(self) -> bool:
+        return self.block_size is not None and self.block_size < self.x.shape[0]
+
+    def with_axis(self, axis_name) -> PointCloud:
+        return PointCloud.tree_unflatten((self.cost, self.block_size, axis_name),
+                                         (self.x, self.y))
+
+    def map_rows(self, fn):
+        n = self.x.shape[0]
+        if self.block_size is None or self.block_size >= n:
+            return fn(self.dense(), None)
+
+        def one(args):
+            xi, i = args
+            row = pairwise(xi[None, :], self.y, self.cost)
+            return jax.tree_util.tree_map(lambda o: o[0], fn(row, i[None]))
+
+        return lax.map(one, (self.x, jnp.arange(n)), batch_size=self.block_size)
+
+    def __repr__(self) -> str:
+        return f"PointCloud(shape={self.shape}, cost={self.cost!r}, block_size={self.block_size})"
+
+
+def to_geometry(cost, axis_name: str | None = None) -> Geometry:
+    """A :class:`Geometry` for ``cost`` (a geometry or a dense matrix), rows on ``axis_name``."""
+    if isinstance(cost, PointCloud):
+        return cost if axis_name is None else cost.with_axis(axis_name)
+    if isinstance(cost, Dense):
+        return cost if axis_name is None else Dense(cost.cost, cost.cost_t, axis_name)
+    return Dense(cost, axis_name=axis_name)
