@@ -19,7 +19,8 @@ Cases (float32, warm, interleaved, one process):
   ``scipy.sparse.linalg.eigsh`` (ARPACK) at the same tolerance 1e-5, in float64
   (its usual setting) and float32. subjax takes the matrix as a BCSR operand.
   Accuracy: max |lambda_i - lambda_i^ref| / |lambda_1| against ARPACK at tol=0
-  in float64.
+  in float64. The same at tol 1e-6 on graph Laplacians ``D - W`` of Erdos-Renyi
+  graphs (mean degree 8) and random sparse matrices of 1e4 and 1e5 rows.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
 """
@@ -153,8 +154,20 @@ def _sparse_sym(n: int, per_row: int = 5, seed: int = 0):
     return ((s + s.T) * 0.5).tocsr()
 
 
-def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5) -> Case:
-    a64 = _sparse_sym(n)
+def _graph_laplacian(n: int, degree: int = 8, seed: int = 0):
+    """``L = D - W`` of an Erdos-Renyi graph with mean degree ``degree`` (unit weights)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, n, size=n * degree // 2)
+    cols = rng.integers(0, n, size=n * degree // 2)
+    w = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n)).tocsr()
+    w = ((w + w.T) > 0).astype(np.float64)
+    w.setdiag(0)
+    w.eliminate_zeros()
+    return (sp.diags(np.asarray(w.sum(axis=1)).ravel()) - w).tocsr()
+
+
+def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") -> Case:
+    a64 = _sparse_sym(n) if kind == "random" else _graph_laplacian(n)
     a32 = a64.astype(np.float32)
     ref = np.sort(sla.eigsh(a64, k=k, which="LA", tol=0)[0])[::-1]
     scale = abs(ref[0])
@@ -169,8 +182,9 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5) -> Case:
 
     v0 = np.random.default_rng(0).standard_normal(n)
     return Case(
-        name=f"lanczos_eigh {n}x{n} sparse top-{k}",
-        params={"n": n, "nnz": int(a64.nnz), "k": k, "tol": tol, "which": "LA"},
+        name=f"lanczos_eigh {n}x{n} {'sparse' if kind == 'random' else 'graph Laplacian'} "
+             f"top-{k} tol {tol:g}",
+        params={"n": n, "nnz": int(a64.nnz), "k": k, "tol": tol, "which": "LA", "matrix": kind},
         contenders=[
             Contender("subjax", lambda: f(key), accuracy=lambda r: acc(r.eigenvalues),
                       note="block 16 x 10 blocks, thick restart, BCSR, float32"),
@@ -189,6 +203,10 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5) -> Case:
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [_svd_case(2048, with_dense=False), _lanczos_case(20000)]
+        return [_svd_case(2048, with_dense=False), _lanczos_case(20000),
+                _lanczos_case(10000, tol=1e-6, kind="laplacian")]
     return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False),
-            _lanczos_case(20000)]
+            _lanczos_case(20000), _lanczos_case(20000, tol=1e-6),
+            _lanczos_case(10000, tol=1e-6, kind="laplacian"),
+            _lanczos_case(100000, tol=1e-6, kind="laplacian"),
+            _lanczos_case(100000, tol=1e-6)]
