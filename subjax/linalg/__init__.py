@@ -33,6 +33,7 @@ from subjax.linalg._rank import (
     marchenko_pastur_rank,
     normalized_spectrum_rank,
 )
+from subjax.linalg._recycle import RecycledCGResult, recycled_cg
 from subjax.linalg._weighted import WeightedLowRank, weighted_low_rank
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "LinearOperator",
     "ORTH_METHODS",
     "RandomizedSVDResult",
+    "RecycledCGResult",
     "SNNResult",
     "SubspaceIterationResult",
     "WeightedLowRank",
@@ -62,6 +64,7 @@ __all__ = [
     "randomized_eigh",
     "randomized_range_finder",
     "randomized_svd",
+    "recycled_cg",
     "residual_norms",
     "snn_impute",
     "subspace_distance",
