@@ -39,13 +39,24 @@ from subjax.nn._spectral import (  # noqa: E402
     stable_rank,
     welore_ranks,
 )
+from subjax.nn._subspace import (  # noqa: E402
+    RandomSubspace,
+    SubspaceBasis,
+    SubspaceOrigin,
+    fastfood_project,
+    walsh_hadamard,
+)
 
 __all__ += [
     "IntruderResult",
     "LowRankSparseLinear",
     "OrderedDropoutLinear",
+    "RandomSubspace",
     "SCLoRASubspace",
     "SparseSupport",
+    "SubspaceBasis",
+    "SubspaceOrigin",
+    "fastfood_project",
     "intruder_dimensions",
     "lora_optimizer",
     "lora_rank",
@@ -56,5 +67,6 @@ __all__ += [
     "sclora_subspace",
     "stable_rank",
     "unmerge_lora",
+    "walsh_hadamard",
     "welore_ranks",
 ]
