@@ -57,3 +57,8 @@ from subjax.optim._projectors import (  # noqa: E402
 )
 
 __all__ += ["ProjectedState", "Projector", "dct_basis", "galore", "make_projector", "projected"]
+
+# --- Continual learning in orthogonal gradient subspaces (CoSO) -------------
+from subjax.optim._coso import CoSOState, coso, coso_consolidate  # noqa: E402
+
+__all__ += ["CoSOState", "coso", "coso_consolidate"]
