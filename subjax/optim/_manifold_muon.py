@@ -78,13 +78,21 @@ def stiefel_spectral_direction(w, g, *, max_iters: int = 50, dual_lr: float = 0.
 
     Returns ``(a, residual, n_iters)`` with ``a = msign(G + 2 W L)`` (so the descent
     step is ``-a``), the RMS tangency residual ``||W^T a + a^T W||_F / p`` (largest
-    over a batch) and the dual steps run. The step size of the ascent decays
-    linearly from ``dual_lr`` to 0 over ``max_iters``.
+    over a batch) and the dual steps run. ``G`` is first divided by the Frobenius
+    norm of its tangent part (``a`` does not depend on ``G``'s scale), and the step
+    size of the ascent decays linearly from ``dual_lr`` to 0 over ``max_iters``.
     """
     p = w.shape[-1]
     wtg = jnp.swapaxes(w, -1, -2) @ g
     # the multiplier that makes G + 2 W L tangent when msign is the identity
     lam0 = -0.25 * (wtg + jnp.swapaxes(wtg, -1, -2))
+    # The answer depends on G's direction only; the dual steps are O(1), so measure G
+    # in units of its tangent part P_W(G) = G + 2 W L0 (near a critical point the
+    # normal part dominates and an unscaled ascent would overshoot).
+    t0 = g + 2.0 * (w @ lam0)
+    norm = jnp.sqrt(jnp.sum(t0 * t0, axis=(-2, -1), keepdims=True))
+    scale = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    g, lam0 = g / scale, lam0 / scale
 
     def step(state, it):
         a = _msign(g + 2.0 * (w @ state.lam))
