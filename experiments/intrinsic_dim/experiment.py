@@ -215,7 +215,7 @@ class IntrinsicDim(CellExperiment):
             rows.append({
                 "model": f"{p['kind'].upper()} width {p['width']}", "projection": p["projection"],
                 "parameters D": p["params"],
-                "baseline val acc": stats.mean_ci([r["baseline"] for r in p["runs"]]).format(),
+                "baseline test acc": stats.mean_ci([r["baseline"] for r in p["runs"]]).format(),
                 "d_int90": stats.mean_ci(finite).format(".0f") if finite else "> grid",
                 "reached": f"{len(finite)}/{len(p['runs'])}",
                 **{f"acc at d={d}": stats.mean_ci([r["accs"][j] for r in p["runs"]]).format()
@@ -224,7 +224,7 @@ class IntrinsicDim(CellExperiment):
                     "at grid edge": tuned[m].at_edge} for m in ("full", "subspace")]
         agree = [a - b for a, b in zip(log2_dint(dense), log2_dint(fast), strict=True)]
         return {"claims": claims,
-                "tables": {"Validation accuracy of subspace training and d_int90": rows,
+                "tables": {"Test accuracy of subspace training and d_int90": rows,
                            "Learning rates chosen on validation (narrowest MLP)": lr_rows},
                 "dense_minus_fastfood_log2_dint": stats.mean_ci(agree).to_dict()
                 if len(agree) > 1 else agree,
@@ -253,7 +253,7 @@ class IntrinsicDim(CellExperiment):
                         label=f"{key} (D={c['params']})")
             ax.axhline(cfg.threshold * c["baseline"], color=f"C{i}", lw=0.6, ls=":")
         ax.set_xlabel("subspace dimension d")
-        ax.set_ylabel("validation accuracy (mean over seeds)")
+        ax.set_ylabel("test accuracy (mean over seeds)")
         ax.set_title("dotted: 90% of each baseline", fontsize=9)
         ax.legend(fontsize=6)
         img = save_figure(fig, outdir, "intrinsic_dim.png", "accuracy vs subspace dimension")
