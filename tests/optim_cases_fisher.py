@@ -92,10 +92,11 @@ CASES = [
         "fisher.natural_gradient",
         optim.natural_gradient,
         {"learning_rate": 0.5, "damping": 1e-2, "likelihood": "gaussian"},
+        static_args=("max_iters",),
         init_params=_mlp_params,
         make_batch=default_batch,
         loss=_loss(_mlp_apply),
         grad_and_extra=_ng_extra(_mlp_apply),
     ),
-    OptimCase("fisher.fismo", optim.fismo, {"learning_rate": 0.05}),
+    OptimCase("fisher.fismo", optim.fismo, {"learning_rate": 0.05}, static_args=("ns_steps",)),
 ]

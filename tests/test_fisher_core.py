@@ -153,3 +153,20 @@ def test_bad_inputs(key):
         fisher.fvp(mlp_apply, params, x, {"l0": params["l0"]})
     with pytest.raises(ValueError, match="labels"):
         fisher.rank_one(mlp_apply, params, x)
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_class_ids(key, bad):
+    params = mlp_params(key, sizes=(3, 5, 3))  # 3 classes
+    x, _ = _data(jax.random.key(16), out=3, dtype=jnp.float32)
+    y = jnp.zeros((6,), jnp.int32).at[2].set(bad)
+    with pytest.raises(ValueError, match=r"`labels`.* class ids in \[0, 3\)"):
+        fisher.diag_empirical(mlp_apply, params, x, y)
+    # traced labels cannot be checked: the bad example's NLL and gradient are NaN
+    d = jax.jit(lambda yb: fisher.diag_empirical(mlp_apply, params, x, yb))(y)
+    assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(d))
+    nll = lk.nll("categorical", mlp_apply(params, x), jax.jit(lambda v: v)(y))
+    assert np.isnan(nll[2]) and bool(jnp.all(jnp.isfinite(jnp.delete(nll, 2))))
+    # in-range labels are unaffected
+    d_ok = jax.jit(lambda yb: fisher.diag_empirical(mlp_apply, params, x, yb))(y.at[2].set(2))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(d_ok))

@@ -81,7 +81,7 @@ def test_low_rank_matches_dense_top_eigenpairs(x64, key):
     dense = np.asarray(dense_fisher("categorical", mlp_apply, params, x))
     w, v = np.linalg.eigh(dense)
     lr = jax.jit(lambda p: fisher.low_rank(mlp_apply, p, x, 4, key=jax.random.key(3),
-                                           n_iter=6))(params)
+                                           n_steps=6))(params)
     np.testing.assert_allclose(lr.eigenvalues, w[::-1][:4], rtol=1e-6)
     vecs = np.stack([_flat(jax.tree.map(lambda a, j=j: a[j], lr.eigenvectors))
                      for j in range(4)], axis=1)
@@ -99,7 +99,7 @@ def test_rank_one_mean_gradient_and_top(x64, key):
     np.testing.assert_allclose(u, gbar / np.linalg.norm(gbar), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(r1.eigenvalues[0], u @ f_emp @ u, rtol=1e-8)
     top = jax.jit(lambda p: fisher.rank_one(mlp_apply, p, x, labels=y, method="top",
-                                            key=jax.random.key(4), n_iter=8))(params)
+                                            key=jax.random.key(4), n_steps=8))(params)
     np.testing.assert_allclose(top.eigenvalues[0], np.linalg.eigvalsh(f_emp)[-1], rtol=1e-6)
 
 
@@ -115,7 +115,7 @@ def test_ewc_penalty_forms_match_dense(x64, key):
     np.testing.assert_allclose(fisher.ewc_penalty(params, anchor, fvp, 2.0), d @ dense @ d,
                                rtol=1e-5)
     lr = jax.jit(lambda a: fisher.low_rank(mlp_apply, a, x, 3, key=jax.random.key(5),
-                                           n_iter=6))(anchor)
+                                           n_steps=6))(anchor)
     w, v = np.linalg.eigh(dense)
     ref = np.sum(w[::-1][:3] * (v[:, ::-1][:, :3].T @ d) ** 2)
     np.testing.assert_allclose(fisher.ewc_penalty(params, anchor, lr, 2.0), ref, rtol=1e-4)
@@ -124,3 +124,17 @@ def test_ewc_penalty_forms_match_dense(x64, key):
     moved = jax.tree.map(lambda p, gi: p - 1e-2 * gi, params, grad)
     assert float(fisher.ewc_penalty(moved, anchor, diag)) < float(
         fisher.ewc_penalty(params, anchor, diag))
+
+
+def test_merge_weights_summing_to_zero_or_negative(key):
+    ps = _models(key, 2)
+    with pytest.raises(ValueError, match="`weights` sum to zero"):
+        fisher.fisher_merge(ps, ps, weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="`weights` must be >= 0"):
+        fisher.fisher_merge(ps, ps, weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="`weights` sum to zero"):
+        fisher.average(ps, weights=[1.0, -1.0])
+    # an affine (negative-weight) average with a nonzero sum stays allowed
+    out = fisher.average(ps, weights=[2.0, -1.0])
+    np.testing.assert_allclose(_flat(out), 2 * _flat(ps[0]) - _flat(ps[1]), rtol=1e-5,
+                               atol=1e-6)

@@ -270,7 +270,7 @@ def test_fismo_first_step_matches_formula(x64):
 
     mom = (1 - beta) * isqrt(p) @ g @ isqrt(q)
     ref = isqrt(p) @ np.asarray(optim.newton_schulz(jnp.asarray(mom), 5)) @ isqrt(q)
-    # Newton-Schulz runs in float32 by design (DESIGN: at least float32): float32 tolerance
+    # both sides run Newton-Schulz in the compute dtype (float64 here)
     np.testing.assert_allclose(-upd["w"], ref, rtol=1e-4, atol=1e-6)
 
 
@@ -321,7 +321,7 @@ def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
     for i in range(2):
         _, grads, stats = jax.jit(lambda p: fisher.kfac_grads_and_stats(
             mlp_apply, p, x, y, fisher="empirical"))(params)
-        prev = ravel_pytree(state[0].momentum)[0]
+        prev = ravel_pytree(state.momentum)[0]
         upd, state = jax.jit(lambda g, s, st, p: opt.update(
             g, s, p, kfac_stats=st, apply_fn=mlp_apply, inputs=x))(grads, state, stats, params)
         u = ravel_pytree(upd)[0]
@@ -334,3 +334,217 @@ def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
                                        atol=1e-9 * float(jnp.abs(g) @ jnp.abs(prev)))
         assert float(g @ u) < 0  # a descent step
         params = optax.apply_updates(params, upd)
+
+
+def test_kfac_rejects_unknown_likelihood_and_unordered_damping_bounds():
+    with pytest.raises(ValueError, match="`likelihood` must be one of"):
+        optim.kfac(0.1, likelihood="softmax")
+    with pytest.raises(ValueError, match=r"`damping_bounds` must be ordered \(low, high\)"):
+        optim.kfac(0.1, adaptive_damping=True, damping_bounds=(1.0, 1e-3))
+    with pytest.raises(ValueError, match=r"`damping_bounds\[0\]` must be > 0"):
+        optim.kfac(0.1, damping_bounds=(0.0, 1.0))
+    with pytest.raises(ValueError, match="`stale_ratio` must be >= 1"):
+        optim.kfac(0.1, stale_ratio=0.5)
+
+
+def _tanh_classifier():
+    params = mlp_params(jax.random.key(0), sizes=(4, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(10), (64, 4))
+    y = jnp.argmax(x[:, :3] * x[:, 1:], axis=1)
+    return params, x, y
+
+
+def _kfac_losses(opt, params, x, y, steps):
+    @jax.jit
+    def step(p, st, k):
+        loss, g, s = fisher.kfac_grads_and_stats(mlp_apply, p, x, y, key=k)
+        u, st = opt.update(g, st, p, kfac_stats=s)
+        return optax.apply_updates(p, u), st, loss
+
+    state, losses = opt.init(params), []
+    for i in range(steps):
+        params, state, loss = step(params, state, jax.random.key(i))
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.slow
+def test_stale_inverse_is_refreshed_early_instead_of_diverging():
+    params, x, y = _tanh_classifier()
+    kw = dict(damping=1e-2, refresh_every=10)
+    # the failure mode: inverses from step 0 held for 10 steps while the factors move
+    stale = _kfac_losses(optim.kfac(0.1, stale_ratio=None, **kw), params, x, y, 40)
+    assert max(stale) > 3 * stale[0], stale
+    guarded = _kfac_losses(optim.kfac(0.1, **kw), params, x, y, 40)
+    every = _kfac_losses(optim.kfac(0.1, damping=1e-2, refresh_every=1), params, x, y, 40)
+    assert max(guarded) <= guarded[0] and guarded[-1] < 1e-2 * guarded[0], guarded
+    assert every[-1] < 1e-2 * every[0]
+
+
+def test_fresh_inverse_meets_the_stale_test_with_equality(x64, key):
+    """Right after a refresh, Delta^T (A (x) G + lambda) Delta = g . Delta (kronecker damping)."""
+    from subjax.optim import _kfac
+
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(6), (9, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(7), (9,), 0, 4)
+    _, grads, stats = fisher.kfac_grads_and_stats(mlp_apply, params, x, y, fisher="empirical")
+    opt = optim.kfac(1.0, damping=0.05, momentum=0.0)
+    upd, state = opt.update(grads, opt.init(params), params, kfac_stats=stats)
+    dense = _kfac.find_dense_layers(params)
+    fa, fg = jax.tree.leaves(state.factor_a), jax.tree.leaves(state.factor_g)
+    delta = [-u for u in jax.tree.leaves(upd)]
+    g = jax.tree.leaves(grads)
+    quad = _kfac._curvature(delta, dense, fa, fg, jnp.float32(0.05))
+    np.testing.assert_allclose(quad, _kfac._vdot(g, delta), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.kfac(0.1, damping=1e-2),
+    lambda: optim.fismo(0.05),
+    lambda: optim.natural_gradient(0.5),
+], ids=["kfac", "fismo", "natural_gradient"])
+def test_tree_map_params_on_curvature_states(key, make):
+    """optax.tree_map_params reaches every parameter-shaped field of the state."""
+    from optax.transforms import MaskedNode
+
+    params = mlp_params(key, sizes=(3, 5, 4))
+    opt = make()
+    state = opt.init(params)
+    masked = lambda v: isinstance(v, MaskedNode)
+    specs = jax.tree.map(lambda p: f"spec{p.shape}", params)
+    out = optax.tree_map_params(opt, lambda p, s: p if masked(p) else s, state, specs,
+                                transform_non_params=lambda _: None, is_leaf=masked)
+    leaves = jax.tree.leaves(out)
+    assert leaves and all(isinstance(v, str) and v.startswith("spec") for v in leaves), leaves
+    # the momentum-like fields carry exactly the parameters' specs
+    spec_set = set(jax.tree.leaves(specs))
+    assert set(leaves) == spec_set
+    # without extra trees, the identity map gives back a state of the same structure
+    same = optax.tree_map_params(opt, lambda p: p, state)
+    assert jax.tree.structure(same) == jax.tree.structure(state)
+
+
+def _seq_params(key, d_in=3, d_h=4, n_out=3, dtype=jnp.float64):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"proj": {"kernel": jax.random.normal(k1, (d_in, d_h), dtype) / 2,
+                     "bias": 0.1 * jax.random.normal(k2, (d_h,), dtype)},
+            "head": {"kernel": jax.random.normal(k3, (d_h, n_out), dtype) / 2,
+                     "bias": jnp.zeros((n_out,), dtype)}}
+
+
+def _seq_head(p, h):
+    return h.mean(axis=-2) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _seq_apply(p, x):
+    """A dense layer shared over the T positions of (N, T, d) inputs, mean-pooled."""
+    h = jnp.tanh(fisher.tag_dense("proj", x, p["proj"]["kernel"], p["proj"]["bias"]))
+    pooled = h.mean(axis=1)
+    return fisher.tag_dense("head", pooled, p["head"]["kernel"], p["head"]["bias"])
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_sequence_factors_equal_their_definitions(x64, key, weight_sharing):
+    """Eschenhagen et al. 2023: K-FAC-expand pools all N*T rows; K-FAC-reduce averages the
+    inputs and sums the output gradients over each example's T rows first."""
+    params = _seq_params(key)
+    n, t = 5, 7
+    x = jax.random.normal(jax.random.key(30), (n, t, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(31), (n,), 0, 3)
+    _, grads, stats = fisher.kfac_grads_and_stats(
+        _seq_apply, params, x, y, fisher="empirical", weight_sharing=weight_sharing)
+    ref_grads = jax.grad(lambda p: lk.mean_nll("categorical", _seq_apply(p, x), y))(params)
+    np.testing.assert_allclose(ravel_pytree(grads)[0], ravel_pytree(ref_grads)[0], rtol=1e-10)
+
+    s = x @ params["proj"]["kernel"] + params["proj"]["bias"]  # (N, T, h) pre-activations
+
+    def nll_one(s_n, y_n):
+        return lk.nll("categorical", _seq_head(params, jnp.tanh(s_n))[None], y_n[None])[0]
+
+    delta = jax.vmap(jax.grad(nll_one))(s, y)  # (N, T, h) per-example output gradients
+    a = jnp.concatenate([x, jnp.ones((n, t, 1))], axis=-1)  # (N, T, d_in + 1)
+    if weight_sharing == "expand":
+        a_rows, d_rows = a.reshape(n * t, -1), delta.reshape(n * t, -1)
+        a_ref = a_rows.T @ a_rows / (n * t)
+        g_ref = d_rows.T @ d_rows / n
+    else:
+        a_bar, d_sum = a.mean(axis=1), delta.sum(axis=1)
+        a_ref = a_bar.T @ a_bar / n
+        g_ref = d_sum.T @ d_sum / n
+    np.testing.assert_allclose(stats["proj"].a, a_ref, rtol=1e-10)
+    np.testing.assert_allclose(stats["proj"].g, g_ref, rtol=1e-9, atol=1e-14)
+    # the head sees one row per example: both rules give the plain K-FAC factors
+    other = "reduce" if weight_sharing == "expand" else "expand"
+    _, _, st_other = fisher.kfac_grads_and_stats(
+        _seq_apply, params, x, y, fisher="empirical", weight_sharing=other)
+    np.testing.assert_allclose(stats["head"].a, st_other["head"].a, rtol=1e-12)
+    np.testing.assert_allclose(stats["head"].g, st_other["head"].g, rtol=1e-12)
+    with pytest.raises(ValueError, match="`weight_sharing` must be one of"):
+        fisher.kfac_grads_and_stats(_seq_apply, params, x, y, fisher="empirical",
+                                    weight_sharing="mean")
+
+
+def _conv_net():
+    class ConvNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, kernel_size=(2, 3), strides=(1, 2),
+                                 padding=((1, 1), (0, 1)), param_dtype=jnp.float64, rngs=rngs)
+            self.head = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.conv(x)).mean(axis=(1, 2)))
+
+    return ConvNet(nnx.Rngs(0))
+
+
+def _manual_patches(x, kh, kw, strides, pads):
+    """Windows of the padded input, flattened (row, column, channel) like the kernel."""
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    rows = []
+    for i in range(0, xp.shape[1] - kh + 1, strides[0]):
+        row = []
+        for j in range(0, xp.shape[2] - kw + 1, strides[1]):
+            row.append(xp[:, i:i + kh, j:j + kw, :].reshape(x.shape[0], -1))
+        rows.append(jnp.stack(row, axis=1))
+    return jnp.stack(rows, axis=1)  # (N, H', W', kh * kw * c)
+
+
+def test_conv_factors_equal_dense_definition_on_patches(x64):
+    model = _conv_net()
+    assert fisher.register_dense(model) == ("conv", "head")
+    graphdef, params = nnx.split(model, nnx.Param)
+    apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+    n = 3
+    x = jax.random.normal(jax.random.key(40), (n, 4, 5, 2), jnp.float64)
+    y = jax.random.randint(jax.random.key(41), (n,), 0, 4)
+    _, grads, stats = fisher.kfac_grads_and_stats(apply, params, x, y, fisher="empirical")
+
+    kernel, bias = model.conv.kernel[...], model.conv.bias[...]
+    patches = _manual_patches(x, 2, 3, (1, 2), ((1, 1), (0, 1)))
+    # the dense definition: the convolution is patches @ kernel.reshape(-1, c_out) + b
+    s = patches @ kernel.reshape(-1, 3) + bias
+    np.testing.assert_allclose(s, model.conv(x), rtol=1e-12, atol=1e-12)
+    p_rows = patches.reshape(-1, patches.shape[-1])
+    a1 = jnp.concatenate([p_rows, jnp.ones((p_rows.shape[0], 1))], axis=1)
+    np.testing.assert_allclose(stats["conv"].a, a1.T @ a1 / a1.shape[0], rtol=1e-10)
+
+    def nll_one(s_n, y_n):
+        out = model.head(jnp.tanh(s_n).mean(axis=(0, 1)))
+        return lk.nll("categorical", out[None], y_n[None])[0]
+
+    delta = jax.vmap(jax.grad(nll_one))(s, y).reshape(-1, 3)  # rows: every output position
+    np.testing.assert_allclose(stats["conv"].g, delta.T @ delta / n, rtol=1e-9, atol=1e-14)
+
+    # the preconditioned conv step is the dense damped Kronecker inverse on [W; b]
+    lam = 0.05
+    opt = optim.kfac(1.0, damping=lam, momentum=0.0)
+    upd, _ = opt.update(grads, opt.init(params), params, kfac_stats=stats)
+    a, g = np.asarray(stats["conv"].a), np.asarray(stats["conv"].g)
+    gk, gb = np.asarray(grads["conv"]["kernel"][...]), np.asarray(grads["conv"]["bias"][...])
+    gr = np.concatenate([gk.reshape(-1, 3), gb[None]])
+    m = np.kron(a, g) + lam * np.eye(a.shape[0] * g.shape[0])
+    d = np.linalg.solve(m, gr.reshape(-1)).reshape(gr.shape)
+    np.testing.assert_allclose(-upd["conv"]["kernel"][...], d[:-1].reshape(kernel.shape),
+                               rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(-upd["conv"]["bias"][...], d[-1], rtol=1e-6, atol=1e-10)

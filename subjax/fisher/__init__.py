@@ -1,8 +1,8 @@
 """subjax.fisher — Fisher information, curvature products, EWC and model merging.
 
 Pure functions over a model function ``apply_fn(params, inputs) -> outputs`` and a
-batch; K-FAC statistics capture for Flax NNX dense layers. Implementation lives
-in private modules (`_*.py`).
+batch; K-FAC statistics capture for Flax NNX dense and convolution layers.
+Implementation lives in private modules (`_*.py`).
 """
 
 from subjax.fisher._core import (
@@ -20,6 +20,7 @@ from subjax.fisher._core import (
 from subjax.fisher._fwsvd import fisher_weighted_svd
 from subjax.fisher._kfac_capture import (
     KFACStats,
+    conv_patches,
     kfac_grads_and_stats,
     register_dense,
     tag_dense,
@@ -32,6 +33,7 @@ __all__: list[str] = [
     "KFACStats",
     "LowRankFisher",
     "average",
+    "conv_patches",
     "diag_empirical",
     "diag_true",
     "empirical_fvp",

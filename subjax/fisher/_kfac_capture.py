@@ -16,7 +16,8 @@ layer's outputs, with targets *sampled* from the model (``fisher="true"``, the
 K-FAC Fisher) or the observed labels (``fisher="empirical"``); ``N`` is the
 batch size and ``R`` the number of rows the layer saw (``R = N`` for an MLP;
 for inputs with extra axes or a layer applied several times the rows are pooled,
-K-FAC-expand style).
+K-FAC-expand style, or averaged per example first with
+``weight_sharing="reduce"``).
 
 Registering layers:
 
@@ -38,7 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from subjax._core import compute_dtype, path_name
+from subjax._core import choice, compute_dtype, path_name, static_int
 from subjax.fisher import _likelihood as lk
 from subjax.fisher._core import _batch_size
 
@@ -130,20 +131,57 @@ def tag_dense(name: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | None
     return cap.record(name, x, y, bias is not None)
 
 
+def conv_patches(conv, inputs) -> jax.Array:
+    """The input patches of an ``nnx.Conv``: rows ``a`` with ``conv(x) = a @ W + b``.
+
+    ``(N, *out_spatial, prod(kernel_size) * c_in)``, features in the order of
+    ``kernel.reshape(-1, c_out)`` (window position major, input channel minor), so
+    the convolution is the dense layer ``patches @ kernel.reshape(-1, c_out)``
+    applied at every output position.
+    """
+    ks = tuple(conv.kernel_size)
+    nsp = len(ks)
+    if conv.feature_group_count != 1:
+        raise ValueError(
+            "K-FAC capture supports nnx.Conv with feature_group_count=1 only, got "
+            f"{conv.feature_group_count}")
+    per_dim = lambda v: (1,) * nsp if v is None else (
+        (v,) * nsp if isinstance(v, int) else tuple(v))
+    x = inputs.reshape((-1,) + inputs.shape[inputs.ndim - nsp - 1:])
+    strides, dil = per_dim(conv.strides), per_dim(conv.kernel_dilation)
+    pad = conv.padding
+    if isinstance(pad, str) and pad.upper() in ("CIRCULAR", "REFLECT", "CAUSAL"):
+        raise ValueError(f"K-FAC capture does not support nnx.Conv padding={pad!r}")
+    if not isinstance(pad, str):
+        pad = [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad)]
+    spec = "N" + "DHW"[-nsp:] + "C"
+    p = jax.lax.conv_general_dilated_patches(
+        x, ks, strides, pad, lhs_dilation=per_dim(conv.input_dilation), rhs_dilation=dil,
+        dimension_numbers=(spec, "DHW"[-nsp:] + "IO", spec))
+    c = x.shape[-1]
+    p = p.reshape(p.shape[:-1] + (c,) + ks)  # features come out channel-major
+    p = jnp.moveaxis(p, p.ndim - nsp - 1, -1)
+    return p.reshape(p.shape[: 1 + nsp] + (-1,))
+
+
 _RECORDING_CLASSES: dict[type, type] = {}
 
 
 def _recording_class(base: type) -> type:
+    from flax import nnx
+
     cls = _RECORDING_CLASSES.get(base)
     if cls is not None:
         return cls
+    rows = conv_patches if issubclass(base, nnx.Conv) else (lambda mod, x: x)
 
     def __call__(self, inputs, *args, **kwargs):
         y = base.__call__(self, inputs, *args, **kwargs)
         cap = _current()
         if cap is None:
             return y
-        return cap.record(self.kfac_name, inputs, y, getattr(self, "bias", None) is not None)
+        return cap.record(self.kfac_name, rows(self, inputs), y,
+                          getattr(self, "bias", None) is not None)
 
     cls = type(
         f"KFAC{base.__name__}",
@@ -156,7 +194,13 @@ def _recording_class(base: type) -> type:
 
 
 def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -> tuple[str, ...]:
-    """Make every ``nnx.Linear`` of an NNX model record K-FAC statistics (in place).
+    """Make every ``nnx.Linear`` and ``nnx.Conv`` of an NNX model record K-FAC statistics.
+
+    A convolution is recorded as the dense layer it is on its input patches
+    (:func:`conv_patches`): ``A`` over ``prod(kernel_size) * c_in + 1`` patch
+    features, ``G`` over ``c_out``, every output position a row (pooled by
+    ``weight_sharing`` as for sequences). Other layers (LayerNorm, embeddings, ...)
+    are not recorded and get the identity preconditioner in ``subjax.optim.kfac``.
 
     Each selected layer's class becomes a recording subclass (same parameters,
     same outputs) and it gets a static ``kfac_name`` attribute: its path in the
@@ -171,7 +215,7 @@ def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -
       The registered layer names, in traversal order.
 
     Raises:
-      ValueError: if the model has no ``nnx.Linear`` layer (to select).
+      ValueError: if the model has no ``nnx.Linear`` / ``nnx.Conv`` layer (to select).
     """
     from flax import nnx
 
@@ -179,7 +223,7 @@ def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -
         raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}")
     names = []
     for path, mod in nnx.iter_modules(model):
-        if not isinstance(mod, nnx.Linear):
+        if not isinstance(mod, nnx.Linear | nnx.Conv):
             continue
         if include is not None and not include(path, mod):
             continue
@@ -190,8 +234,8 @@ def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -
         names.append(name)
     if not names:
         raise ValueError(
-            "`model` has no nnx.Linear layer to register for K-FAC (only nnx.Linear and "
-            "its subclasses are supported; use subjax.fisher.tag_dense in custom layers)"
+            "`model` has no nnx.Linear or nnx.Conv layer to register for K-FAC (only those "
+            "and their subclasses are supported; use subjax.fisher.tag_dense in custom layers)"
         )
     return tuple(names)
 
@@ -228,6 +272,7 @@ def kfac_grads_and_stats(
     fisher: str = "true",
     key: jax.Array | None = None,
     stats_batch: int | None = None,
+    weight_sharing: str = "expand",
 ):
     """Loss, gradient and per-layer K-FAC factors in one forward pass.
 
@@ -251,22 +296,29 @@ def kfac_grads_and_stats(
         ``stats_batch`` examples (drawn with ``key``; the first ones when ``key`` is
         None): the gradient is still the full-batch one, the factor statistics cost
         a forward/backward pass over the subset only.
+      weight_sharing: how a layer that sees several rows per example (a dense layer
+        on ``(N, T, d)`` sequences, attention projections, a layer called several
+        times) pools them (Eschenhagen et al., NeurIPS 2023). ``"expand"``: every
+        row is an example, ``A = (1/(N R)) sum a a^T``, ``G = (1/N) sum delta
+        delta^T`` over all ``N R`` rows. ``"reduce"``: one row per example, the
+        inputs averaged and the output gradients summed over its ``R`` rows first
+        (each call's leading axis must be the batch axis). The two agree when
+        ``R = 1``.
 
     Returns:
       ``(loss, grads, stats)`` with ``stats`` a dict ``layer name -> KFACStats``,
       to be passed to :func:`subjax.optim.kfac`'s ``update`` as ``kfac_stats=``.
     """
     lk.check_likelihood(likelihood)
-    if fisher not in ("true", "empirical"):
-        raise ValueError(f"`fisher` must be 'true' or 'empirical', got {fisher!r}")
+    choice(fisher, "fisher", ("true", "empirical"))
+    choice(weight_sharing, "weight_sharing", ("expand", "reduce"))
     if fisher == "true" and key is None:
         raise ValueError("`key` is required for fisher='true' (targets are sampled)")
     if labels is None:
         raise ValueError("`labels` is None: the training loss and its gradient need labels")
     n = _batch_size(inputs)
     if stats_batch is not None:
-        if not isinstance(stats_batch, int) or stats_batch < 1:
-            raise ValueError(f"`stats_batch` must be a positive int, got {stats_batch!r}")
+        stats_batch = static_int(stats_batch, "stats_batch", minimum=1)
         if stats_batch < n:
             if key is not None:
                 key, k_sub = jax.random.split(key)
@@ -276,7 +328,7 @@ def kfac_grads_and_stats(
             take = lambda t: jax.tree.map(lambda a: a[idx], t)
             _, _, stats = kfac_grads_and_stats(
                 apply_fn, params, take(inputs), take(labels),
-                likelihood=likelihood, fisher=fisher, key=key,
+                likelihood=likelihood, fisher=fisher, key=key, weight_sharing=weight_sharing,
             )
             loss, grads = jax.value_and_grad(
                 lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(params)
@@ -315,10 +367,22 @@ def kfac_grads_and_stats(
     stats = {}
     for name, (_, d_out, _) in meta.items():
         keys = [f"{name}#{i}" for i in range(shape_cap.counts[name])]
-        a = jnp.concatenate([acts[k] for k in keys], axis=0)
-        d = jnp.concatenate(
-            [eps_grads[k].reshape(-1, d_out).astype(a.dtype) for k in keys], axis=0
-        )
+        if weight_sharing == "expand":  # every row is an example
+            a = jnp.concatenate([acts[k] for k in keys], axis=0)
+            d = jnp.concatenate(
+                [eps_grads[k].reshape(-1, d_out).astype(a.dtype) for k in keys], axis=0)
+        else:  # reduce: one row per example, inputs averaged, output gradients summed
+            for k in keys:
+                if len(shape_cap.shapes[k].shape) < 2 or shape_cap.shapes[k].shape[0] != n:
+                    raise ValueError(
+                        f"weight_sharing='reduce' groups a layer's rows by example: dense "
+                        f"layer {name!r} was called on outputs of shape "
+                        f"{shape_cap.shapes[k].shape}, whose leading axis is not the batch "
+                        f"axis ({n})")
+            a = jnp.concatenate([acts[k].reshape(n, -1, acts[k].shape[-1]) for k in keys],
+                                axis=1).mean(axis=1)
+            d = jnp.concatenate([eps_grads[k].reshape(n, -1, d_out) for k in keys],
+                                axis=1).sum(axis=1).astype(a.dtype)
         a_f = (a.T @ a) / a.shape[0]
         g_f = (d.T @ d) * n  # delta = n * d  ->  (1/n) sum delta delta^T
         stats[name] = KFACStats(a=a_f, g=g_f)

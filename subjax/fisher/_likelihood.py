@@ -6,8 +6,10 @@ a sampler, and the product with the *output* Fisher ``F_z = E_y[grad_z log p
 grad_z log p^T]`` (which equals the Hessian of the NLL with respect to ``z`` for
 these exponential-family likelihoods, so Fisher == Gauss-Newton):
 
-- ``"categorical"``: ``z`` logits of shape ``(N, ..., C)``, labels integers of
-  shape ``(N, ...)``; ``F_z v = p * v - p (p . v)``.
+- ``"categorical"``: ``z`` logits of shape ``(N, ..., C)``, labels integers in
+  ``[0, C)`` of shape ``(N, ...)``; ``F_z v = p * v - p (p . v)``. A label out of
+  range is a ``ValueError`` when the labels are concrete; under a trace it makes
+  that example's NLL and gradient NaN.
 - ``"bernoulli"``: ``z`` logits, targets in ``[0, 1]`` of the same shape;
   ``F_z = diag(s (1 - s))`` with ``s = sigmoid(z)``.
 - ``"gaussian"``: ``z`` the mean, unit variance; ``F_z = I``.
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from subjax._core import choice, compute_dtype
+from subjax._core import choice, compute_dtype, is_concrete
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
@@ -58,6 +61,14 @@ def check_labels(likelihood: str, outputs, labels, arg: str = "labels") -> None:
             )
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
             raise TypeError(f"`{arg}` for 'categorical' must be integers, got {labels.dtype}")
+        n_classes = jnp.shape(outputs)[-1]
+        ids = np.asarray(labels) if is_concrete(labels) else None  # small: read on the host
+        if ids is not None and ids.size and not np.all((ids >= 0) & (ids < n_classes)):
+            lo, hi = int(ids.min()), int(ids.max())
+            raise ValueError(
+                f"`{arg}` for 'categorical' must be class ids in [0, {n_classes}), got values "
+                f"from {lo} to {hi}"
+            )
     elif jnp.shape(labels) != jnp.shape(outputs):
         raise ValueError(
             f"`{arg}` for {likelihood!r} must have the outputs' shape {jnp.shape(outputs)}, "
@@ -74,8 +85,13 @@ def nll(likelihood: str, outputs, labels):
     z = outputs.astype(compute_dtype(outputs.dtype))
     if likelihood == "categorical":
         logp = jax.nn.log_softmax(z, axis=-1)
-        picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)
-        return -_sum_rest(picked[..., 0])
+        c = z.shape[-1]
+        lab = jnp.asarray(labels).astype(jnp.int32)
+        picked = jnp.take_along_axis(logp, jnp.clip(lab, 0, c - 1)[..., None], axis=-1)[..., 0]
+        # an out-of-range class id makes its example's NLL and gradient NaN (reported,
+        # never wrapped to another class or dropped)
+        bad = jnp.where((lab >= 0) & (lab < c), 1.0, jnp.nan).astype(z.dtype)
+        return -_sum_rest(picked * bad)
     y = jnp.asarray(labels).astype(z.dtype)
     if likelihood == "bernoulli":
         return _sum_rest(jax.nn.softplus(z) - y * z)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from subjax._core import compute_dtype
+from subjax._core import as_compute, choice, compute_dtype
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
 from subjax.fisher._core import LowRankFisher
@@ -18,14 +18,13 @@ Params = Any
 
 
 def _make_products(apply_fn, params, inputs, labels, likelihood, kind):
+    choice(kind, "kind", ("true", "empirical"))
     lk.check_likelihood(likelihood)
     if kind == "true":
         return _core.make_fvp(apply_fn, params, inputs, likelihood=likelihood)
-    if kind == "empirical":
-        if labels is None:
-            raise ValueError("`labels` is None: kind='empirical' needs observed labels")
-        return _core.make_empirical_fvp(apply_fn, params, inputs, labels, likelihood=likelihood)
-    raise ValueError(f"`kind` must be 'true' or 'empirical', got {kind!r}")
+    if labels is None:
+        raise ValueError("`labels` is None: kind='empirical' needs observed labels")
+    return _core.make_empirical_fvp(apply_fn, params, inputs, labels, likelihood=likelihood)
 
 
 def fisher_operator(
@@ -82,7 +81,7 @@ def low_rank(
     likelihood: str = "categorical",
     kind: str = "true",
     oversample: int = 10,
-    n_iter: int = 4,
+    n_steps: int = 4,
 ) -> LowRankFisher:
     """Top-``rank`` eigenpairs of the Fisher, matrix-free.
 
@@ -94,7 +93,7 @@ def low_rank(
       apply_fn, params, inputs, labels, likelihood, kind: as :func:`fisher_operator`.
       rank: number of eigenpairs (static).
       key: PRNG key for the test vectors.
-      oversample, n_iter: see :func:`subjax.linalg.randomized_eigh`.
+      oversample, n_steps: see :func:`subjax.linalg.randomized_eigh`.
 
     Returns:
       :class:`LowRankFisher` with eigenvectors as a pytree (leading axis ``rank``).
@@ -105,7 +104,7 @@ def low_rank(
         apply_fn, params, inputs, labels=labels, likelihood=likelihood, kind=kind
     )
     oversample = max(0, min(int(oversample), op.shape[0] - int(rank)))
-    res = randomized_eigh(op, rank, key=key, oversample=oversample, n_steps=n_iter, psd=True)
+    res = randomized_eigh(op, rank, key=key, oversample=oversample, n_steps=n_steps, psd=True)
     return LowRankFisher(res.eigenvalues, _to_tree(res.eigenvectors, unravel))
 
 
@@ -118,7 +117,7 @@ def rank_one(
     likelihood: str = "categorical",
     method: str = "mean_gradient",
     key: jax.Array | None = None,
-    n_iter: int = 6,
+    n_steps: int = 6,
 ) -> LowRankFisher:
     """Rank-1 Fisher ``lambda u u^T``.
 
@@ -137,6 +136,7 @@ def rank_one(
       Wang, Gupta, Dong, MacLellan, "Avoid Catastrophic Forgetting with Rank-1 Fisher
       from Diffusion Models", arXiv:2509.23593, 2025.
     """
+    choice(method, "method", ("mean_gradient", "top"))
     if labels is None:
         raise ValueError("`labels` is None: the rank-1 (empirical) Fisher needs observed labels")
     if method == "top":
@@ -144,12 +144,10 @@ def rank_one(
             raise ValueError("`key` is required for method='top'")
         return low_rank(
             apply_fn, params, inputs, 1, key=key, labels=labels, likelihood=likelihood,
-            kind="empirical", n_iter=n_iter,
+            kind="empirical", n_steps=n_steps,
         )
-    if method != "mean_gradient":
-        raise ValueError(f"`method` must be 'mean_gradient' or 'top', got {method!r}")
     lk.check_likelihood(likelihood)
-    p32 = jax.tree.map(lambda p: p.astype(compute_dtype(p.dtype)), params)
+    p32 = jax.tree.map(as_compute, params)
     g = jax.grad(lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(p32)
     gnorm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(g)))
     u = jax.tree.map(lambda x: x / jnp.maximum(gnorm, jnp.finfo(x.dtype).tiny), g)

@@ -8,7 +8,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from subjax._core import as_compute, compute_dtype, positive
+from subjax._core import (
+    as_compute,
+    check_finite_if_concrete,
+    compute_dtype,
+    is_concrete,
+    positive,
+)
 from subjax.fisher._core import LowRankFisher, _check_like
 
 Params = Any
@@ -65,12 +71,20 @@ def ewc_penalty(params: Params, anchor: Params, fisher, strength=1.0) -> jax.Arr
     return 0.5 * jnp.asarray(strength).astype(quad.dtype) * quad
 
 
-def _weights(weights, k: int, name="weights"):
+def _weights(weights, k: int, name="weights", nonnegative: bool = False):
+    """Per-model weights; concrete ones must not sum to zero (nor be negative if asked)."""
     if weights is None:
         return jnp.full((k,), 1.0 / k, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     if w.shape != (k,):
         raise ValueError(f"`{name}` must have shape ({k},) (one per model), got {w.shape}")
+    if is_concrete(w):
+        check_finite_if_concrete(w, name)
+        if nonnegative and bool(jnp.any(w < 0)):
+            raise ValueError(f"`{name}` must be >= 0, got {w.tolist()}")
+        if float(jnp.sum(w)) == 0.0:
+            raise ValueError(
+                f"`{name}` sum to zero ({w.tolist()}): the merge divides by their sum")
     return w
 
 
@@ -111,8 +125,8 @@ def fisher_merge(
     Args:
       params_list: models ``theta_i`` (same structure).
       fishers: their diagonal Fishers.
-      weights: per-model weights ``w_i`` (default uniform); a zero weight drops
-        a model.
+      weights: per-model weights ``w_i >= 0``, not all zero (default uniform); a
+        zero weight drops a model.
       floor: lower bound on every Fisher entry (> 0).
 
     Returns:
@@ -136,7 +150,7 @@ def fisher_merge(
     for f in fishers:
         _check_like(f, params_list[0], "fishers")
     positive(floor, "floor")
-    w = _weights(weights, len(params_list))
+    w = _weights(weights, len(params_list), nonnegative=True)
     k = len(params_list)
 
     def merge(*leaves):

@@ -28,12 +28,8 @@ __all__ += [
 
 # --- Natural gradient / K-FAC / FISMO (subjax.fisher) -----------------------
 from subjax.optim._fismo import FISMOState, fismo, newton_schulz, scale_by_fismo  # noqa: E402
-from subjax.optim._kfac import KFACState, kfac, scale_by_kfac  # noqa: E402
-from subjax.optim._natural import (  # noqa: E402
-    NaturalGradientState,
-    natural_gradient,
-    scale_by_natural_gradient,
-)
+from subjax.optim._kfac import KFACState, kfac  # noqa: E402
+from subjax.optim._natural import NaturalGradientState, natural_gradient  # noqa: E402
 
 __all__ += [
     "FISMOState",
@@ -44,8 +40,6 @@ __all__ += [
     "natural_gradient",
     "newton_schulz",
     "scale_by_fismo",
-    "scale_by_kfac",
-    "scale_by_natural_gradient",
 ]
 
 # --- Low-rank projected optimizers (GaLore family) --------------------------

@@ -15,7 +15,8 @@ Newton-Schulz polar factor) and mapped back::
 
 This is the steepest-descent step under the spectral-norm trust region
 ``||P^1/2 Delta Q^1/2||_2 <= 1`` of the Kronecker-factored Fisher metric.
-Non-matrix leaves (biases, scales) get Adam with ``b1 = beta`` (as Muon does).
+Non-matrix leaves (biases, scales) get Adam with ``b1 = beta`` through
+``optax.partition`` (as ``optax.contrib.muon`` does).
 
 Implementation notes: ``P^-1``, ``P^-1/2`` (and ``Q``'s) come from an eigendecomposition
 refreshed every ``refresh_every`` steps under ``lax.cond`` (``refresh_every=1``
@@ -23,16 +24,14 @@ recomputes them every step); both factor updates use the inverses of the last
 refresh (the paper's ``R`` uses the just-updated ``P``).
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from subjax._core import positive, static_int, unit_interval
-from subjax.optim._kfac import param_names
+from subjax._core import as_compute, int_scalar, positive, static_int, unit_interval
+from subjax.optim import _curvature as cv
 
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -45,7 +44,7 @@ def newton_schulz(m: jax.Array, n_steps: int = 5, coeffs=_NS_COEFFS, eps: float 
     ``[0.7, 1.2]`` in five steps.
     """
     a, b, c = coeffs
-    x = m.astype(jnp.float32)
+    x = as_compute(m)
     transpose = x.shape[0] > x.shape[1]
     if transpose:
         x = x.T
@@ -60,39 +59,51 @@ def newton_schulz(m: jax.Array, n_steps: int = 5, coeffs=_NS_COEFFS, eps: float 
 
 
 class FISMOState(NamedTuple):
-    """State of :func:`scale_by_fismo`.
+    """State of :func:`scale_by_fismo` (matrix leaves; every field but ``count`` is
+    shaped like the parameters, in their compute dtype).
 
     Attributes:
       count: int32 scalar.
-      p: dict leaf path -> float32 ``(m, m)`` left factor (trace m).
-      q: dict leaf path -> float32 ``(n, n)`` right factor (trace n).
-      eig_p, eig_q: dict -> (eigenvalues, eigenvectors) at the last refresh.
-      mu: pytree like params (float32): momentum (whitened for matrices).
-      nu: pytree like params (float32): Adam second moment (non-matrix leaves; zeros
-        of shape () for matrices).
+      p: ``(m, m)`` left factor of each ``(m, n)`` leaf (trace ``m``).
+      q: ``(n, n)`` right factor (trace ``n``).
+      eigvals_p, eigvecs_p: eigendecomposition of ``p`` at the last refresh.
+      eigvals_q, eigvecs_q: same for ``q``.
+      momentum: whitened momentum ``M``, like the parameters.
     """
 
     count: jax.Array
-    p: dict
-    q: dict
-    eig_p: dict
-    eig_q: dict
-    mu: Any
-    nu: Any
-
-
-def _eigh(m):
-    w, v = jnp.linalg.eigh(m)
-    return jnp.maximum(w, 1e-30), v
-
-
-def _pow(eig, power):
-    w, v = eig
-    return (v * w**power) @ v.T
+    p: Any
+    q: Any
+    eigvals_p: Any
+    eigvecs_p: Any
+    eigvals_q: Any
+    eigvecs_q: Any
+    momentum: Any
 
 
 def _sym(a):
     return 0.5 * (a + a.T)
+
+
+def _check_matrix(x):
+    if jnp.ndim(x) != 2:
+        raise ValueError(
+            f"scale_by_fismo preconditions matrix leaves only, got a leaf of shape "
+            f"{jnp.shape(x)}: use subjax.optim.fismo (Adam on the other leaves) or "
+            "optax.partition"
+        )
+
+
+def _flip_flop(g, p, q, wp, vp, wq, vq, decay, relative_damping):
+    """One moving-average update of the factors ``P, Q`` from the gradient ``g``."""
+    m, n = g.shape
+    p_inv = cv.matrix_power(wp, vp, -1.0)
+    q_inv = cv.matrix_power(wq, vq, -1.0)
+    lft = g @ q_inv @ g.T / n + relative_damping * jnp.trace(p) / m * jnp.eye(m, dtype=g.dtype)
+    pt = decay * p + (1 - decay) * lft
+    rgt = g.T @ p_inv @ g / m + relative_damping * jnp.trace(q) / n * jnp.eye(n, dtype=g.dtype)
+    qt = decay * q + (1 - decay) * rgt
+    return _sym(m * pt / jnp.trace(pt)), _sym(n * qt / jnp.trace(qt))
 
 
 def scale_by_fismo(
@@ -102,93 +113,84 @@ def scale_by_fismo(
     relative_damping: float = 1e-3,
     refresh_every: int = 1,
     ns_steps: int = 5,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
-    """FISMO direction (see module docstring); scale by ``-learning_rate`` after."""
+    """FISMO direction of matrix leaves (see the module docstring); every leaf must be 2-D.
+
+    :func:`fismo` routes the other leaves to Adam and scales by ``-learning_rate``.
+    """
     unit_interval(beta, "beta", closed_low=True)
     unit_interval(decay, "decay", closed_low=True)
     positive(relative_damping, "relative_damping")
-    refresh_every = static_int(refresh_every, "refresh_every", minimum=1)
+    int_scalar(refresh_every, "refresh_every", minimum=1)
     ns_steps = static_int(ns_steps, "ns_steps", minimum=0)
-    names = param_names
+
+    def eye_rows(x):
+        _check_matrix(x)
+        return jnp.eye(x.shape[0], dtype=cv.zeros_compute(x).dtype)
+
+    def eye_cols(x):
+        _check_matrix(x)
+        return jnp.eye(x.shape[1], dtype=cv.zeros_compute(x).dtype)
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
-        p, q, ep, eq = {}, {}, {}, {}
-        for name, x in zip(names(params), leaves, strict=True):
-            if jnp.ndim(x) == 2:
-                m, n = x.shape
-                p[name] = jnp.eye(m, dtype=jnp.float32)
-                q[name] = jnp.eye(n, dtype=jnp.float32)
-                ep[name] = (jnp.ones((m,), jnp.float32), jnp.eye(m, dtype=jnp.float32))
-                eq[name] = (jnp.ones((n,), jnp.float32), jnp.eye(n, dtype=jnp.float32))
-        mu = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
-        nu = jax.tree.map(
-            lambda x: jnp.zeros(() if jnp.ndim(x) == 2 else jnp.shape(x), jnp.float32), params
+        p = jax.tree.map(eye_rows, params)
+        q = jax.tree.map(eye_cols, params)
+        ones = lambda e: jnp.ones(e.shape[:1], e.dtype)
+        return FISMOState(
+            count=jnp.zeros((), jnp.int32),
+            p=p, q=q,
+            eigvals_p=jax.tree.map(ones, p), eigvecs_p=p,
+            eigvals_q=jax.tree.map(ones, q), eigvecs_q=q,
+            momentum=jax.tree.map(cv.zeros_compute, params),
         )
-        return FISMOState(jnp.zeros((), jnp.int32), p, q, ep, eq, mu, nu)
 
     def update_fn(updates, state, params=None):
         del params
-        if axis_name is not None:
-            updates = jax.lax.pmean(updates, axis_name)
-        leaves = jax.tree.leaves(updates)
-        treedef = jax.tree.structure(updates)
-        keys = names(updates)
-        count = optax.safe_int32_increment(state.count)
-        mu_l = jax.tree.leaves(state.mu)
-        nu_l = jax.tree.leaves(state.nu)
-        new_p, new_q = {}, {}
-        for k, g in zip(keys, leaves, strict=True):
-            if k not in state.p:
-                continue
-            g = g.astype(jnp.float32)
-            m, n = g.shape
-            pp, qq = state.p[k], state.q[k]
-            q_inv = _pow(state.eig_q[k], -1.0)
-            p_inv = _pow(state.eig_p[k], -1.0)
-            eye_m = jnp.eye(m, dtype=g.dtype)
-            lft = g @ q_inv @ g.T / n + relative_damping * jnp.trace(pp) / m * eye_m
-            pt = decay * pp + (1 - decay) * lft
-            new_p[k] = _sym(m * pt / jnp.trace(pt))
-            eye_n = jnp.eye(n, dtype=g.dtype)
-            rgt = g.T @ p_inv @ g / m + relative_damping * jnp.trace(qq) / n * eye_n
-            qt = decay * qq + (1 - decay) * rgt
-            new_q[k] = _sym(n * qt / jnp.trace(qt))
-
-        def refresh(_):
-            return ({k: _eigh(v) for k, v in new_p.items()},
-                    {k: _eigh(v) for k, v in new_q.items()})
-
-        eig_p, eig_q = jax.lax.cond(
-            state.count % refresh_every == 0, refresh, lambda _: (state.eig_p, state.eig_q), None
+        leaves, treedef = jax.tree.flatten(updates)
+        for x in leaves:
+            _check_matrix(x)
+        flat = treedef.flatten_up_to
+        g = [as_compute(x) for x in leaves]
+        pq = [_flip_flop(*a, decay, relative_damping) for a in zip(
+            g, flat(state.p), flat(state.q), flat(state.eigvals_p), flat(state.eigvecs_p),
+            flat(state.eigvals_q), flat(state.eigvecs_q), strict=True)]
+        p, q = [a for a, _ in pq], [b for _, b in pq]
+        k = len(g)
+        w, v = cv.refresh(
+            state.count, refresh_every, p + q,
+            (flat(state.eigvals_p) + flat(state.eigvals_q),
+             flat(state.eigvecs_p) + flat(state.eigvecs_q)),
         )
-        out, mus, nus = [], [], []
-        bc1 = 1 - beta ** count.astype(jnp.float32)
-        bc2 = 1 - b2 ** count.astype(jnp.float32)
-        for k, g, mu, nu in zip(keys, leaves, mu_l, nu_l, strict=True):
-            g32 = g.astype(jnp.float32)
-            if k in state.p:
-                p_is = _pow(eig_p[k], -0.5)
-                q_is = _pow(eig_q[k], -0.5)
-                mu = beta * mu + (1 - beta) * (p_is @ g32 @ q_is)
-                d = p_is @ newton_schulz(mu, ns_steps) @ q_is
-            else:
-                mu = beta * mu + (1 - beta) * g32
-                nu = b2 * nu + (1 - b2) * g32**2
-                d = (mu / bc1) / (jnp.sqrt(nu / bc2) + eps)
-            out.append(d.astype(g.dtype))
-            mus.append(mu)
-            nus.append(nu)
+        out, mom = [], []
+        for gi, mi, wp, vp, wq, vq, u in zip(g, flat(state.momentum), w[:k], v[:k], w[k:],
+                                             v[k:], leaves, strict=True):
+            p_is = cv.matrix_power(wp, vp, -0.5)
+            q_is = cv.matrix_power(wq, vq, -0.5)
+            mi = beta * mi + (1 - beta) * (p_is @ gi @ q_is)
+            out.append((p_is @ newton_schulz(mi, ns_steps) @ q_is).astype(u.dtype))
+            mom.append(mi)
+        tree = lambda xs: jax.tree.unflatten(treedef, xs)
         new_state = FISMOState(
-            count, new_p, new_q, eig_p, eig_q,
-            jax.tree.unflatten(treedef, mus), jax.tree.unflatten(treedef, nus),
+            optax.safe_int32_increment(state.count), tree(p), tree(q), tree(w[:k]),
+            tree(v[:k]), tree(w[k:]), tree(v[k:]), tree(mom),
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        return tree(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _mean_over(axis_name: str) -> optax.GradientTransformation:
+    """Average the updates over a mapped axis (a no-op on already-averaged updates)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.lax.pmean(updates, axis_name), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _labels(params):
+    return jax.tree.map(lambda x: "fismo" if jnp.ndim(x) == 2 else "adam", params)
 
 
 def fismo(
@@ -206,10 +208,12 @@ def fismo(
     """FISMO: Kronecker-factored Fisher whitening + Muon-style orthogonalized momentum.
 
     Needs no extra arguments: the factors ``P, Q`` are estimated from the
-    gradients themselves (see the module docstring for the update).
+    gradients themselves (see the module docstring for the update). 2-D leaves
+    get :func:`scale_by_fismo`, the others Adam (``b1 = beta``), through
+    ``optax.partition``.
 
     Args:
-      learning_rate: step size (float or schedule).
+      learning_rate: step size (float or schedule), shared by both groups.
       beta: momentum coefficient.
       decay: moving-average decay ``gamma`` of the factors.
       relative_damping: ``mu`` > 0, damping of the factor updates as a fraction of the
@@ -228,10 +232,11 @@ def fismo(
       arXiv:2601.21750, 2026. Jordan et al., "Muon: An optimizer for hidden layers in
       neural networks", 2024.
     """
-    return optax.chain(
-        scale_by_fismo(
-            beta=beta, decay=decay, relative_damping=relative_damping,
-            refresh_every=refresh_every, ns_steps=ns_steps, b2=b2, eps=eps, axis_name=axis_name,
-        ),
+    matrices = optax.chain(
+        scale_by_fismo(beta=beta, decay=decay, relative_damping=relative_damping,
+                       refresh_every=refresh_every, ns_steps=ns_steps),
         optax.scale_by_learning_rate(learning_rate),
     )
+    others = optax.adam(learning_rate, b1=beta, b2=b2, eps=eps)
+    split = optax.partition({"fismo": matrices, "adam": others}, _labels)
+    return split if axis_name is None else optax.chain(_mean_over(axis_name), split)

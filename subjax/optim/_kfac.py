@@ -1,10 +1,12 @@
 """K-FAC as an optax transform (Martens & Grosse 2015).
 
-For every dense layer (a 2-D ``kernel`` leaf and its optional ``bias``) the
-Fisher block is approximated by ``A (x) G`` with ``A = E[a a^T]`` (inputs with a
-1 appended for the bias) and ``G = E[delta delta^T]`` (gradients at the layer's
-outputs). The statistics are computed by the caller, together with the gradient,
-by :func:`subjax.fisher.kfac_grads_and_stats`, and passed to ``update`` as the
+For every dense or convolution layer (a ``kernel`` leaf of 2 or more dimensions,
+``(*window, d_in, d_out)``, flattened to ``(prod(window) d_in, d_out)``, and its
+optional ``bias``) the Fisher block is approximated by ``A (x) G`` with
+``A = E[a a^T]`` (inputs, or input patches, with a 1 appended for the bias) and
+``G = E[delta delta^T]`` (gradients at the layer's outputs). The statistics are
+computed by the caller, together with the gradient, by
+:func:`subjax.fisher.kfac_grads_and_stats`, and passed to ``update`` as the
 extra keyword argument ``kfac_stats``; this transform keeps their moving
 averages, refreshes an eigendecomposition of each factor every
 ``refresh_every`` steps (under ``lax.cond``) and preconditions::
@@ -14,15 +16,16 @@ averages, refreshes an eigendecomposition of each factor every
 
 (``Gr = [dW; db]``), i.e. the exact inverse of the damped Kronecker product, or
 Martens & Grosse's factored Tikhonov damping. Leaves that are not dense layers
-get the identity preconditioner. The step is ``-lr (mu v + Delta)`` (heavy-ball
-momentum ``mu``), optionally rescaled so the predicted KL change
-``lr^2 Delta . Gr`` stays below ``norm_constraint``; the damping can follow
+get the identity preconditioner. The update is ``-lr v`` with
+``v = mu v_prev + nu Delta`` (heavy-ball momentum ``mu``), ``nu <= 1`` chosen so
+the predicted KL change ``(lr nu)^2 Delta . Gr`` stays below ``norm_constraint``.
+Between scheduled refreshes the inverse is refreshed early when it has gone stale
+(``stale_ratio``); the damping can follow
 Levenberg-Marquardt adaptation from the observed vs predicted loss change
 (``adaptive_damping=True``, needs ``loss=`` in ``update``).
 """
 
-from __future__ import annotations
-
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -30,16 +33,19 @@ import jax.numpy as jnp
 import optax
 
 from subjax._core import (
+    as_compute,
     choice,
     compute_dtype,
+    int_scalar,
     is_concrete,
     path_name,
     positive,
-    static_int,
+    scalar,
     unit_interval,
     value_at,
 )
 from subjax.fisher import _likelihood as lk
+from subjax.optim import _curvature as cv
 
 Params = Any
 
@@ -69,31 +75,38 @@ class DenseLayer(NamedTuple):
 
 
 def find_dense_layers(params, layers=None) -> tuple[DenseLayer, ...]:
-    """Dense layers of ``params``: 2-D ``kernel`` leaves with an optional 1-D ``bias``."""
+    """Layers of ``params``: ``kernel`` leaves of ndim >= 2 with an optional 1-D ``bias``.
+
+    A convolution kernel ``(*window, c_in, c_out)`` counts as the dense layer
+    ``(prod(window) c_in, c_out)`` on input patches. Any other parameter
+    (LayerNorm scales, embeddings, ...) gets the identity preconditioner; leave a
+    ``kernel`` that is not a recorded layer out with ``layers=``.
+    """
     leaves = jax.tree.leaves(params)
     names = param_names(params)
     index = {n: i for i, n in enumerate(names)}
     found = []
     for i, p in enumerate(param_paths(params)):
-        if not p or path_name(p[-1:]) != "kernel" or jnp.ndim(leaves[i]) != 2:
+        if not p or path_name(p[-1:]) != "kernel" or jnp.ndim(leaves[i]) < 2:
             continue
         name = path_name(p[:-1])
         if layers is not None and name not in layers:
             continue
         b = index.get(path_name(p[:-1] + (jax.tree_util.DictKey("bias"),)))
-        if b is not None and (jnp.ndim(leaves[b]) != 1 or leaves[b].shape[0] != leaves[i].shape[1]):
+        shape = jnp.shape(leaves[i])
+        if b is not None and (jnp.ndim(leaves[b]) != 1 or leaves[b].shape[0] != shape[-1]):
             b = None
-        found.append(DenseLayer(name, i, b, int(leaves[i].shape[0]), int(leaves[i].shape[1])))
+        found.append(DenseLayer(name, i, b, math.prod(shape[:-1]), int(shape[-1])))
     if layers is not None:
         missing = sorted(set(layers) - {d.name for d in found})
         if missing:
             raise ValueError(
                 f"`layers` names {missing} that are not dense layers of `params` "
-                "(a 2-D 'kernel' leaf under that path)"
+                "(a 'kernel' leaf of ndim >= 2 under that path)"
             )
     if not found:
         raise ValueError(
-            "`params` has no dense layer for K-FAC (a 2-D 'kernel' leaf, optionally with a "
+            "`params` has no layer for K-FAC (a 'kernel' leaf of ndim >= 2, optionally with a "
             "'bias' beside it): build the model from nnx.Linear layers and call "
             "subjax.fisher.register_dense(model), or name pure-JAX layers "
             "{'kernel': ..., 'bias': ...} and compute them with subjax.fisher.tag_dense"
@@ -137,256 +150,153 @@ def _check_bounds(bounds):
     return low, high
 
 
-def pmean(tree, axis_name):
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
-
-
 class KFACState(NamedTuple):
-    """State of :func:`scale_by_kfac`.
+    """State of :func:`kfac`.
 
-    Factor and momentum arrays are float32, or the parameter dtype when wider.
+    Every field but the scalars is shaped like the parameters (so
+    ``optax.tree_map_params`` applies), in the parameters' compute dtype: the
+    leaf of a dense layer's ``kernel`` holds that layer's factor, every other
+    leaf a 0-d zero.
 
     Attributes:
       count: int32 scalar, number of updates so far.
-      factor_a: dict layer -> float32 ``(d_in+1, d_in+1)`` moving average of ``A``.
-      factor_g: dict layer -> float32 ``(d_out, d_out)`` moving average of ``G``.
-      eig_a: dict layer -> (float32 ``(d_in+1,)`` eigenvalues, ``(d_in+1, d_in+1)``
-        eigenvectors) of ``factor_a`` at the last refresh.
-      eig_g: same for ``factor_g``.
-      momentum: pytree like params (float32), the previous step direction ``v``.
+      factor_a: ``(d_in+1, d_in+1)`` moving average of ``A`` (``d_in`` without bias).
+      factor_g: ``(d_out, d_out)`` moving average of ``G``.
+      eigvals_a, eigvecs_a: eigendecomposition of ``factor_a`` at the last refresh.
+      eigvals_g, eigvecs_g: same for ``factor_g``.
+      momentum: the previous direction ``v`` (before the learning rate; with
+        ``adaptive_step`` the previous ``u``), like the parameters.
       damping: float32 scalar, the current damping ``lambda``.
       prev_loss: float32 scalar, loss passed at the previous update (adaptive damping).
       prev_pred: float32 scalar, predicted change of the previous step (adaptive damping).
     """
 
     count: jax.Array
-    factor_a: dict
-    factor_g: dict
-    eig_a: dict
-    eig_g: dict
+    factor_a: Any
+    factor_g: Any
+    eigvals_a: Any
+    eigvecs_a: Any
+    eigvals_g: Any
+    eigvecs_g: Any
     momentum: Any
     damping: jax.Array
     prev_loss: jax.Array
     prev_pred: jax.Array
 
 
-def _eigh(m):
-    w, v = jnp.linalg.eigh(m)
-    return jnp.maximum(w, 0.0), v
+# -- the pieces of one update -------------------------------------------------------------
 
 
-def scale_by_kfac(
-    damping: float = 1e-3,
-    *,
-    momentum: float = 0.9,
-    decay: float = 0.95,
-    refresh_every: int = 10,
-    damping_mode: str = "kronecker",
-    norm_constraint: float | None = None,
-    adaptive_damping: bool = False,
-    damping_bounds: tuple[float, float] = (1e-8, 1e2),
-    damping_factor: float = 0.95,
-    layers: tuple[str, ...] | None = None,
-    axis_name: str | None = None,
-    adaptive_step: bool = False,
-    likelihood: str = "categorical",
-    learning_rate_for_constraint=None,
-) -> optax.GradientTransformationExtraArgs:
-    """K-FAC preconditioning (see the module docstring); returns the direction ``v``.
+def _rows(x, d: DenseLayer):
+    """A layer's ``[dW; db]`` from a list of leaves (a conv kernel flattened to 2-D)."""
+    w = x[d.kernel].reshape(d.d_in, d.d_out)
+    return w if d.bias is None else jnp.concatenate([w, x[d.bias][None, :]], axis=0)
 
-    The output is the *descent direction* ``mu v_prev + Delta`` (not yet scaled by
-    ``-learning_rate``); :func:`kfac` chains the learning rate.
-    """
-    positive(damping, "damping")
-    unit_interval(momentum, "momentum", closed_low=True)
-    unit_interval(decay, "decay", closed_low=True)
-    refresh_every = static_int(refresh_every, "refresh_every", minimum=1)
-    choice(damping_mode, "damping_mode", ("kronecker", "factored"))
-    positive(norm_constraint, "norm_constraint", allow_none=True)
-    unit_interval(damping_factor, "damping_factor")
-    lk.check_likelihood(likelihood)
-    damping_bounds = _check_bounds(damping_bounds)
-    layers = None if layers is None else tuple(layers)
 
-    def init_fn(params):
-        dense = find_dense_layers(params, layers)
-        fa, fg, ea, eg = {}, {}, {}, {}
-        leaves = jax.tree.leaves(params)
-        for d in dense:
-            na = d.d_in + (d.bias is not None)
-            dt = compute_dtype(leaves[d.kernel].dtype)
-            fa[d.name] = jnp.zeros((na, na), dt)
-            fg[d.name] = jnp.zeros((d.d_out, d.d_out), dt)
-            ea[d.name] = (jnp.zeros((na,), dt), jnp.eye(na, dtype=dt))
-            eg[d.name] = (jnp.zeros((d.d_out,), dt), jnp.eye(d.d_out, dtype=dt))
-        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
-        return KFACState(
-            count=jnp.zeros((), jnp.int32),
-            factor_a=fa,
-            factor_g=fg,
-            eig_a=ea,
-            eig_g=eg,
-            momentum=mom,
-            damping=jnp.asarray(damping, jnp.float32),
-            prev_loss=jnp.zeros((), jnp.float32),
-            prev_pred=jnp.zeros((), jnp.float32),
-        )
+def _scatter(out: list, rows, d: DenseLayer):
+    out[d.kernel] = rows[: d.d_in].reshape(out[d.kernel].shape).astype(out[d.kernel].dtype)
+    if d.bias is not None:
+        out[d.bias] = rows[d.d_in].astype(out[d.bias].dtype)
 
-    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, apply_fn=None,
-                  inputs=None, **extra):
-        del extra
-        if adaptive_step and (apply_fn is None or inputs is None):
-            raise ValueError(
-                "adaptive_step=True needs the keyword arguments `apply_fn` and `inputs` in "
-                "update (for the exact Fisher quadratic model)"
-            )
-        if params is None:
-            raise ValueError("K-FAC needs `params` in update (to find the dense layers)")
-        if kfac_stats is None:
-            raise ValueError(
-                "K-FAC needs the keyword argument `kfac_stats` in update: compute it with "
-                "`loss, grads, stats = subjax.fisher.kfac_grads_and_stats(...)` and call "
-                "`opt.update(grads, state, params, kfac_stats=stats)`"
-            )
-        if adaptive_damping and loss is None:
-            raise ValueError("adaptive_damping=True needs the current `loss=` in update")
-        dense = find_dense_layers(params, layers)
-        check_stats(kfac_stats, dense)
-        stats = pmean({d.name: kfac_stats[d.name] for d in dense}, axis_name)
 
-        count = state.count
-        rho = jnp.maximum(1.0 - decay, 1.0 / (count.astype(jnp.float32) + 1.0))
+def _accumulate(state: KFACState, stats: dict, dense, count, decay) -> tuple[list, list]:
+    """Statistics: moving averages of ``A`` and ``G`` (plain running mean at first)."""
+    rho = jnp.maximum(1.0 - decay, 1.0 / (count.astype(jnp.float32) + 1.0))
+    fa, fg = jax.tree.leaves(state.factor_a), jax.tree.leaves(state.factor_g)
+    for d in dense:
+        fa[d.kernel] = cv.ema(fa[d.kernel], stats[d.name].a, rho)
+        fg[d.kernel] = cv.ema(fg[d.kernel], stats[d.name].g, rho)
+    return fa, fg
 
-        def ema(old, new):
-            r = rho.astype(old.dtype)
-            return (1 - r) * old + r * new.astype(old.dtype)
 
-        fa = {k: ema(state.factor_a[k], stats[k].a) for k in state.factor_a}
-        fg = {k: ema(state.factor_g[k], stats[k].g) for k in state.factor_g}
+def _levenberg_marquardt(state: KFACState, loss, count, damping_factor, bounds):
+    """Damping: Levenberg-Marquardt on the lagged ratio of observed to predicted change."""
+    lam = state.damping
+    ratio = (jnp.asarray(loss, jnp.float32) - state.prev_loss) / jnp.minimum(
+        state.prev_pred, -1e-30)
+    new = jnp.where(ratio > 0.75, lam * damping_factor,
+                    jnp.where(ratio < 0.25, lam / damping_factor, lam))
+    return jnp.clip(jnp.where(count > 0, new, lam), bounds[0], bounds[1])
 
-        def refresh(_):
-            return ({k: _eigh(v) for k, v in fa.items()}, {k: _eigh(v) for k, v in fg.items()})
 
-        ea, eg = jax.lax.cond(
-            count % refresh_every == 0, refresh, lambda _: (state.eig_a, state.eig_g), None
-        )
-
-        # Damping: adaptive (Levenberg-Marquardt on the lagged reduction ratio).
-        lam = state.damping if adaptive_damping else jnp.asarray(damping, jnp.float32)
-        if adaptive_damping:
-            cur = jnp.asarray(loss, jnp.float32)
-            ratio = (cur - state.prev_loss) / jnp.minimum(state.prev_pred, -1e-30)
-            lam_new = jnp.where(ratio > 0.75, lam * damping_factor,
-                                jnp.where(ratio < 0.25, lam / damping_factor, lam))
-            lam = jnp.where(count > 0, lam_new, lam)
-            lam = jnp.clip(lam, damping_bounds[0], damping_bounds[1])
-
-        leaves = jax.tree.leaves(updates)
-        treedef = jax.tree.structure(updates)
-        g32 = [x.astype(compute_dtype(x.dtype)) for x in leaves]
-        out = list(g32)  # identity preconditioner for non-dense leaves
-        for d in dense:
-            gr = g32[d.kernel]
-            if d.bias is not None:
-                gr = jnp.concatenate([gr, g32[d.bias][None, :]], axis=0)
-            wa, qa = ea[d.name]
-            wg, qg = eg[d.name]
-            gr = gr.astype(wa.dtype)
-            lam_d = lam.astype(wa.dtype)
-            if damping_mode == "kronecker":
-                t = qa.T @ gr @ qg
-                t = t / (wa[:, None] * wg[None, :] + lam_d)
-            else:
-                ta = jnp.mean(wa) + 1e-30
-                tg = jnp.mean(wg) + 1e-30
-                pi = jnp.sqrt(ta / tg)
-                sl = jnp.sqrt(lam_d)
-                t = qa.T @ gr @ qg
-                t = t / ((wa + pi * sl)[:, None] * (wg + sl / pi)[None, :])
-            delta = qa @ t @ qg.T
-            out[d.kernel] = delta[: d.d_in].astype(g32[d.kernel].dtype)
-            if d.bias is not None:
-                out[d.bias] = delta[d.d_in].astype(g32[d.bias].dtype)
-        if norm_constraint is not None and not adaptive_step:
-            lr = learning_rate_for_constraint
-            lr = 1.0 if lr is None else value_at(lr, count)
-            vg = sum(jnp.vdot(o, g).astype(jnp.float32) for o, g in zip(out, g32, strict=True))
-            nu = jnp.minimum(1.0, jnp.sqrt(norm_constraint / (lr**2 * jnp.abs(vg) + 1e-30)))
-            out = [o * nu.astype(o.dtype) for o in out]
-        mom_leaves = jax.tree.leaves(state.momentum)
-        if adaptive_step:
-            v, u_new, pred = _exact_quadratic_step(
-                apply_fn, inputs, likelihood, params, g32, out, mom_leaves, lam, count,
-                learning_rate_for_constraint, axis_name,
-            )
+def _precondition(g: list, dense, eig, lam, damping_mode) -> list:
+    """Preconditioning: ``Delta`` per dense layer; the identity on the other leaves."""
+    wa, va, wg, vg = eig
+    out = list(g)
+    for d in dense:
+        k = d.kernel
+        qa, qg = va[k], vg[k]
+        t = qa.T @ _rows(g, d).astype(qa.dtype) @ qg
+        lam_d = lam.astype(qa.dtype)
+        if damping_mode == "kronecker":
+            t = t / (wa[k][:, None] * wg[k][None, :] + lam_d)
         else:
-            mu = jnp.asarray(momentum, jnp.float32)
-            v = [mu.astype(m.dtype) * m + o for m, o in zip(mom_leaves, out, strict=True)]
-            u_new = v
-            pred = jnp.zeros((), jnp.float32)
-        if adaptive_damping and not adaptive_step:
-            # Quadratic model of the step -v (scaled by the learning rate outside; the
-            # alias passes it in): M = -lr g.v + lr^2/2 (v.Fv + lam |v|^2), F from factors.
-            lr = learning_rate_for_constraint
-            lr = 1.0 if lr is None else value_at(lr, count)
-            quad = sum(jnp.vdot(x, x).astype(jnp.float32) for x in v) * lam
-            for d in dense:
-                vr = v[d.kernel]
-                if d.bias is not None:
-                    vr = jnp.concatenate([vr, v[d.bias][None, :]], axis=0)
-                vr = vr.astype(fa[d.name].dtype)
-                quad = quad + jnp.vdot(vr, fa[d.name] @ vr @ fg[d.name]).astype(jnp.float32)
-            lin = sum(jnp.vdot(g, x).astype(jnp.float32) for g, x in zip(g32, v, strict=True))
-            pred = -lr * lin + 0.5 * lr**2 * quad
-
-        new_state = KFACState(
-            count=optax.safe_int32_increment(count),
-            factor_a=fa,
-            factor_g=fg,
-            eig_a=ea,
-            eig_g=eg,
-            momentum=jax.tree.unflatten(treedef, u_new),
-            damping=jnp.asarray(lam, jnp.float32),
-            prev_loss=(jnp.asarray(loss, jnp.float32) if loss is not None else state.prev_loss),
-            prev_pred=pred,
-        )
-        result = [x.astype(leaf.dtype) for x, leaf in zip(v, leaves, strict=True)]
-        return jax.tree.unflatten(treedef, result), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+            pi = jnp.sqrt(jnp.mean(wa[k]) / jnp.mean(wg[k]))
+            sl = jnp.sqrt(lam_d)
+            t = t / ((wa[k] + pi * sl)[:, None] * (wg[k] + sl / pi)[None, :])
+        _scatter(out, qa @ t @ qg.T, d)
+    return out
 
 
-def _tree_vdot(a, b, dtype=jnp.float32):
-    return sum(jnp.vdot(x, y).astype(dtype) for x, y in zip(a, b, strict=True))
+def _vdot(xs, ys) -> jax.Array:
+    return sum(jnp.vdot(x, y).astype(jnp.float32) for x, y in zip(xs, ys, strict=True))
 
 
-def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam, count,
-                          lr, axis_name):
-    """Martens & Grosse's step: ``u = alpha (-Delta) + mu u_prev`` minimising the exact
-    Fisher quadratic model ``g.u + 1/2 u^T (F + lam) u`` over ``(alpha, mu)``.
+def _curvature(x: list, dense, fa, fg, lam) -> jax.Array:
+    """``x^T (A (x) G + lambda I) x`` with the current factors (identity off the layers)."""
+    quad = lam * _vdot(x, x)
+    for d in dense:
+        r = _rows(x, d).astype(fa[d.kernel].dtype)
+        quad = quad + jnp.vdot(r, fa[d.kernel] @ r @ fg[d.kernel]).astype(jnp.float32)
+    return quad
 
-    Returns the direction to emit (``-u / lr``, the chained learning rate multiplies it
-    back) and the model's predicted change ``g.u + 1/2 u^T F u``.
+
+def _kl_clip(lr, g, delta, norm_constraint) -> jax.Array:
+    """Step size / clipping: the factor ``nu <= 1`` with ``(lr nu)^2 |Delta . g| <=
+    norm_constraint`` (KL clipping, Ba et al. 2017); 1 without a constraint."""
+    if norm_constraint is None:
+        return jnp.ones((), jnp.float32)
+    lr = jnp.asarray(lr, jnp.float32)
+    kl = lr * lr * jnp.abs(_vdot(g, delta))
+    return jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(kl, 1e-30)))
+
+
+def _stale(g, delta, dense, fa, fg, lam, stale_ratio) -> jax.Array:
+    """Whether ``Delta`` came from an inverse the current factors no longer support.
+
+    A fresh inverse gives ``Delta^T (A (x) G + lambda) Delta = g . Delta`` (kronecker
+    damping; ``<=`` for factored damping); the cached one is stale when the current
+    factors see more than ``stale_ratio`` times that curvature along ``Delta``.
+    """
+    return _curvature(delta, dense, fa, fg, lam) > stale_ratio * jnp.abs(_vdot(g, delta))
+
+
+def _model_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam, count, lr,
+                axis_name):
+    """Step size and momentum from the exact Fisher quadratic model (Martens & Grosse, 7).
+
+    ``u = alpha (-Delta) + mu u_prev`` minimising ``g.u + 1/2 u^T (F + lambda) u`` over
+    ``(alpha, mu)`` (``mu = 0`` on the first step or a degenerate 2x2 system). Returns
+    ``u`` and the predicted change ``g.(lr u) + 1/2 (lr u)^T F (lr u)`` of the update
+    ``lr u``.
     """
     treedef = jax.tree.structure(params)
-    p_w = jax.tree.map(lambda p: p.astype(compute_dtype(p.dtype)), params)
+    p_w = jax.tree.map(as_compute, params)
+    dt = compute_dtype(jax.tree.leaves(p_w)[0].dtype)
     a = [-x for x in delta]
     b = list(prev)
-    f = lambda p: apply_fn(p, inputs)
-    outputs, f_jvp = jax.linearize(f, p_w)
-    n = outputs.shape[0]
+    outputs, f_jvp = jax.linearize(lambda p: apply_fn(p, inputs), p_w)
     cast = lambda xs: jax.tree.unflatten(
         treedef, [x.astype(q.dtype) for x, q in zip(xs, jax.tree.leaves(p_w), strict=True)])
     ja, jb = f_jvp(cast(a)), f_jvp(cast(b))
     fa_ = lk.output_fisher_product(likelihood, outputs, ja)
     fb_ = lk.output_fisher_product(likelihood, outputs, jb)
-    dt = compute_dtype(jax.tree.leaves(p_w)[0].dtype)
-    quad = jnp.stack([jnp.vdot(ja, fa_), jnp.vdot(ja, fb_), jnp.vdot(jb, fb_)]).astype(dt) / n
-    lin = jnp.stack([_tree_vdot(g, a, dt), _tree_vdot(g, b, dt)])
-    norms = jnp.stack([_tree_vdot(a, a, dt), _tree_vdot(a, b, dt), _tree_vdot(b, b, dt)])
+    quad = jnp.stack([jnp.vdot(ja, fa_), jnp.vdot(ja, fb_), jnp.vdot(jb, fb_)]).astype(dt)
+    quad = cv.pmean(quad / outputs.shape[0], axis_name)
+    dot = lambda xs, ys: sum(jnp.vdot(x, y).astype(dt) for x, y in zip(xs, ys, strict=True))
+    lin = jnp.stack([dot(g, a), dot(g, b)])
+    norms = jnp.stack([dot(a, a), dot(a, b), dot(b, b)])
     lam = jnp.asarray(lam).astype(dt)
-    if axis_name is not None:
-        quad = jax.lax.pmean(quad, axis_name)
     aFa, aFb, bFb = quad[0], quad[1], quad[2]
     m11 = aFa + lam * norms[0]
     m12 = aFb + lam * norms[1]
@@ -394,19 +304,18 @@ def _exact_quadratic_step(apply_fn, inputs, likelihood, params, g, delta, prev, 
     det = m11 * m22 - m12 * m12
     tiny = jnp.asarray(1e-30, dt)
     first = (count == 0) | (norms[2] <= tiny) | (det <= 1e-12 * m11 * m22)
-    alpha_1 = -lin[0] / jnp.maximum(m11, tiny)
-    alpha_2 = (-lin[0] * m22 + lin[1] * m12) / jnp.where(det > 0, det, 1.0)
-    mu_2 = (-lin[1] * m11 + lin[0] * m12) / jnp.where(det > 0, det, 1.0)
-    alpha = jnp.where(first, alpha_1, alpha_2)
-    mu = jnp.where(first, jnp.zeros((), dt), mu_2)
+    safe_det = jnp.where(det > 0, det, 1.0)
+    alpha = jnp.where(first, -lin[0] / jnp.maximum(m11, tiny),
+                      (-lin[0] * m22 + lin[1] * m12) / safe_det)
+    mu = jnp.where(first, jnp.zeros((), dt), (-lin[1] * m11 + lin[0] * m12) / safe_det)
     u = [alpha.astype(x.dtype) * x + mu.astype(y.dtype) * y for x, y in zip(a, b, strict=True)]
-    pred = (alpha * lin[0] + mu * lin[1]
-            + 0.5 * (alpha**2 * aFa + 2 * alpha * mu * aFb + mu**2 * bFb))
-    lr = 1.0 if lr is None else value_at(lr, count)
     lr = jnp.asarray(lr).astype(dt)
-    safe = jnp.where(lr == 0, jnp.ones((), dt), lr)
-    v = [-(x / safe.astype(x.dtype)) for x in u]
-    return v, u, pred.astype(jnp.float32)
+    pred = (lr * (alpha * lin[0] + mu * lin[1])
+            + 0.5 * lr**2 * (alpha**2 * aFa + 2 * alpha * mu * aFb + mu**2 * bFb))
+    return u, pred.astype(jnp.float32)
+
+
+# -- the transform ------------------------------------------------------------------------
 
 
 def kfac(
@@ -418,6 +327,7 @@ def kfac(
     refresh_every: int = 10,
     damping_mode: str = "kronecker",
     norm_constraint: float | None = None,
+    stale_ratio: float | None = 1.2,
     adaptive_damping: bool = False,
     damping_bounds: tuple[float, float] = (1e-8, 1e2),
     damping_factor: float = 0.95,
@@ -443,6 +353,13 @@ def kfac(
             updates, state = opt.update(grads, state, params, kfac_stats=stats)
             return optax.apply_updates(params, updates), state, loss
 
+    One update runs, in order: factor statistics (moving averages; eigenbasis
+    refresh on schedule or when stale), damping, preconditioning (``Delta``), step
+    size (KL clipping, or the exact quadratic model) and momentum. The learning
+    rate enters the clipping and the quadratic models, so there is no separate
+    ``scale_by_kfac``: the updates are the parameter changes, ``-lr v`` (zero when
+    the learning rate is zero).
+
     Args:
       learning_rate: step size ``alpha`` (float or schedule).
       damping: Tikhonov damping ``lambda`` > 0 (initial value when adaptive).
@@ -453,12 +370,19 @@ def kfac(
       damping_mode: ``"kronecker"`` (exact inverse of ``A (x) G + lambda I`` in the
         factors' eigenbasis) or ``"factored"`` (Martens & Grosse's pi-adjusted
         factored Tikhonov damping).
-      norm_constraint: if set, rescale the step so ``alpha^2 |Delta . g| <= c``
-        (KL clipping, Ba et al. 2017).
+      norm_constraint: if set, ``Delta`` is scaled by ``nu <= 1`` so that
+        ``(alpha nu)^2 |Delta . g| <= c`` (KL clipping, Ba et al. 2017).
+      stale_ratio: between scheduled refreshes, refresh early when the cached
+        inverse is stale: when the current factors' damped curvature along the
+        preconditioned direction, ``Delta^T (A (x) G + lambda) Delta``, exceeds
+        ``stale_ratio`` times ``g . Delta`` (the two are equal right after a refresh).
+        Keeps ``refresh_every > 1`` stable while the factors still move; costs two
+        small matrix products per layer, and an eigendecomposition only when it
+        fires. ``None`` refreshes on the schedule only.
       adaptive_damping: Levenberg-Marquardt adaptation of ``lambda`` from the ratio
         of the observed loss change (``loss=`` passed to every ``update``) to the
         change predicted by the K-FAC quadratic model at the previous step.
-      damping_bounds: ``(min, max)`` of the adaptive damping.
+      damping_bounds: ``(min, max)`` of the adaptive damping, ``0 < min <= max``.
       damping_factor: multiplicative adaptation factor ``omega`` in (0, 1).
       layers: names of the dense layers to precondition (default: every 2-D
         ``kernel`` of the params; others get the identity).
@@ -469,11 +393,11 @@ def kfac(
       adaptive_step: choose the step size ``alpha`` and momentum ``mu`` each step by
         minimising the exact Fisher quadratic model over ``u = alpha (-Delta) + mu
         u_prev`` (Martens & Grosse 2015, sec. 7); needs ``apply_fn`` and ``inputs``
-        in ``update`` (two forward-mode passes per step). ``learning_rate`` then
-        multiplies the chosen step (use 1.0); ``momentum`` and ``norm_constraint``
-        are unused. With ``adaptive_damping`` the predicted change is the exact
-        model's.
-      likelihood: the output distribution for ``adaptive_step``'s Fisher products.
+        in ``update`` (two forward-mode passes per step). The update is
+        ``learning_rate * u`` (use 1.0); ``momentum`` and ``norm_constraint`` are
+        unused. With ``adaptive_damping`` the predicted change is the exact model's.
+      likelihood: ``"categorical" | "bernoulli" | "gaussian"``, the output
+        distribution of ``adaptive_step``'s Fisher products.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
@@ -484,22 +408,126 @@ def kfac(
       Approximate Curvature", ICML 2015. Ba, Grosse, Martens, "Distributed
       second-order optimization using Kronecker-factored approximations", ICLR 2017.
     """
-    return optax.chain(
-        scale_by_kfac(
-            damping,
-            momentum=momentum,
-            decay=decay,
-            refresh_every=refresh_every,
-            damping_mode=damping_mode,
-            norm_constraint=norm_constraint,
-            adaptive_damping=adaptive_damping,
-            damping_bounds=damping_bounds,
-            damping_factor=damping_factor,
-            layers=layers,
-            axis_name=axis_name,
-            adaptive_step=adaptive_step,
-            likelihood=likelihood,
-            learning_rate_for_constraint=learning_rate,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    positive(damping, "damping")
+    unit_interval(momentum, "momentum", closed_low=True)
+    unit_interval(decay, "decay", closed_low=True)
+    int_scalar(refresh_every, "refresh_every", minimum=1)
+    choice(damping_mode, "damping_mode", ("kronecker", "factored"))
+    positive(norm_constraint, "norm_constraint", allow_none=True)
+    scalar(stale_ratio, "stale_ratio", low=1.0, allow_none=True)
+    unit_interval(damping_factor, "damping_factor")
+    lk.check_likelihood(likelihood)
+    damping_bounds = _check_bounds(damping_bounds)
+    layers = None if layers is None else tuple(layers)
+
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten(params)
+        if any(jnp.issubdtype(x.dtype, jnp.complexfloating) for x in leaves):
+            raise TypeError("K-FAC does not support complex parameters")
+        dense = find_dense_layers(params, layers) if leaves else ()
+        filler = [jnp.zeros((), compute_dtype(x.dtype)) for x in leaves]
+        fa, fg = list(filler), list(filler)
+        for d in dense:
+            dt = filler[d.kernel].dtype
+            na = d.d_in + (d.bias is not None)
+            fa[d.kernel] = jnp.zeros((na, na), dt)
+            fg[d.kernel] = jnp.zeros((d.d_out, d.d_out), dt)
+        ea = [cv.identity_eig(f) for f in fa]
+        eg = [cv.identity_eig(f) for f in fg]
+        tree = lambda xs: jax.tree.unflatten(treedef, xs)
+        return KFACState(
+            count=jnp.zeros((), jnp.int32),
+            factor_a=tree(fa),
+            factor_g=tree(fg),
+            eigvals_a=tree([w for w, _ in ea]),
+            eigvecs_a=tree([v for _, v in ea]),
+            eigvals_g=tree([w for w, _ in eg]),
+            eigvecs_g=tree([v for _, v in eg]),
+            momentum=jax.tree.map(cv.zeros_compute, params),
+            damping=jnp.asarray(damping, jnp.float32),
+            prev_loss=jnp.zeros((), jnp.float32),
+            prev_pred=jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, apply_fn=None,
+                  inputs=None, **extra):
+        del extra
+        if adaptive_step and (apply_fn is None or inputs is None):
+            raise ValueError(
+                "adaptive_step=True needs the keyword arguments `apply_fn` and `inputs` in "
+                "update (for the exact Fisher quadratic model)"
+            )
+        if params is None:
+            raise ValueError("K-FAC needs `params` in update (to find the dense layers)")
+        if kfac_stats is None:
+            raise ValueError(
+                "K-FAC needs the keyword argument `kfac_stats` in update: compute it with "
+                "`loss, grads, stats = subjax.fisher.kfac_grads_and_stats(...)` and call "
+                "`opt.update(grads, state, params, kfac_stats=stats)`"
+            )
+        if adaptive_damping and loss is None:
+            raise ValueError("adaptive_damping=True needs the current `loss=` in update")
+        dense = find_dense_layers(params, layers)
+        check_stats(kfac_stats, dense)
+        stats = cv.pmean({d.name: kfac_stats[d.name] for d in dense}, axis_name)
+        count = state.count
+        leaves, treedef = jax.tree.flatten(updates)
+        g = [as_compute(x) for x in leaves]
+
+        fa, fg = _accumulate(state, stats, dense, count, decay)
+        lam = jnp.asarray(damping, jnp.float32)
+        if adaptive_damping:
+            lam = _levenberg_marquardt(state, loss, count, damping_factor, damping_bounds)
+        # refresh on schedule, or early when the cached inverse is stale for this step
+        k = len(fa)
+        precondition = lambda w, v: _precondition(
+            g, dense, (w[:k], v[:k], w[k:], v[k:]), lam, damping_mode)
+        w = jax.tree.leaves(state.eigvals_a) + jax.tree.leaves(state.eigvals_g)
+        v = jax.tree.leaves(state.eigvecs_a) + jax.tree.leaves(state.eigvecs_g)
+        due = count % refresh_every == 0
+
+        def fresh(_):
+            w, v = cv.eig_tree(fa + fg)
+            return w, v, precondition(w, v)
+
+        if stale_ratio is None:
+            w, v, delta = jax.lax.cond(due, fresh, lambda _: (w, v, precondition(w, v)), None)
+        else:
+            delta = precondition(w, v)
+            fire = due | _stale(g, delta, dense, fa, fg, lam, stale_ratio)
+            w, v, delta = jax.lax.cond(fire, fresh, lambda _: (w, v, delta), None)
+        lr = value_at(learning_rate, count)
+        prev = jax.tree.leaves(state.momentum)
+        if adaptive_step:  # step size and momentum from the exact quadratic model
+            u, pred = _model_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam,
+                                  count, lr, axis_name)
+            scale = jnp.asarray(lr, jnp.float32)
+        else:  # KL clipping, then heavy-ball momentum on the direction
+            nu = _kl_clip(lr, g, delta, norm_constraint)
+            mu = jnp.asarray(momentum, jnp.float32)
+            u = [mu.astype(m.dtype) * m + nu.astype(x.dtype) * x
+                 for m, x in zip(prev, delta, strict=True)]
+            scale = -jnp.asarray(lr, jnp.float32)
+            pred = jnp.zeros((), jnp.float32)
+            if adaptive_damping:  # K-FAC model of the update -lr u
+                pred = scale * _vdot(g, u) + 0.5 * scale**2 * _curvature(u, dense, fa, fg, lam)
+
+        tree = lambda xs: jax.tree.unflatten(treedef, xs)
+        new_state = KFACState(
+            count=optax.safe_int32_increment(count),
+            factor_a=tree(fa),
+            factor_g=tree(fg),
+            eigvals_a=tree(w[:k]),
+            eigvecs_a=tree(v[:k]),
+            eigvals_g=tree(w[k:]),
+            eigvecs_g=tree(v[k:]),
+            momentum=tree(u),
+            damping=jnp.asarray(lam, jnp.float32),
+            prev_loss=(jnp.asarray(loss, jnp.float32) if loss is not None else state.prev_loss),
+            prev_pred=pred,
+        )
+        out = [(scale.astype(x.dtype) * x).astype(leaf.dtype)
+               for x, leaf in zip(u, leaves, strict=True)]
+        return tree(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,7 +1,5 @@
 """Natural gradient / Hessian-free: a damped Fisher (Gauss-Newton) solve by CG per step."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -10,9 +8,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from subjax import linalg
-from subjax._core import as_compute, choice, compute_dtype, positive, static_int, unit_interval
+from subjax._core import as_compute, choice, positive, static_int, unit_interval
 from subjax.fisher import _core
 from subjax.fisher import _likelihood as lk
+from subjax.optim import _curvature as cv
 
 Params = Any
 
@@ -21,12 +20,8 @@ def _axpy(alpha, x, y):
     return jax.tree.map(lambda xi, yi: jnp.asarray(alpha).astype(xi.dtype) * xi + yi, x, y)
 
 
-def _zeros_compute(p):
-    return jnp.zeros(jnp.shape(p), compute_dtype(p.dtype))
-
-
 class NaturalGradientState(NamedTuple):
-    """State of :func:`scale_by_natural_gradient`.
+    """State of :func:`natural_gradient` (the first element of its chain state).
 
     Attributes:
       count: int32 scalar.
@@ -40,79 +35,6 @@ class NaturalGradientState(NamedTuple):
     direction: Any
     cg_iters: jax.Array
     cg_residual: jax.Array
-
-
-def scale_by_natural_gradient(
-    damping: float = 1e-3,
-    *,
-    curvature: str = "fisher",
-    likelihood: str = "categorical",
-    max_iters: int = 20,
-    tol: float = 1e-5,
-    momentum: float = 0.0,
-    warm_start: bool = True,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Direction ``d = (F + lambda I)^-1 g`` by CG (see :func:`natural_gradient`)."""
-    positive(damping, "damping")
-    unit_interval(momentum, "momentum", closed_low=True)
-    lk.check_likelihood(likelihood)
-    choice(curvature, "curvature", ("fisher", "empirical"))
-    max_iters = static_int(max_iters, "max_iters", minimum=1)
-    positive(tol, "tol")
-
-    def init_fn(params):
-        return NaturalGradientState(
-            count=jnp.zeros((), jnp.int32),
-            direction=jax.tree.map(lambda p: jnp.zeros_like(as_compute(p)), params),
-            cg_iters=jnp.zeros((), jnp.int32),
-            cg_residual=jnp.zeros((), jnp.float32),
-        )
-
-    def update_fn(updates, state, params=None, *, apply_fn=None, inputs=None, labels=None,
-                  **extra):
-        del extra
-        if params is None:
-            raise ValueError("natural_gradient needs `params` in update")
-        if apply_fn is None or inputs is None:
-            raise ValueError(
-                "natural_gradient needs the keyword arguments `apply_fn` ((params, inputs) "
-                "-> outputs) and `inputs` in update, e.g. "
-                "opt.update(grads, state, params, apply_fn=apply, inputs=x)"
-            )
-        if curvature == "empirical" and labels is None:
-            raise ValueError("curvature='empirical' needs `labels` in update")
-        if not callable(apply_fn):
-            raise TypeError(f"`apply_fn` must be callable, got {type(apply_fn).__name__}")
-        p32 = jax.tree.map(as_compute, params)
-        if curvature == "fisher":
-            fv = _core.make_fvp(apply_fn, p32, inputs, likelihood=likelihood)
-        else:
-            fv = _core.make_empirical_fvp(apply_fn, p32, inputs, labels, likelihood=likelihood)
-        lam = jnp.asarray(damping, jnp.float32)
-        g = jax.tree.map(as_compute, updates)
-        g_flat, unravel = ravel_pytree(g)
-        lam = lam.astype(g_flat.dtype)
-
-        def matvec(x):
-            v = unravel(x)
-            fvv = jax.tree.map(lambda a, b: a.astype(b.dtype), fv(v), v)
-            fvv = fvv if axis_name is None else jax.lax.pmean(fvv, axis_name)
-            return ravel_pytree(fvv)[0] + lam * x
-
-        x0 = ravel_pytree(state.direction)[0].astype(g_flat.dtype)
-        if not warm_start:
-            x0 = jnp.zeros_like(g_flat)
-        res = linalg.cg(matvec, g_flat, x0=x0, tol=tol, max_iters=max_iters)
-        d = unravel(res.x)
-        k = res.n_iters
-        gnorm = jnp.maximum(jnp.linalg.norm(g_flat), jnp.finfo(g_flat.dtype).tiny)
-        res = (res.residual_norm / gnorm).astype(jnp.float32)
-        v = _axpy(jnp.asarray(momentum, jnp.float32), state.direction, d)
-        out = jax.tree.map(lambda x, u: x.astype(u.dtype), v, updates)
-        return out, NaturalGradientState(optax.safe_int32_increment(state.count), d, k, res)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def natural_gradient(
@@ -165,16 +87,65 @@ def natural_gradient(
       Amari, "Natural gradient works efficiently in learning", 1998. Martens,
       "Deep learning via Hessian-free optimization", ICML 2010.
     """
+    positive(damping, "damping")
+    unit_interval(momentum, "momentum", closed_low=True)
+    lk.check_likelihood(likelihood)
+    choice(curvature, "curvature", ("fisher", "empirical"))
+    max_iters = static_int(max_iters, "max_iters", minimum=1)
+    positive(tol, "tol")
+
+    def init_fn(params):
+        return NaturalGradientState(
+            count=jnp.zeros((), jnp.int32),
+            direction=jax.tree.map(lambda p: jnp.zeros_like(as_compute(p)), params),
+            cg_iters=jnp.zeros((), jnp.int32),
+            cg_residual=jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, *, apply_fn=None, inputs=None, labels=None,
+                  **extra):
+        del extra
+        if params is None:
+            raise ValueError("natural_gradient needs `params` in update")
+        if apply_fn is None or inputs is None:
+            raise ValueError(
+                "natural_gradient needs the keyword arguments `apply_fn` ((params, inputs) "
+                "-> outputs) and `inputs` in update, e.g. "
+                "opt.update(grads, state, params, apply_fn=apply, inputs=x)"
+            )
+        if curvature == "empirical" and labels is None:
+            raise ValueError("curvature='empirical' needs `labels` in update")
+        if not callable(apply_fn):
+            raise TypeError(f"`apply_fn` must be callable, got {type(apply_fn).__name__}")
+        p32 = jax.tree.map(as_compute, params)
+        if curvature == "fisher":
+            fv = _core.make_fvp(apply_fn, p32, inputs, likelihood=likelihood)
+        else:
+            fv = _core.make_empirical_fvp(apply_fn, p32, inputs, labels, likelihood=likelihood)
+        lam = jnp.asarray(damping, jnp.float32)
+        g = jax.tree.map(as_compute, updates)
+        g_flat, unravel = ravel_pytree(g)
+        lam = lam.astype(g_flat.dtype)
+
+        def matvec(x):
+            v = unravel(x)
+            fvv = jax.tree.map(lambda a, b: a.astype(b.dtype), fv(v), v)
+            fvv = cv.pmean(fvv, axis_name)
+            return ravel_pytree(fvv)[0] + lam * x
+
+        x0 = ravel_pytree(state.direction)[0].astype(g_flat.dtype)
+        if not warm_start:
+            x0 = jnp.zeros_like(g_flat)
+        res = linalg.cg(matvec, g_flat, x0=x0, tol=tol, max_iters=max_iters)
+        d = unravel(res.x)
+        k = res.n_iters
+        gnorm = jnp.maximum(jnp.linalg.norm(g_flat), jnp.finfo(g_flat.dtype).tiny)
+        res = (res.residual_norm / gnorm).astype(jnp.float32)
+        v = _axpy(jnp.asarray(momentum, jnp.float32), state.direction, d)
+        out = jax.tree.map(lambda x, u: x.astype(u.dtype), v, updates)
+        return out, NaturalGradientState(optax.safe_int32_increment(state.count), d, k, res)
+
     return optax.chain(
-        scale_by_natural_gradient(
-            damping,
-            curvature=curvature,
-            likelihood=likelihood,
-            max_iters=max_iters,
-            tol=tol,
-            momentum=momentum,
-            warm_start=warm_start,
-            axis_name=axis_name,
-        ),
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
         optax.scale_by_learning_rate(learning_rate),
     )
