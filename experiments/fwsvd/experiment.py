@@ -31,6 +31,7 @@ from experiments.harness import (
     claims_table,
     markdown_table,
     new_figure,
+    run_cost,
     save_figure,
 )
 from subjax import fisher, linalg
@@ -39,6 +40,8 @@ LAYERS = ("l1", "l2")
 METHODS = ("svd", "fwsvd", "fwsvd (input rows)")
 AXIS = {"fwsvd": 1, "fwsvd (input rows)": 0}  # Flax kernels are (in, out)
 TASKS = {"3 vs 8": (3, 8), "digits 0-4": (0, 1, 2, 3, 4)}
+COLUMNS = ["rank", "method", "test acc", "test NLL", "rel. reconstruction error",
+           "Fisher quadratic"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +219,14 @@ class FWSVD(CellExperiment):
                    "compression"] = table
         return {"claims": claims, "tables": tables, "per_seed": rows}
 
+    def readme_tables(self, summary):
+        results = summary.get("results", {})
+        parts = [claims_table(results.get("claims") or [])]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in (results.get("tables") or {}).items()]
+        parts.append(run_cost(summary))
+        return "\n\n".join(parts)
+
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
         fig, axes = new_figure(2, 2, figsize=(9, 6.4))
@@ -245,7 +256,8 @@ class FWSVD(CellExperiment):
         img = save_figure(fig, outdir, "fwsvd.png", "accuracy vs rank and vs reconstruction")
         parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
                  claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in results["tables"].items()]
         parts.append(img)
         return "\n\n".join(parts) + "\n"
 
