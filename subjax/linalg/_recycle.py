@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from subjax._core import (
     fixed_point_loop,
@@ -16,6 +17,7 @@ from subjax._core import (
     static_int,
 )
 from subjax.linalg import _validate as V
+from subjax.linalg._orth import orth_robust
 
 __all__ = ["RecycledCGResult", "recycled_cg"]
 
@@ -47,7 +49,7 @@ class _State(NamedTuple):
     p: jax.Array
     rr: jax.Array
     ok: jax.Array
-    dirs: jax.Array  # (n, s) first search directions, kept for the subspace update
+    dirs: jax.Array  # (s, n) first search directions (rows), kept for the subspace update
     adirs: jax.Array  # A dirs
 
 
@@ -142,11 +144,13 @@ def _recycled_cg_impl(op, b, w, tol, *, n_store, max_iters):
     eye = jnp.eye(k, dtype=dt)
     active = jnp.diagonal(waw) > 0
     waw = jnp.where(active[:, None] & active[None, :], waw, eye)
-    chol = jax.scipy.linalg.cho_factor(waw)
+    # The (k, k) inverse once, so the loop body is GEMVs only (no per-iteration
+    # triangular solves); zero rows / columns for inactive directions.
+    winv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(waw), eye)
+    winv = jnp.where(active[:, None] & active[None, :], winv, 0)
 
-    def coarse(v):  # W (W^T A W)^{-1} v (zero on inactive columns)
-        c = jax.scipy.linalg.cho_solve(chol, v)
-        return w @ jnp.where(active, c, 0)
+    def coarse(v):  # W (W^T A W)^{-1} v
+        return w @ (winv @ v)
 
     def deflate(r):  # r - W (W^T A W)^{-1} (A W)^T r
         return r - coarse(aw.T @ r)
@@ -157,7 +161,7 @@ def _recycled_cg_impl(op, b, w, tol, *, n_store, max_iters):
     r0 = b - op.matvec(x0)
     p0 = deflate(r0)
     rr0 = jnp.vdot(r0, r0)
-    store = jnp.zeros((n, n_store), dt)
+    store = jnp.zeros((n_store, n), dt)
     state0 = _State(x0, r0, p0, rr0, jnp.isfinite(rr0), store, store)
 
     def step(s, it):
@@ -170,10 +174,9 @@ def _recycled_cg_impl(op, b, w, tol, *, n_store, max_iters):
         rr = jnp.vdot(r, r)
         beta = rr / jnp.where(s.rr > 0, s.rr, jnp.ones_like(s.rr))
         p = deflate(r) + beta * s.p
-        keep = it < n_store
-        slot = jnp.minimum(it, n_store - 1)
-        dirs = jnp.where(keep, s.dirs.at[:, slot].set(s.p), s.dirs)
-        adirs = jnp.where(keep, s.adirs.at[:, slot].set(ap), s.adirs)
+        slot = jnp.where(it < n_store, it, n_store)  # past the end: dropped, in place
+        dirs = s.dirs.at[slot].set(s.p, mode="drop")
+        adirs = s.adirs.at[slot].set(ap, mode="drop")
         ok = good & jnp.isfinite(rr)
         return _State(x, r, p, rr, ok, dirs, adirs), jnp.sqrt(rr) / safe_b
 
@@ -182,25 +185,28 @@ def _recycled_cg_impl(op, b, w, tol, *, n_store, max_iters):
     s = out.state
     rnorm = jnp.linalg.norm(b - op.matvec(s.x))
     converged = s.ok & (rnorm <= tol * bnorm) & jnp.isfinite(rnorm)
-    new_w = _update_recycle(w, aw, s.dirs, s.adirs, k)
+    new_w = _update_recycle(w, aw, s.dirs.T, s.adirs.T, k)
     return RecycledCGResult(s.x, converged, out.n_iters, rnorm, out.errors, new_w)
 
 
 def _update_recycle(w, aw, dirs, adirs, k):
-    """The ``k`` smallest Ritz vectors of ``A`` on ``span[W, P]`` (orthonormal columns)."""
+    """The ``k`` smallest Ritz vectors of ``A`` on ``span[W, P]`` (orthonormal columns).
+
+    Rayleigh–Ritz without a tall factorization: ``F = Z^T Z = V diag(f) V^T``
+    gives the basis ``B = Z V f^{-1/2}`` (directions with ``f`` below ``sqrt(u)``
+    times the largest dropped: unused slots, dependent directions), and the Ritz
+    problem is the small ``B^T A B``. Only GEMMs touch ``n``-sized data.
+    """
     z = jnp.concatenate([w, dirs], axis=1)
     az = jnp.concatenate([aw, adirs], axis=1)
-    # Orthonormalise Z by its SVD, Z = U S V^T (dropping zero / dependent columns,
-    # e.g. unused slots): then A U = A Z V S^+.
-    u, sv, vt = jnp.linalg.svd(z, full_matrices=False)
-    keep = sv > sv[0] * jnp.finfo(z.dtype).eps * z.shape[1]
-    u = u * keep[None, :].astype(u.dtype)
-    s_inv = jnp.where(keep, 1 / jnp.where(keep, sv, 1), 0)
-    au = az @ (vt.T * s_inv[None, :])
-    g = u.T @ au
+    gram = z.T @ z
+    f, v = jnp.linalg.eigh((gram + gram.T) * jnp.asarray(0.5, z.dtype))
+    keep = f > jnp.max(f) * jnp.sqrt(jnp.finfo(z.dtype).eps)
+    scale = jnp.where(keep, lax.rsqrt(jnp.where(keep, f, 1)), 0)
+    c = v * scale[None, :]  # B = Z c
+    g = c.T @ (z.T @ az) @ c
     g = (g + g.T) * jnp.asarray(0.5, g.dtype)
-    # unused directions get a huge Ritz value so they are never kept
+    # dropped directions get a huge Ritz value so they are never kept
     big = jnp.max(jnp.abs(g)) * 1e3 + 1
-    g = g + jnp.diag(jnp.where(keep, 0, big))
-    _, y = jnp.linalg.eigh(g)
-    return u @ y[:, :k]
+    _, y = jnp.linalg.eigh(g + jnp.diag(jnp.where(keep, 0, big)))
+    return orth_robust(z @ (c @ y[:, :k]))[0]
