@@ -24,8 +24,10 @@ __all__ = [
 ]
 
 
-def _check_s(s, name="s"):
-    """A non-empty real floating spectrum (finite when concrete)."""
+def _check_s(s, threshold=None, name="s"):
+    """A non-empty real floating spectrum (finite when concrete); ``threshold`` in (0, 1]."""
+    if threshold is not None:
+        unit_interval(threshold, "threshold", closed_high=True)
     s = floating_array(s, name)
     if s.ndim < 1 or s.shape[-1] < 1:
         raise ValueError(f"`{name}` must be a non-empty vector of singular values, got {s.shape}")
@@ -60,8 +62,7 @@ def energy_rank(s: jax.Array, threshold: float | jax.Array = 0.9) -> jax.Array:
       >>> int(energy_rank(jnp.array([3.0, 2.0, 1.0, 0.1]), 0.9))
       2
     """
-    s = _check_s(s)
-    unit_interval(threshold, "threshold", closed_high=True)
+    s = _check_s(s, threshold)
     e = jnp.square(s)
     total = jnp.sum(e, axis=-1, keepdims=True)
     frac = jnp.cumsum(e, axis=-1) / jnp.where(total > 0, total, jnp.ones_like(total))
@@ -86,8 +87,7 @@ def normalized_spectrum_rank(s: jax.Array, threshold: float | jax.Array = 1e-2) 
       >>> int(normalized_spectrum_rank(jnp.array([10.0, 1.0, 0.05, 0.0]), 0.01))
       2
     """
-    s = _check_s(s)
-    unit_interval(threshold, "threshold", closed_high=True)
+    s = _check_s(s, threshold)
     top = jnp.max(s, axis=-1, keepdims=True)
     thr = jnp.asarray(threshold, s.dtype) * top
     r = jnp.sum(((s >= thr) & (top > 0)).astype(jnp.int32), axis=-1)
