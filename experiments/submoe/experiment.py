@@ -35,11 +35,13 @@ from experiments.harness import (
     claims_table,
     markdown_table,
     new_figure,
+    run_cost,
     save_figure,
 )
 from subjax import fisher
 
 METHODS = ("sub-moe", "average", "drop")
+COLUMNS = ["experts kept", "method", "test acc", "retained", "rank fraction (val)"]
 KERNELS = ("w1", "w2")
 
 
@@ -320,6 +322,16 @@ class SubMoE(CellExperiment):
         tables = {"Accuracy after compression, no retraining (mean ± 95% CI over seeds)": table}
         return {"claims": claims, "tables": tables, "rank_at_edge": edge, "per_seed": rows}
 
+    def readme_tables(self, summary):
+        results = summary.get("results", {})
+        parts = [claims_table(results.get("claims") or [])]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in (results.get("tables") or {}).items()]
+        parts.append(f"Sub-MoE's validated rank fraction was at the edge of its grid in "
+                     f"{results.get('rank_at_edge')} of the tunings.")
+        parts.append(run_cost(summary))
+        return "\n\n".join(parts)
+
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
         fig, ax = new_figure(figsize=(5.2, 3.4))
@@ -340,7 +352,8 @@ class SubMoE(CellExperiment):
                  f"fraction at the edge of its grid in {results['rank_at_edge']} of "
                  f"{len(rows) * len(cfg.reductions)} tunings.",
                  claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in results["tables"].items()]
         parts.append(img)
         return "\n\n".join(parts) + "\n"
 
