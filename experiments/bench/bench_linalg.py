@@ -19,7 +19,8 @@ Cases (float32, warm, interleaved, one process):
   ``scipy.sparse.linalg.eigsh`` (ARPACK) at the same tolerance 1e-5, in float64
   (its usual setting) and float32. subjax takes the matrix as a BCSR operand.
   Accuracy: max |lambda_i - lambda_i^ref| / |lambda_1| against ARPACK at tol=0
-  in float64. The same at tol 1e-6 on graph Laplacians ``D - W`` of Erdos-Renyi
+  in float64; subjax also in float64 ("subjax f64"). The same at tol 1e-6 on graph
+  Laplacians ``D - W`` of Erdos-Renyi
   graphs (mean degree 8) and random sparse matrices of 1e4 and 1e5 rows.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
@@ -180,6 +181,17 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") 
     def acc(w):
         return float(np.max(np.abs(np.sort(np.asarray(w, np.float64))[::-1] - ref)) / scale)
 
+    with jax.enable_x64(True):  # float64 operator and solver, as ARPACK's f64 run
+        bcsr64 = jsparse.BCSR.from_scipy_sparse(a64)
+        op64 = sl.LinearOperator((n, n), jnp.float64, matmat=lambda x: bcsr64 @ x,
+                                 symmetric=True)
+        f64 = jax.jit(lambda key: sl.lanczos_eigh(op64, k, key=key, block_size=16, n_blocks=10,
+                                                  tol=tol, max_restarts=100))
+
+    def run64():
+        with jax.enable_x64(True):
+            return f64(jax.random.key(0))
+
     v0 = np.random.default_rng(0).standard_normal(n)
     return Case(
         name=f"lanczos_eigh {n}x{n} {'sparse' if kind == 'random' else 'graph Laplacian'} "
@@ -188,6 +200,8 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") 
         contenders=[
             Contender("subjax", lambda: f(key), accuracy=lambda r: acc(r.eigenvalues),
                       note="block 16 x 10 blocks, thick restart, BCSR, float32"),
+            Contender("subjax f64", run64, accuracy=lambda r: acc(r.eigenvalues),
+                      note="the same in float64"),
             Contender("scipy eigsh f64", _peer(lambda: sla.eigsh(a64, k=k, which="LA", tol=tol,
                                                                  v0=v0)),
                       accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float64"),
