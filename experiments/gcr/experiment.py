@@ -1,27 +1,34 @@
 """GCR: softmax head vs Grassmann class representation head (Wang, Li & Zhang, ICCV 2023).
 
-Small-scale protocol (docs in README.md): an MLP feature extractor with either a
-softmax (linear) head or a GCR head (each class a p-dim subspace, logit =
+Small-scale protocol (README.md): an MLP feature extractor with a softmax (linear)
+head, a cosine-softmax head (normalised features and class vectors, the same logit
+scale as GCR) or a GCR head (each class a p-dim subspace, logit =
 scale * ||W_c^T normalize(x)||), trained on the *base* classes of
 
-- ``digits``: scikit-learn's 8x8 digits, base classes 0-6, held-out 7-9;
+- ``digits``: the shared 8x8 digits splits (``experiments.data.digits``), base
+  classes 0-6, held-out 7-9;
 - ``mixture``: a synthetic Gaussian mixture, 40 classes each made of 4 sub-clusters
   (multi-modal classes), base classes 0-29, held-out 30-39.
 
-The body is trained by AdamW; the GCR head by ``subjax.optim.riemannian_sgd``
-(momentum 0.9, polar retraction) on the Grassmann manifold, through
-``optax.partition`` over ``subjax.nn.manifolds_of(model)``. Reported per cell:
-test accuracy on base classes; transferability = accuracy of a logistic-regression
-probe on frozen, L2-normalised features of the held-out classes; intra-class
-variability = mean within-class variance / total variance of the normalised
-features of the base-class test set.
+The body (and the softmax / cosine heads) is trained by AdamW; the GCR head by
+``subjax.optim.riemannian_sgd`` (momentum, polar retraction) on the Grassmann
+manifold, through ``optax.partition`` over ``subjax.nn.manifolds_of(model)``.
+Training runs to convergence: the validation loss is read every ``eval_every``
+steps and training stops after ``patience`` reads without improvement (or at
+``max_steps``); the parameters of the best read are kept.
+
+Reported per cell (one dataset, head and seed): test accuracy on the base classes;
+transferability = accuracy of a logistic-regression probe on frozen, L2-normalised
+features of the held-out classes; intra-class variability = mean within-class
+variance / total variance of the normalised features of the base-class test set.
+The variability trend over p is tested per seed (least-squares slope of
+variability on log2 p), and its interval is taken over seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,89 +36,106 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.harness import Experiment, markdown_table, new_figure, save_figure
+from experiments import stats
+from experiments.data import Split, digits
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 from subjax.nn import GrassmannClassifier, manifolds_of
 from subjax.optim import manifold_labels, riemannian_sgd
 
-HEADS = ("softmax", "gcr1", "gcr2", "gcr4", "gcr8")
 DATASETS = ("digits", "mixture")
-PAPER = {
-    "accuracy": "GCR lowers ImageNet top-1 error by 5.6% (ResNet50-D), 4.5% (ResNeXt50), "
-                "3.0% (Swin-T), 3.5% (Deit3-S)",
-    "transfer": "linear-probe transfer accuracy up, ResNet50-D 77.98% -> 79.70%",
-    "variability": "intra-class feature variability grows with the subspace dimension",
-}
+BASE = {"digits": 7, "mixture": 30}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
-    seeds: int = 3            # seeds per (dataset, head)
-    train_steps: int = 600    # optimizer steps per run
+    seeds: int = 5            # seeds per (dataset, head)
+    subspace_dims: tuple[int, ...] = (1, 2, 4, 8)
+    max_steps: int = 6000     # cap of the early-stopped training
+    eval_every: int = 100     # steps between two validation reads
+    patience: int = 8         # validation reads without improvement before stopping
     batch: int = 128
-    features: int = 32        # feature (penultimate) dimension
-    hidden: int = 128
-    scale: float = 10.0       # GCR logit scale
-    body_lr: float = 3e-3     # AdamW for the body (and the softmax head)
+    features: int = 128       # feature (penultimate) dimension: p / features <= 1/16
+    hidden: int = 256
+    scale: float = 10.0       # logit scale of the GCR and cosine heads
+    body_lr: float = 1e-3     # AdamW for the body (and the softmax / cosine heads)
     head_lr: float = 0.2      # Riemannian SGD for the GCR head
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    checkpoint_every: int = 5
 
     def __post_init__(self):
-        for k in ("seeds", "train_steps", "batch", "features", "hidden", "checkpoint_every"):
+        for k in ("seeds", "max_steps", "eval_every", "patience", "batch", "features",
+                  "hidden"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.features < 8:
-            raise ValueError(f"features={self.features} must be >= 8 (largest subspace_dim)")
+        if len(self.subspace_dims) < 2 or min(self.subspace_dims) < 1:
+            raise ValueError("subspace_dims needs at least two dimensions >= 1 (trend test)")
+        if max(self.subspace_dims) > self.features:
+            raise ValueError(f"features={self.features} must be >= the largest subspace_dims")
         if not (self.scale > 0 and self.body_lr > 0 and self.head_lr > 0):
             raise ValueError("scale, body_lr and head_lr must be positive")
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return ("softmax", "cosine") + tuple(f"gcr{p}" for p in self.subspace_dims)
+
 
 # ---------------------------------------------------------------- data
-def _split(x, y, base, seed, test_frac=0.3):
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(y))
-    x, y = x[idx], y[idx]
-    n_test = int(test_frac * len(y))
-    out = {}
-    for part, sl in (("test", slice(0, n_test)), ("train", slice(n_test, None))):
-        xs, ys = x[sl], y[sl]
-        b = ys < base
-        out[f"base_{part}"] = (xs[b], ys[b])
-        out[f"held_{part}"] = (xs[~b], ys[~b] - base)
+def _mixture(seed: int) -> dict[str, Split]:
+    rng = np.random.default_rng(1234)  # the task is fixed; seeds change split + init
+    classes, modes, dim, per_mode = 40, 4, 32, 30
+    centers = rng.standard_normal((classes, 1, dim)) * 0.6
+    offsets = rng.standard_normal((classes, modes, dim)) * 0.8
+    means = (centers + offsets).reshape(classes * modes, dim)
+    y = np.repeat(np.arange(classes), modes * per_mode).astype(np.int32)
+    mode = np.repeat(np.arange(classes * modes), per_mode)
+    x = (means[mode] + rng.standard_normal((len(mode), dim))).astype(np.float32)
+    idx = np.random.default_rng(seed).permutation(len(y))
+    n_test, n_val = int(0.3 * len(y)), int(0.14 * len(y))
+    cut = {"test": idx[:n_test], "val": idx[n_test:n_test + n_val],
+           "train": idx[n_test + n_val:]}
+    return {k: Split(x[v], y[v]) for k, v in cut.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seed: int) -> dict:
+    if name == "digits":
+        d = digits(seed)
+        parts = {"train": d.train, "val": d.val, "test": d.test}
+    else:
+        parts = _mixture(seed)
+    base = BASE[name]
+    out = {"n_total": sum(len(s) for s in parts.values())}
+    for k, s in parts.items():
+        out[f"base_{k}"] = s.classes(range(base))
+        held = s.classes(range(base, int(s.y.max()) + 1))
+        out[f"held_{k}"] = Split(held.x, held.y - base)
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def _dataset(name: str, seed: int):
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y, base = (d.data / 16.0).astype(np.float32), d.target.astype(np.int32), 7
-    else:
-        rng = np.random.default_rng(1234)  # the task is fixed; seeds change split + init
-        classes, modes, dim, per_mode = 40, 4, 32, 30
-        centers = rng.standard_normal((classes, 1, dim)) * 0.6
-        offsets = rng.standard_normal((classes, modes, dim)) * 0.8
-        means = (centers + offsets).reshape(classes * modes, dim)
-        lab = np.repeat(np.arange(classes), modes * per_mode)
-        mode = np.repeat(np.arange(classes * modes), per_mode)
-        x = (means[mode] + 1.0 * rng.standard_normal((len(mode), dim))).astype(np.float32)
-        y, base = lab.astype(np.int32), 30
-    parts = _split(x, y, base, seed)
-    parts["n_total"] = len(y)
-    return parts, base
-
-
 # ---------------------------------------------------------------- model
+class CosineHead(nnx.Module):
+    """Cosine softmax: ``scale * <normalize(x), normalize(w_c)>``."""
+
+    def __init__(self, features, classes, scale, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (features, classes)))
+        self.scale = scale
+
+    def __call__(self, x):
+        xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        w = self.w[...]
+        wn = w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-12)
+        return self.scale * xn @ wn
+
+
 class Net(nnx.Module):
     def __init__(self, d_in, hidden, features, classes, head, scale, rngs):
         self.l1 = nnx.Linear(d_in, hidden, rngs=rngs)
         self.l2 = nnx.Linear(hidden, features, rngs=rngs)
         if head == "softmax":
             self.head = nnx.Linear(features, classes, rngs=rngs)
+        elif head == "cosine":
+            self.head = CosineHead(features, classes, scale, rngs)
         else:
             self.head = GrassmannClassifier(features, classes, int(head[3:]), scale, rngs=rngs)
 
@@ -124,7 +148,7 @@ class Net(nnx.Module):
 
 def _make_tx(cfg: Config, model, head: str):
     body = optax.adamw(cfg.body_lr, weight_decay=cfg.weight_decay)
-    if head == "softmax":
+    if not head.startswith("gcr"):
         return body
     mans = manifolds_of(model)
     # GCR public code: no weight decay on the subspaces, SGD + momentum on the head
@@ -136,35 +160,67 @@ def _make_tx(cfg: Config, model, head: str):
 
 @functools.lru_cache(maxsize=32)
 def _trainer(cfg: Config, d_in: int, classes: int, head: str):
-    """A jitted ``(seed_key, x, y) -> params`` for one architecture (cached across seeds)."""
-    model = Net(d_in, cfg.hidden, cfg.features, classes, head, cfg.scale, nnx.Rngs(0))
-    graphdef, _ = nnx.split(model, nnx.Param)
-    tx = _make_tx(cfg, model, head)
+    """Jitted ``init``, ``chunk`` (``eval_every`` steps) and ``val_loss`` for one architecture."""
+    def build(key):
+        return Net(d_in, cfg.hidden, cfg.features, classes, head, cfg.scale,
+                   nnx.Rngs(params=key))
+
+    graphdef, _ = nnx.split(build(jax.random.key(0)), nnx.Param)
+    tx = _make_tx(cfg, build(jax.random.key(0)), head)
 
     def loss(params, xb, yb):
-        m = nnx.merge(graphdef, params)
-        return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(
+            nnx.merge(graphdef, params)(xb), yb).mean()
 
     @jax.jit
-    def train(key, x, y, n_valid):
-        init_key, data_key = jax.random.split(key)
-        m = Net(d_in, cfg.hidden, cfg.features, classes, head, cfg.scale,
-                nnx.Rngs(params=init_key))
-        params = nnx.state(m, nnx.Param)
-        state = tx.init(params)
+    def init(key):
+        params = nnx.state(build(key), nnx.Param)
+        return params, tx.init(params)
 
+    @jax.jit
+    def chunk(params, state, key, x, y, n_valid):
         def body(carry, k):
             params, state = carry
             idx = jax.random.randint(k, (cfg.batch,), 0, n_valid)
-            l, g = jax.value_and_grad(loss)(params, x[idx], y[idx])
+            g = jax.grad(loss)(params, x[idx], y[idx])
             u, state = tx.update(g, state, params)
-            return (optax.apply_updates(params, u), state), l
+            return (optax.apply_updates(params, u), state), None
 
-        keys = jax.random.split(data_key, cfg.train_steps)
-        (params, _), losses = jax.lax.scan(body, (params, state), keys)
-        return params, losses
+        (params, state), _ = jax.lax.scan(body, (params, state),
+                                          jax.random.split(key, cfg.eval_every))
+        return params, state
 
-    return graphdef, train
+    return graphdef, init, chunk, jax.jit(loss)
+
+
+def _pad(split: Split, n: int):
+    x = np.zeros((n, split.x.shape[1]), np.float32)
+    y = np.zeros((n,), np.int32)
+    x[: len(split)], y[: len(split)] = split.x, split.y
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _train(cfg: Config, parts: dict, classes: int, head: str, key):
+    """Early-stopped training; returns the best parameters, the steps to them and run."""
+    tr, va = parts["base_train"], parts["base_val"]
+    graphdef, init, chunk, loss = _trainer(cfg, tr.x.shape[1], classes, head)
+    init_key, data_key = jax.random.split(key)
+    params, state = init(init_key)
+    x, y = _pad(tr, parts["n_total"])  # same shapes for every seed: one compilation per head
+    xv, yv = jnp.asarray(va.x), jnp.asarray(va.y)
+    best, best_loss, best_step, since, step = params, np.inf, 0, 0, 0
+    while step < cfg.max_steps and since < cfg.patience:
+        params, state = chunk(params, state, jax.random.fold_in(data_key, step), x, y, len(tr))
+        step += cfg.eval_every
+        v = float(loss(params, xv, yv))
+        if not np.isfinite(v):
+            break
+        if v < best_loss:
+            best, best_loss, best_step, since = params, v, step, 0
+        else:
+            since += 1
+    return nnx.merge(graphdef, best), {"best_step": best_step, "steps_run": step,
+                                       "val_loss": float(best_loss)}
 
 
 def _probe_accuracy(ftr, ytr, fte, yte) -> float:
@@ -187,117 +243,131 @@ def _variability(f, y) -> float:
     return float(within / total)
 
 
-def _cells(cfg: Config):
-    return [(d, h, s) for d in DATASETS for s in range(cfg.seeds) for h in HEADS]
-
-
 def run_cell(cfg: Config, dataset: str, head: str, seed: int) -> dict:
-    parts, base = _dataset(dataset, cfg.seed * 1000 + seed)
-    xtr, ytr = parts["base_train"]
-    graphdef, train = _trainer(cfg, xtr.shape[1], base, head)
-    key = jax.random.fold_in(jax.random.key(cfg.seed), seed)
-    t0 = time.perf_counter()
-    n_pad = parts["n_total"]  # same shapes for every seed: one compilation per head
-    xpad = np.zeros((n_pad, xtr.shape[1]), np.float32)
-    ypad = np.zeros((n_pad,), np.int32)
-    xpad[: len(ytr)], ypad[: len(ytr)] = xtr, ytr
-    params, losses = train(key, jnp.asarray(xpad), jnp.asarray(ypad), len(ytr))
-    jax.block_until_ready(params)
-    train_time = time.perf_counter() - t0
-    model = nnx.merge(graphdef, params)
-    xte, yte = parts["base_test"]
-    acc = float(np.mean(np.asarray(jnp.argmax(model(jnp.asarray(xte)), -1)) == yte))
-    feats = lambda x: _normalize(np.asarray(model.features(jnp.asarray(x)), np.float64))
-    htr, hytr = parts["held_train"]
-    hte, hyte = parts["held_test"]
-    return {
-        "dataset": dataset, "head": head, "p": 0 if head == "softmax" else int(head[3:]),
-        "seed": seed, "test_acc": acc,
-        "transfer_acc": _probe_accuracy(feats(htr), hytr, feats(hte), hyte),
-        "variability": _variability(feats(xte), yte),
-        "final_loss": float(np.mean(np.asarray(losses[-20:]))),
-        "time_s": train_time,
-    }
+    parts = _dataset(dataset, seed)
+    model, fit = _train(cfg, parts, BASE[dataset], head,
+                        jax.random.fold_in(jax.random.key(cfg.seed), seed))
+    te, va = parts["base_test"], parts["base_val"]
+
+    def acc(split):
+        return float(np.mean(np.asarray(jnp.argmax(model(jnp.asarray(split.x)), -1)) == split.y))
+
+    def feats(split):
+        return _normalize(np.asarray(model.features(jnp.asarray(split.x)), np.float64))
+
+    return {"val_acc": acc(va), "test_acc": acc(te),
+            "transfer_acc": _probe_accuracy(feats(parts["held_train"]), parts["held_train"].y,
+                                            feats(parts["held_test"]), parts["held_test"].y),
+            "variability": _variability(feats(te), te.y), **fit}
 
 
-class GCR(Experiment):
+def _slope(ps, values) -> float:
+    """Least-squares slope of ``values`` on ``log2 p``."""
+    return float(np.polyfit(np.log2(np.asarray(ps, float)), np.asarray(values), 1)[0])
+
+
+PAPER = {
+    "accuracy": "ImageNet top-1 error -5.6% (ResNet50-D), -4.5% (ResNeXt50), -3.0% (Swin-T), "
+                "-3.5% (Deit3-S) vs softmax (Tab. 2)",
+    "cosine": "GCR above cosine softmax on ImageNet (ResNet50-D, Tab. 1)",
+    "transfer": "linear-probe transfer 77.98% -> 79.70% (ResNet50-D, Tab. 4)",
+    "variability": "intra-class variability grows with the subspace dimension (Tab. 3)",
+}
+
+
+class GCR(CellExperiment):
     name = "gcr"
     title = "GCR: Grassmann class representation vs softmax (Wang, Li, Zhang, ICCV 2023)"
     config_cls = Config
-    quick = {"seeds": 2, "train_steps": 300}
-    full = {"seeds": 5, "train_steps": 1500}
-    checkpoint_every = 5
+    quick = {"seeds": 2, "subspace_dims": (1, 8), "max_steps": 600, "patience": 3,
+             "features": 64, "hidden": 128}
+    full = {"seeds": 5}
+    figures = ("gcr_vs_p.png",)
 
-    def num_steps(self, cfg):
-        return len(_cells(cfg))
+    def expected_cells(self, cfg):
+        return len(DATASETS) * len(cfg.heads) * cfg.seeds
 
-    def init_state(self, cfg):
-        return {}
+    def run_cell(self, cfg, cell):
+        return run_cell(cfg, cell["dataset"], cell["head"], cell["seed"])
 
-    def step(self, cfg, state, i):
-        dataset, head, seed = _cells(cfg)[i]
-        return state, run_cell(cfg, dataset, head, seed)
+    def sweep(self, cfg, cells):
+        seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        per = {d: {h: [cells(dataset=d, head=h, seed=s) for s in seeds] for h in cfg.heads}
+               for d in DATASETS}
+        gcr_heads = [h for h in cfg.heads if h.startswith("gcr")]
 
-    def summarize(self, cfg, state, history):
-        rows = []
+        def col(d, h, k):
+            return [r[k] for r in per[d][h]]
+
+        claims, chosen, trend = [], {}, {}
         for d in DATASETS:
-            for h in HEADS:
-                rs = [r for r in history if r["dataset"] == d and r["head"] == h]
-                if not rs:
-                    continue
-                row = {"dataset": d, "head": h, "p": rs[0]["p"], "seeds": len(rs)}
-                for k in ("test_acc", "transfer_acc", "variability"):
-                    v = np.array([r[k] for r in rs])
-                    row[k] = float(v.mean())
-                    row[k + "_std"] = float(v.std())
-                rows.append(row)
-        verdict = {}
+            # the GCR dimension is chosen on validation accuracy (mean over seeds)
+            best = max(gcr_heads, key=lambda h: np.mean(col(d, h, "val_acc")))
+            chosen[d] = best
+            tag = f"GCR p={best[3:]}"
+            for k, foil, key, text in (
+                    ("test_acc", "softmax", "accuracy",
+                     f"{d}: GCR (p chosen on validation) beats softmax on base-class accuracy"),
+                    ("test_acc", "cosine", "cosine",
+                     f"{d}: GCR (p chosen on validation) beats cosine softmax on accuracy"),
+                    ("transfer_acc", "softmax", "transfer",
+                     f"{d}: GCR features transfer better than softmax features")):
+                cmp = stats.compare(col(d, best, k), col(d, foil, k), quick=cells.quick)
+                claims.append(stats.claim(text, PAPER[key], cmp, names=(tag, foil)))
+            ps = [int(h[3:]) for h in gcr_heads]
+            slopes = [_slope(ps, [per[d][h][i]["variability"] for h in gcr_heads])
+                      for i in range(len(seeds))]
+            trend[d] = slopes
+            cmp = stats.compare(slopes, [0.0] * len(slopes), quick=cells.quick)
+            claims.append(stats.claim(
+                f"{d}: intra-class variability grows with p (slope on log2 p)",
+                PAPER["variability"], cmp, names=("slope", "0")))
+        tables = {}
         for d in DATASETS:
-            sm = next(r for r in rows if r["dataset"] == d and r["head"] == "softmax")
-            gc = [r for r in rows if r["dataset"] == d and r["head"] != "softmax"]
-            best = max(gc, key=lambda r: r["test_acc"])
-            var = [r["variability"] for r in sorted(gc, key=lambda r: r["p"])]
-            verdict[d] = {
-                "best_gcr_head": best["head"],
-                "accuracy_gain_best_gcr": best["test_acc"] - sm["test_acc"],
-                "transfer_gain_best_transfer_gcr": max(r["transfer_acc"] for r in gc)
-                - sm["transfer_acc"],
-                "variability_increases_with_p": bool(np.all(np.diff(var) > 0)),
-                "variability_p1_to_p8": [var[0], var[-1]],
-            }
-        return {"rows": rows, "verdict": verdict}
+            rows = []
+            for h in cfg.heads:
+                rows.append({
+                    "head": h if not h.startswith("gcr") else f"GCR p={h[3:]}",
+                    "val acc": stats.mean_ci(col(d, h, "val_acc")).format(),
+                    "test acc": stats.mean_ci(col(d, h, "test_acc")).format(),
+                    "transfer (probe) acc": stats.mean_ci(col(d, h, "transfer_acc")).format(),
+                    "variability": stats.mean_ci(col(d, h, "variability")).format(),
+                    "steps to best val loss": stats.mean_ci(col(d, h, "best_step")).format(".0f"),
+                })
+            tables[f"{d}: base-class accuracy, held-out-class probe, variability"] = rows
+        return {"claims": claims, "tables": tables, "chosen_p": chosen,
+                "variability_slopes": trend, "per_cell": per}
 
     def report(self, cfg, results, history, outdir):
-        rows = results["rows"]
-        imgs = []
+        per = results["per_cell"]
+        heads = list(cfg.heads)
+        gcr_heads = [h for h in heads if h.startswith("gcr")]
+        ps = [int(h[3:]) for h in gcr_heads]
         fig, axes = new_figure(1, 3, figsize=(12, 3.4))
         for ax, key, label in zip(axes, ("test_acc", "transfer_acc", "variability"),
                                   ("test accuracy (base classes)",
                                    "linear-probe accuracy (held-out classes)",
                                    "intra-class / total variance"), strict=True):
             for d, color in zip(DATASETS, ("C0", "C1"), strict=True):
-                gc = sorted([r for r in rows if r["dataset"] == d and r["head"] != "softmax"],
-                            key=lambda r: r["p"])
-                sm = next(r for r in rows if r["dataset"] == d and r["head"] == "softmax")
-                ps = [r["p"] for r in gc]
-                ax.errorbar(ps, [r[key] for r in gc], yerr=[r[key + "_std"] for r in gc],
-                            marker="o", color=color, label=f"{d} GCR", capsize=3)
-                ax.axhline(sm[key], color=color, ls="--", label=f"{d} softmax")
+                est = [stats.mean_ci([r[key] for r in per[d][h]]) for h in gcr_heads]
+                err = [e.half_width if e.n > 1 else 0.0 for e in est]
+                ax.errorbar(ps, [e.mean for e in est], yerr=err, marker="o", color=color,
+                            label=f"{d} GCR", capsize=3)
+                for h, ls in (("softmax", "--"), ("cosine", ":")):
+                    ax.axhline(np.mean([r[key] for r in per[d][h]]), color=color, ls=ls,
+                               label=f"{d} {h}")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("subspace_dim p")
+            ax.set_xlabel("subspace dimension p")
             ax.set_title(label, fontsize=9)
         axes[0].legend(fontsize=7)
-        imgs.append(save_figure(fig, outdir, "gcr_vs_p.png",
-                                "accuracy, transfer and variability vs subspace dim"))
-        cols = ["dataset", "head", "seeds", "test_acc", "test_acc_std", "transfer_acc",
-                "transfer_acc_std", "variability", "variability_std"]
-        verdict_rows = [{"dataset": d, **v} for d, v in results["verdict"].items()]
-        return (
-            f"{cfg.seeds} seeds x {cfg.train_steps} steps per cell; body AdamW, GCR head "
-            f"Riemannian SGD (polar retraction) on Grassmann(features={cfg.features}, p).\n\n"
-            f"{markdown_table(rows, cols)}\n\n{markdown_table(verdict_rows)}\n\n"
-            + "\n".join(imgs) + "\n"
-        )
+        img = save_figure(fig, outdir, "gcr_vs_p.png",
+                          "accuracy, transfer and variability vs subspace dimension "
+                          "(mean, 95% CI over seeds)")
+        intro = (f"{cfg.seeds} seeds; training early-stopped on validation loss (at most "
+                 f"{cfg.max_steps} steps); features {cfg.features}; intervals are 95% "
+                 f"t-intervals over seeds; GCR p chosen on validation: "
+                 + ", ".join(f"{d} p={h[3:]}" for d, h in results["chosen_p"].items()) + ".")
+        return results_markdown(intro, results, img)
 
 
 EXPERIMENT = GCR()
