@@ -38,12 +38,14 @@ from experiments.harness import (
     claims_table,
     markdown_table,
     new_figure,
+    run_cost,
     save_figure,
 )
 from subjax import fisher
 from subjax.optim import coso, coso_consolidate
 
 METHODS = ("fine-tune", "ewc", "gpm", "coso")
+COLUMNS = ["method", "ACC (test)", "BWT (test)", "tuned value (median)", "at grid edge"]
 LAYERS = ("l1", "l2", "out")
 
 
@@ -244,6 +246,14 @@ class CoSO(CellExperiment):
         tables = {f"Permuted digits, {cfg.n_tasks} tasks (mean ± 95% CI over seeds)": table}
         return {"claims": claims, "tables": tables, "per_seed": rows}
 
+    def readme_tables(self, summary):
+        results = summary.get("results", {})
+        parts = [claims_table(results.get("claims") or [])]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in (results.get("tables") or {}).items()]
+        parts.append(run_cost(summary))
+        return "\n\n".join(parts)
+
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
         fig, ax = new_figure(figsize=(5.0, 3.4))
@@ -257,7 +267,8 @@ class CoSO(CellExperiment):
         img = save_figure(fig, outdir, "coso.png", "final accuracy per task")
         parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
                  claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
+                  for t, r in results["tables"].items()]
         parts.append(img)
         return "\n\n".join(parts) + "\n"
 
