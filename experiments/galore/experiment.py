@@ -34,7 +34,7 @@ class Config:
     seed: int = 0
     ranks: tuple = (4, 16)
     steps: int = 400
-    update_gap: int = 50
+    refresh_every: int = 50
     lr: float = 3e-3
     hidden: int = 128
     welore_threshold: float = 0.1
@@ -81,7 +81,7 @@ def _make_opt(cfg, method, rank):
     if method == "adam":
         return optax.adam(cfg.lr)
     mask = {"w1": True, "b1": False, "w2": True, "b2": False, "w3": False, "b3": False}
-    return so.galore(cfg.lr, rank=rank, update_proj_gap=cfg.update_gap, projector=method,
+    return so.galore(cfg.lr, rank=rank, update_proj_gap=cfg.refresh_every, projector=method,
                      mask=mask, seed=cfg.seed)
 
 
@@ -108,7 +108,7 @@ class GaLoreDigits(Experiment):
     title = "GaLore projectors (SVD, subspace iteration, DCT, random) vs Adam; WeLore ranks"
     config_cls = Config
     quick = {"steps": 200}
-    full = {"steps": 1500, "ranks": (4, 16, 32), "update_gap": 100}
+    full = {"steps": 1500, "ranks": (4, 16, 32), "refresh_every": 100}
 
     def num_steps(self, cfg):
         return len(_cells(cfg))
@@ -142,9 +142,9 @@ class GaLoreDigits(Experiment):
         if method != "adam":
             g = jax.grad(_loss)(p, xtr, ytr)
             upd = jax.jit(opt.update)
-            t_ref = _median_time(upd, g, _set_count(s, cfg.update_gap), p)
-            t_ord = _median_time(upd, g, _set_count(s, cfg.update_gap + 1), p)
-            n_ref = -(-cfg.steps // cfg.update_gap)
+            t_ref = _median_time(upd, g, _set_count(s, cfg.refresh_every), p)
+            t_ord = _median_time(upd, g, _set_count(s, cfg.refresh_every + 1), p)
+            n_ref = -(-cfg.steps // cfg.refresh_every)
             refresh_time = max(t_ref - t_ord, 0.0) * n_ref
         metrics = {
             "method": method, "rank": rank,
@@ -202,7 +202,7 @@ class GaLoreDigits(Experiment):
         ax2.legend(fontsize=6)
         img2 = save_figure(fig2, outdir, "stable_rank.png", "stable rank of updates per layer")
         return (f"Digits MLP, {cfg.steps} full-batch steps, lr {cfg.lr}, update gap "
-                f"{cfg.update_gap}.\n\n{table}\n\nRelative final-loss gap subspace vs SVD: "
+                f"{cfg.refresh_every}.\n\n{table}\n\nRelative final-loss gap subspace vs SVD: "
                 f"{results['subspace_vs_svd_rel_loss_gap']}\n\n{img}\n\n{img2}\n")
 
 
