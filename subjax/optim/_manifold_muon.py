@@ -169,7 +169,8 @@ def manifold_muon(
       >>> st = Stiefel(6, 2)
       >>> c = jnp.diag(jnp.arange(6.0, 0.0, -1.0))
       >>> loss = lambda p: -jnp.trace(p["w"].T @ c @ p["w"])  # top-2 eigenvectors
-      >>> opt = manifold_muon(0.1, manifolds={"w": st})
+      >>> lr = optax.cosine_decay_schedule(0.1, 100)  # a spectral step has fixed length
+      >>> opt = manifold_muon(lr, manifolds={"w": st})
       >>> params = {"w": st.random_point(jax.random.key(0))}
       >>> state = opt.init(params)
       >>> for _ in range(100):
