@@ -306,3 +306,56 @@ class TestBadInputs:
             ot.sparse_newton_sinkhorn(self.C, epsilon=0.1, row_budget=11)
         with pytest.raises(ValueError, match="block_size"):
             ot.PointCloud(jnp.ones((2, 2)), jnp.ones((2, 2)), block_size=0)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_traced_bad_epsilon_reported(name):
+    """Under jit a non-positive or non-finite epsilon cannot raise: the result says
+    converged=False, error=inf, and stays finite (solved at the mean cost)."""
+    x, y = _clouds(30, 20, dtype=jnp.float32)
+    C = ot.cost_matrix(x, y)
+    for eps in [-1e-3, 0.0, float("nan")]:
+        out = solve(name, C, epsilon=eps, tol=1e-4)
+        assert not bool(out.converged), eps
+        assert float(out.error) == float("inf")
+        assert bool(jnp.all(jnp.isfinite(out.f))) and bool(jnp.all(jnp.isfinite(out.g)))
+        assert bool(jnp.all(jnp.isfinite(out.plan())))
+        np.testing.assert_allclose(out.epsilon, jnp.mean(C), rtol=1e-6)
+    # and a valid traced epsilon is used as given
+    out = solve(name, C, epsilon=0.1, tol=1e-4)
+    assert bool(out.converged) and float(out.epsilon) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("epsilon_scaling", [None, 0.5])
+def test_sinkhorn_error_is_row_plus_column(epsilon_scaling):
+    """float32, small epsilon: the reported error is |P1 - a|_1 + |P^T1 - b|_1 of the
+    returned potentials (recomputed independently), and converged means <= tol."""
+    x, y = _clouds(200, 200, dtype=jnp.float32)
+    C = ot.cost_matrix(x, y)
+    eps = 1e-3 * float(jnp.mean(C))
+    for tol in [1e-3, 1e-4]:
+        out = ot.sinkhorn(C, epsilon=eps, tol=tol, max_iters=20_000,
+                          epsilon_scaling=epsilon_scaling)
+        ea, eb = out.marginal_errors()
+        assert float(eb) > 0  # the column error is rounding, but it is counted
+        # Both numbers are float32 evaluations of the plan exp((f + g - C) / eps): each
+        # entry carries ~u |C| / eps ~ 6e-8 * 4 / 4e-3 ~ 6e-5 relative rounding, summed
+        # over 200 terms per marginal entry: a few percent of an error of 1e-4.
+        np.testing.assert_allclose(float(out.error), float(ea + eb), rtol=5e-2)
+        if bool(out.converged):
+            assert float(ea + eb) <= tol * 1.05
+
+
+def test_nonfinite_inputs_checked_on_device():
+    C = jnp.ones((12, 10), jnp.float32)
+    with pytest.raises(ValueError, match="`cost` contains NaN or inf"):
+        ot.sinkhorn(C.at[3, 4].set(jnp.inf), epsilon=0.1)
+    with pytest.raises(ValueError, match="`x` contains NaN or inf"):
+        ot.sinkhorn(ot.PointCloud(jnp.ones((4, 2)).at[0, 0].set(jnp.nan), jnp.ones((3, 2))),
+                    epsilon=0.1)
+    with pytest.raises(ValueError, match="rho_a"):
+        ot.sinkhorn_newton(C, epsilon=0.1, rho_a=-1.0, rho_b=1.0)
+    with pytest.raises(ValueError, match="epsilon_init"):
+        ot.sinkhorn_newton(C, epsilon=0.1, epsilon_init=0.0)
+    with pytest.raises(ValueError, match="epsilon_scaling"):
+        ot.sparse_newton_sinkhorn(C, epsilon=0.1, epsilon_scaling=1.0, row_budget=4)

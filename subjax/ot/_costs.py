@@ -124,8 +124,17 @@ def lse_row_update(cost_rows: jax.Array, g: jax.Array, log_b: jax.Array, epsilon
       ``(k,)`` the unrelaxed row potential ``\hat f`` (balanced update; the
       unbalanced update multiplies it by ``rho / (rho + epsilon)``).
     """
+    zmax, s = lse_parts(cost_rows, g, log_b, epsilon)
+    return -epsilon * (jnp.log(s) + zmax)
+
+
+def lse_parts(cost_rows, g, log_b, epsilon):
+    """``(zmax, s)`` with ``log sum_j exp(z_ij) = log s_i + zmax_i``,
+    ``z_ij = (g_j - C_ij)/eps + log b_j``: the stabilised sum before its log, so
+    sums over several blocks of columns combine exactly (rescale ``s`` to the
+    largest ``zmax``)."""
     z = (g - cost_rows) * (1 / epsilon) + log_b
-    zmax = jnp.max(z, axis=-1, keepdims=True)
+    zmax = jnp.max(z, axis=-1)
     zmax = lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0))
-    s = jnp.sum(jnp.exp(z - zmax), axis=-1)
-    return -epsilon * (jnp.log(s) + zmax[..., 0])
+    s = jnp.sum(jnp.exp(z - zmax[..., None]), axis=-1)
+    return zmax, s

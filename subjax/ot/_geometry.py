@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from subjax._core import static_int
-from subjax.ot._costs import check_cost_name, check_points, lse_row_update, pairwise
+from subjax.ot._costs import check_cost_name, check_points, lse_parts, lse_row_update, pairwise
 
 __all__ = ["Dense", "Geometry", "PointCloud", "log_plan", "to_geometry"]
 
@@ -84,15 +84,14 @@ class Geometry:
 
     def col_lse(self, f, log_a, eps) -> jax.Array:
         r"""``-eps log sum_i a_i exp((f_i - C_ij)/eps)`` for every column ``j``."""
-        h = self.transpose().row_lse(f, log_a, eps)
+        tr = self.transpose()
         if self.axis_name is None:
-            return h
-        # log-sum-exp over devices of the local log-sum-exps, stabilised by the max
-        z = -h / eps
-        zmax = lax.pmax(z, self.axis_name)
-        zmax = lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0))
-        s = lax.psum(jnp.exp(z - zmax), self.axis_name)
-        return -eps * (jnp.log(s) + zmax)
+            return tr.row_lse(f, log_a, eps)
+        # the local stabilised sums, rescaled to the largest maximum over devices
+        zmax, s = tr.map_rows(lambda c, _: lse_parts(c, f, log_a, eps))
+        top = lax.pmax(zmax, self.axis_name)
+        s = lax.psum(s * jnp.exp(zmax - top), self.axis_name)
+        return -eps * (jnp.log(s) + top)
 
     def plan_map(self, f, g, log_a, log_b, eps, fn: Callable) -> jax.Array:
         """``fn(plan_rows, cost_rows)`` over blocks of rows of the plan, stacked by row."""

@@ -256,9 +256,11 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
     return f, g, err, errors, it_w + out.n_iters, conv, s.n_linear
 
 
-def prepare_newton(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iters, warmup_steps, cg_max_iters,
-           max_backtracks, sparse, budget, threshold, implicit_max_iters, implicit_rtol,
-           epsilon_scaling, epsilon_init, level_tol, axis_name):
+def prepare_newton(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iters, warmup_steps,
+                   cg_max_iters, max_backtracks, sparse, budget, threshold, implicit_max_iters,
+                   implicit_rtol, epsilon_scaling, epsilon_init, level_tol,
+                   axis_name) -> Prepared:
+    """Validate a Newton / SNS call and build its forward pass."""
     eps_checked = is_concrete(epsilon)
     cost, a, b, epsilon, rho_a, rho_b = cm.validate(
         cost, a, b, epsilon, rho_a, rho_b, epsilon_scaling=epsilon_scaling,
