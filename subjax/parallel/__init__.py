@@ -2,6 +2,10 @@
 
 - :func:`data_parallel`, :func:`train_step`: a data-parallel training step
   (batch split over a mesh axis, gradients averaged with ``pmean``).
+- :func:`fsdp_shardings`, :func:`fsdp_step`: fully sharded training (FSDP / ZeRO-3)
+  on a ``(data, fsdp)`` mesh: large parameters and their optimizer state split over
+  ``fsdp`` (``NamedSharding``, ``optax.tree_map_params``), a ``jax.jit`` step that
+  keeps them sharded in and out; :func:`fsdp_spec` is the placement rule.
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
@@ -23,6 +27,7 @@ from subjax.parallel._data import (
     train_step,
 )
 from subjax.parallel._distributed import initialize
+from subjax.parallel._fsdp import FSDPShardings, fsdp_shardings, fsdp_spec, fsdp_step
 from subjax.parallel._linalg import (
     SHARDED_ORTH_METHODS,
     sharded_orthonormalize,
@@ -32,10 +37,14 @@ from subjax.parallel._linalg import (
 from subjax.parallel._ot import sharded_sinkhorn, sharded_sinkhorn_newton
 
 __all__ = [
+    "FSDPShardings",
     "SHARDED_ORTH_METHODS",
     "axis_size",
     "check_axis",
     "data_parallel",
+    "fsdp_shardings",
+    "fsdp_spec",
+    "fsdp_step",
     "initialize",
     "replicate",
     "shard_batch",
