@@ -49,7 +49,7 @@ def fsdp_spec(shape: Sequence[int], n: int, *, fsdp_axis: str = "fsdp",
     Example:
       >>> from subjax.parallel import fsdp_spec
       >>> fsdp_spec((4096, 1024), 8), fsdp_spec((1024, 4096), 8), fsdp_spec((1024,), 8)
-      (PartitionSpec('fsdp', None), PartitionSpec(None, 'fsdp'), PartitionSpec())
+      (P('fsdp', None), P(None, 'fsdp'), P())
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or math.prod(shape) < min_size:
@@ -132,7 +132,7 @@ def fsdp_shardings(
       >>> params = {"w": jnp.zeros((512, 256)), "b": jnp.zeros(256)}
       >>> sh = fsdp_shardings(params, mesh, optax.adam(1e-3))
       >>> sh.params["w"].spec, sh.params["b"].spec, sh.opt_state[0].mu["w"].spec
-      (PartitionSpec('fsdp', None), PartitionSpec(), PartitionSpec('fsdp', None))
+      (P('fsdp', None), P(), P('fsdp', None))
     """
     n = check_axis(mesh, fsdp_axis, argname="fsdp_axis")
     min_size = static_int(min_size, "min_size", 0)
