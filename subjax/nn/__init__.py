@@ -33,6 +33,12 @@ from subjax.nn._lowrank import (  # noqa: E402
     OrderedDropoutLinear,
     SparseSupport,
 )
+from subjax.nn._sparse_lowrank import (  # noqa: E402
+    ChannelSparseLowRankLinear,
+    LostFactors,
+    SparseChannels,
+    lost_factors,
+)
 from subjax.nn._spectral import (  # noqa: E402
     IntruderResult,
     intruder_dimensions,
@@ -48,11 +54,14 @@ from subjax.nn._subspace import (  # noqa: E402
 )
 
 __all__ += [
+    "ChannelSparseLowRankLinear",
     "IntruderResult",
+    "LostFactors",
     "LowRankSparseLinear",
     "OrderedDropoutLinear",
     "RandomSubspace",
     "SCLoRASubspace",
+    "SparseChannels",
     "SparseSupport",
     "SubspaceBasis",
     "SubspaceOrigin",
@@ -61,6 +70,7 @@ __all__ += [
     "lora_optimizer",
     "lora_rank",
     "lora_state",
+    "lost_factors",
     "merge_lora",
     "pissa_init",
     "sclora_init",
