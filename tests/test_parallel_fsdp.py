@@ -5,6 +5,8 @@ its large parameters and optimizer state stay sharded in and out, and the compil
 step's per-device argument bytes are about 1/8 of the replicated step's.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,33 @@ def test_sharded_step_argument_bytes_are_one_eighth():
     # the large arrays shrink 8x (the batch is split 8x too; only small leaves stay)
     assert sharded <= large / 8 + small
     assert (full - 3 * 4 * 256) / (sharded - 3 * 4 * 256) > 7.5
+
+
+def gathered_shapes(opt, params, mesh):
+    """Result shapes of the all-gathers in the compiled, sharded ``opt.update``."""
+    sh = fsdp_shardings(params, mesh, opt, min_size=MIN)
+    state = jax.eval_shape(opt.init, params)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p),
+                     in_shardings=(sh.params, sh.opt_state, sh.params),
+                     out_shardings=(sh.params, sh.opt_state))
+    hlo = update.lower(params, state, params).compile().as_text()
+    found = re.findall(r"=\s*\w+\[([0-9,]*)\]\S*\s+all-gather(?:-start)?\(", hlo)
+    return [tuple(int(d) for d in s.split(",") if d) for s in found]
+
+
+def test_sharded_updates_gather_no_full_matrix(mesh):
+    params = {"w": jax.ShapeDtypeStruct((64, 16), jnp.float32),
+              "v": jax.ShapeDtypeStruct((16, 64), jnp.float32)}
+    full = {(64, 16), (16, 64)}
+    # riemannian_sgd on Stiefel(64, 16): tangent projection and retraction work on
+    # k x k Grams of the row-sharded matrix (all-reduces), nothing is gathered
+    opt = riemannian_sgd(0.1, momentum=0.9, manifolds={"w": Stiefel(64, 16), "v": None})
+    assert gathered_shapes(opt, params, mesh) == []
+    # GaLore's subspace refresh gathers only the thin (64 x r) blocks of its
+    # orthonormalization, never a full matrix ...
+    thin = gathered_shapes(galore(1e-2, rank=4, update_proj_gap=2), params, mesh)
+    assert thin and not full & set(thin) and all(min(s) <= 4 for s in thin)
+    # ... whereas the exact-SVD projector gathers the whole gradient (the check can fail)
+    svd = gathered_shapes(galore(1e-2, rank=4, update_proj_gap=2, projector="svd"), params,
+                          mesh)
+    assert full & set(svd)
