@@ -3,7 +3,9 @@
 The test starts ``python -m subjax.parallel.launch --local 2 --devices-per-process 2
 <this file>``; each process runs :func:`worker` (the ``__main__`` block below) on a
 4-device mesh spanning both processes and checks the distributed results against
-a single-process computation on its own local device.
+a single-process computation on its own local device: the data-parallel step, the
+row-sharded SVD and the fully sharded (FSDP) step with parameters split across the
+two processes.
 """
 
 import os
@@ -96,6 +98,38 @@ def worker():
                                    np.asarray(ref.u)[shard.index], atol=2e-5)
     print(f"rank {rank}: sharded_svd OK s={s.round(4).tolist()}", flush=True)
 
+    # --- fully sharded (FSDP) Adam step: parameters and moments split over an fsdp
+    # axis that spans both processes, equal to the single-process step
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from subjax.parallel import fsdp_shardings, fsdp_step
+
+    mesh2 = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "fsdp"))
+    sh = fsdp_shardings(params, mesh2, opt, min_size=0)
+    assert sh.params["w1"].spec == P(None, "fsdp") and sh.params["w2"].spec == P("fsdp", None)
+
+    def place(x, sharding: NamedSharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    p_fs = jax.tree.map(place, params, sh.params)
+    s_fs = jax.jit(opt.init, out_shardings=sh.opt_state)(p_fs)
+    fstep = fsdp_step(loss_fn, opt, sh)
+    fbatch = shard_batch(local, mesh2, ("data", "fsdp"))
+    fs_losses = []
+    for _ in range(steps):
+        p_fs, s_fs, lval = fstep(p_fs, s_fs, fbatch)
+        fs_losses.append(float(lval))
+    np.testing.assert_allclose(fs_losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p_fs), jax.tree.leaves(p_ref), strict=True):
+        assert not a.is_fully_addressable
+        for shard in a.addressable_shards:  # this process's columns / rows
+            assert shard.data.size == a.size // 4
+            np.testing.assert_allclose(np.asarray(shard.data), np.asarray(b)[shard.index],
+                                       rtol=1e-5, atol=1e-6)
+    print(f"rank {rank}: fsdp OK losses={fs_losses}", flush=True)
+
 
 def test_two_processes_on_localhost():
     env = dict(os.environ)
@@ -109,6 +143,7 @@ def test_two_processes_on_localhost():
     for rank in (0, 1):
         assert f"rank {rank}: data_parallel OK" in out, out
         assert f"rank {rank}: sharded_svd OK" in out, out
+        assert f"rank {rank}: fsdp OK" in out, out
 
 
 def test_launch_env_validation():

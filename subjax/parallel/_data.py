@@ -382,8 +382,11 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
-def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
+def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str | Sequence[str] = "data") -> PyTree:
     """Split ``batch`` (leading axis) over ``axis_name`` of ``mesh`` as a global array.
+
+    ``axis_name`` may be a tuple of mesh axes (``("data", "fsdp")`` for
+    :func:`subjax.parallel.fsdp_step`): the batch is then split over their product.
 
     In a single process ``batch`` is the full batch. When the mesh spans several
     processes, each process passes its own contiguous slice (its
@@ -394,7 +397,12 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
       ValueError: ``axis_name`` not in the mesh, or the global batch size not
         divisible by the axis size.
     """
-    n = check_axis(mesh, axis_name)
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    if not axes:
+        raise ValueError("`axis_name` must name at least one mesh axis")
+    n = 1
+    for ax in axes:
+        n *= check_axis(mesh, ax)
     local = _check_batch(batch, 1, axis_name, "batch")
     global_size = local * jax.process_count()
     if global_size % n:
@@ -402,7 +410,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
             f"batch size {global_size} of `batch` is not divisible by the size {n} of mesh "
             f"axis {axis_name!r}"
         )
-    sharding = NamedSharding(mesh, P(axis_name))
+    sharding = NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
 
     def put(x):
         x = np.asarray(x)
