@@ -160,7 +160,12 @@ def _make_tx(cfg: Config, model, head: str):
 
 @functools.lru_cache(maxsize=32)
 def _trainer(cfg: Config, d_in: int, classes: int, head: str):
-    """Jitted ``init``, ``chunk`` (``eval_every`` steps) and ``val_loss`` for one architecture."""
+    """Jitted ``init``, ``chunk`` (``eval_every`` steps) and ``forward`` for one architecture.
+
+    Every array these functions see has the shape of the whole dataset (splits are
+    zero-padded to ``n_total`` rows), so each compiles once per architecture and
+    serves every seed and every split.
+    """
     def build(key):
         return Net(d_in, cfg.hidden, cfg.features, classes, head, cfg.scale,
                    nnx.Rngs(params=key))
@@ -190,7 +195,14 @@ def _trainer(cfg: Config, d_in: int, classes: int, head: str):
                                           jax.random.split(key, cfg.eval_every))
         return params, state
 
-    return graphdef, init, chunk, jax.jit(loss)
+    @jax.jit
+    def forward(params, x):
+        """Logits and penultimate features of the rows of ``x``."""
+        model = nnx.merge(graphdef, params)
+        f = model.features(x)
+        return model.head(f), f
+
+    return init, chunk, forward
 
 
 def _pad(split: Split, n: int):
@@ -200,27 +212,39 @@ def _pad(split: Split, n: int):
     return jnp.asarray(x), jnp.asarray(y)
 
 
+def _apply(forward, params, split: Split, n_total: int):
+    """``(logits, features)`` of ``split`` as float64 numpy arrays (one compiled shape)."""
+    logits, feats = forward(params, _pad(split, n_total)[0])
+    n = len(split)
+    return np.asarray(logits, np.float64)[:n], np.asarray(feats, np.float64)[:n]
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(y)), y]))
+
+
 def _train(cfg: Config, parts: dict, classes: int, head: str, key):
-    """Early-stopped training; returns the best parameters, the steps to them and run."""
-    tr, va = parts["base_train"], parts["base_val"]
-    graphdef, init, chunk, loss = _trainer(cfg, tr.x.shape[1], classes, head)
+    """Early-stopped training: the best parameters, ``forward`` and the steps to them."""
+    tr, va, n_total = parts["base_train"], parts["base_val"], parts["n_total"]
+    init, chunk, forward = _trainer(cfg, tr.x.shape[1], classes, head)
     init_key, data_key = jax.random.split(key)
     params, state = init(init_key)
-    x, y = _pad(tr, parts["n_total"])  # same shapes for every seed: one compilation per head
-    xv, yv = jnp.asarray(va.x), jnp.asarray(va.y)
+    x, y = _pad(tr, n_total)  # same shapes for every seed: one compilation per head
     best, best_loss, best_step, since, step = params, np.inf, 0, 0, 0
     while step < cfg.max_steps and since < cfg.patience:
         params, state = chunk(params, state, jax.random.fold_in(data_key, step), x, y, len(tr))
         step += cfg.eval_every
-        v = float(loss(params, xv, yv))
+        v = _cross_entropy(_apply(forward, params, va, n_total)[0], va.y)
         if not np.isfinite(v):
             break
         if v < best_loss:
             best, best_loss, best_step, since = params, v, step, 0
         else:
             since += 1
-    return nnx.merge(graphdef, best), {"best_step": best_step, "steps_run": step,
-                                       "val_loss": float(best_loss)}
+    return best, forward, {"best_step": best_step, "steps_run": step,
+                           "val_loss": float(best_loss)}
 
 
 def _probe_accuracy(ftr, ytr, fte, yte) -> float:
@@ -245,20 +269,22 @@ def _variability(f, y) -> float:
 
 def run_cell(cfg: Config, dataset: str, head: str, seed: int) -> dict:
     parts = _dataset(dataset, seed)
-    model, fit = _train(cfg, parts, BASE[dataset], head,
-                        jax.random.fold_in(jax.random.key(cfg.seed), seed))
-    te, va = parts["base_test"], parts["base_val"]
+    params, forward, fit = _train(cfg, parts, BASE[dataset], head,
+                                  jax.random.fold_in(jax.random.key(cfg.seed), seed))
+    out = {k: _apply(forward, params, parts[k], parts["n_total"])
+           for k in ("base_val", "base_test", "held_train", "held_test")}
 
-    def acc(split):
-        return float(np.mean(np.asarray(jnp.argmax(model(jnp.asarray(split.x)), -1)) == split.y))
+    def acc(k):
+        return float(np.mean(np.argmax(out[k][0], -1) == parts[k].y))
 
-    def feats(split):
-        return _normalize(np.asarray(model.features(jnp.asarray(split.x)), np.float64))
+    def feats(k):
+        return _normalize(out[k][1])
 
-    return {"val_acc": acc(va), "test_acc": acc(te),
-            "transfer_acc": _probe_accuracy(feats(parts["held_train"]), parts["held_train"].y,
-                                            feats(parts["held_test"]), parts["held_test"].y),
-            "variability": _variability(feats(te), te.y), **fit}
+    te = parts["base_test"]
+    return {"val_acc": acc("base_val"), "test_acc": acc("base_test"),
+            "transfer_acc": _probe_accuracy(feats("held_train"), parts["held_train"].y,
+                                            feats("held_test"), parts["held_test"].y),
+            "variability": _variability(feats("base_test"), te.y), **fit}
 
 
 def _slope(ps, values) -> float:
@@ -279,7 +305,7 @@ class GCR(CellExperiment):
     name = "gcr"
     title = "GCR: Grassmann class representation vs softmax (Wang, Li, Zhang, ICCV 2023)"
     config_cls = Config
-    quick = {"seeds": 2, "subspace_dims": (1, 8), "max_steps": 600, "patience": 3,
+    quick = {"seeds": 2, "subspace_dims": (1, 8), "max_steps": 1200, "patience": 3,
              "features": 64, "hidden": 128}
     full = {"seeds": 5}
     figures = ("gcr_vs_p.png",)
