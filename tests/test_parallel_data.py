@@ -94,6 +94,14 @@ def test_flax_adam_8_devices_equals_1(mesh):
     sharded = shard_batch(batch, mesh)
     assert len(sharded["x"].addressable_shards) == N_DEV
     assert sharded["x"].addressable_shards[0].data.shape == (64 // N_DEV, 5)
+    # over two mesh axes (the FSDP batch): split over their product, rows in order
+    mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    both = shard_batch(batch, mesh2, ("data", "fsdp"))
+    assert both["x"].sharding.spec == P(("data", "fsdp"))
+    assert {s.data.shape for s in both["x"].addressable_shards} == {(64 // N_DEV, 5)}
+    np.testing.assert_array_equal(np.asarray(both["x"]), np.asarray(batch["x"]))
+    with pytest.raises(ValueError, match="not divisible by the size 8"):
+        shard_batch(jax.tree.map(lambda a: a[:12], batch), mesh2, ("data", "fsdp"))
 
 
 @pytest.mark.standard_promotion

@@ -136,8 +136,8 @@ def test_two_processes_on_localhost():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "subjax.parallel.launch", "--local", "2",
-           "--devices-per-process", "2", "--timeout", "150", os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+           "--devices-per-process", "2", "--timeout", "240", os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=270, env=env, cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     for rank in (0, 1):
