@@ -67,3 +67,27 @@ def test_train_step_all_reduces_exactly_the_gradient():
     local_batch = 4 * (64 // 8) * (64 + 32)
     assert mem.argument_size_in_bytes >= 3 * n_bytes + local_batch
     assert mem.argument_size_in_bytes <= 3 * n_bytes + local_batch + 64
+
+
+@pytest.mark.standard_promotion  # optax.adam is not strict-promotion clean
+def test_fsdp_step_gathers_each_weight_once():
+    from subjax.parallel import fsdp_shardings, fsdp_step
+    from subjax.parallel.pod_plan import _fsdp_model, _sharded_bytes
+
+    mesh = Mesh(np.array(jax.devices()).reshape(1, 8), ("data", "fsdp"))
+    params, apply_fn = _fsdp_model(1, 64, 256)
+    n_bytes = 4 * (4 * 64 * 64 + 2 * 64 * 256)
+    batch = {"x": jax.ShapeDtypeStruct((64, 64), jnp.float32),
+             "y": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+    opt = optax.adam(1e-3)
+    state = jax.eval_shape(opt.init, params)
+    sh = fsdp_shardings(params, mesh, opt, state, min_size=0)
+    loss = lambda p, b: jnp.mean((apply_fn(p, b["x"]) - b["y"]) ** 2)
+    compiled = fsdp_step(loss, opt, sh).lower(params, state, batch).compile()
+    # every weight and both Adam moments are held in eighths
+    assert _sharded_bytes(params, sh.params) == n_bytes // 8
+    assert _sharded_bytes(state, sh.opt_state) == 2 * n_bytes // 8 + 4
+    coll = collectives_from_hlo(compiled.as_text())
+    # the forward gathers each weight at most once (the backward reuses what it
+    # gathered, or XLA moves activations instead)
+    assert 0 < coll["all-gather"]["bytes"] <= n_bytes

@@ -15,10 +15,17 @@ Programs (weak scaling: fixed work per device):
 - ``sharded_sinkhorn``: :func:`subjax.parallel.sharded_sinkhorn` with
   ``rows_per_device * p`` cost rows and 2048 columns (collectives are per sweep:
   they sit in the while loop).
+- ``fsdp_adam``, ``fsdp_galore``, ``fsdp_kfac``: :func:`subjax.parallel.fsdp_step`
+  of a ~1B-parameter stack of transformer-shaped dense blocks (``--fsdp-depth``
+  blocks of width ``--fsdp-width``, feed-forward width 4x) on a ``(data, fsdp)``
+  mesh (``--fsdp-size`` devices on ``fsdp``, default all), with Adam, GaLore
+  (subspace projector) and K-FAC; besides the compiled memory, the parameter and
+  optimizer-state bytes each device holds (from the shardings) are reported.
 
 Usage::
 
     python -m subjax.parallel.pod_plan --devices 64 256 --out results/pod_plan
+    python -m subjax.parallel.pod_plan --devices 64 256 --fsdp-only   # FSDP programs only
 
 Each device count runs in its own subprocess (the flag must be set before JAX
 starts). Writes ``pod_plan.json`` and ``pod_plan.md`` into ``--out``.
@@ -158,6 +165,8 @@ def _worker(args) -> list[dict]:
     rep = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P("data"))
     results = []
+    if not args.data_parallel:
+        return [{**r, "devices": p} for r in _fsdp_programs(args, p)]
 
     # --- data-parallel training step: MLP + Adam
     width, depth, d_in, d_out = args.width, args.depth, 256, 16
@@ -220,9 +229,106 @@ def _worker(args) -> list[dict]:
     r = _measure("sharded_sinkhorn", fn.lower(c), t0)
     r["shape"] = f"C {nc:,} x 2048 ({args.rows_per_device // 4}/device); collectives per sweep"
     results.append(r)
+    if args.fsdp_depth > 0:
+        results.extend(_fsdp_programs(args, p))
     for r in results:
         r["devices"] = p
     return results
+
+
+def _fsdp_model(depth: int, d: int, ffn: int):
+    """A stack of transformer-shaped dense blocks (no attention scores, no norms).
+
+    Block: ``h = x + ((x Wq) * sigmoid(x Wk) + x Wv) Wo``, then
+    ``x = h + gelu(h W1) W2``; every product goes through ``subjax.fisher.tag_dense``
+    so that K-FAC records it. ``4 d^2 + 2 d ffn`` parameters per block.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from subjax.fisher import tag_dense
+
+    shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, ffn),
+              "down": (ffn, d)}
+    params = [{name: {"kernel": jax.ShapeDtypeStruct(s, jnp.float32)}
+               for name, s in shapes.items()} for _ in range(depth)]
+
+    def apply_fn(prm, x):
+        for i, blk in enumerate(prm):
+            def dense(name, h, blk=blk, i=i):
+                return tag_dense(f"{i}/{name}", h, blk[name]["kernel"])
+
+            a = dense("q", x) * jax.nn.sigmoid(dense("k", x)) + dense("v", x)
+            x = x + dense("o", a)
+            x = x + dense("down", jax.nn.gelu(dense("up", x)))
+        return x
+
+    return params, apply_fn
+
+
+def _sharded_bytes(abstract_tree, shardings) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for x, sh in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True):
+        total += int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
+    return total
+
+
+def _fsdp_programs(args, p: int) -> list[dict]:
+    """``fsdp_step`` of the ~1B-parameter block stack with Adam, GaLore and K-FAC."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import Mesh
+
+    from subjax import fisher
+    from subjax.optim import galore, kfac
+    from subjax.parallel import fsdp_shardings, fsdp_step
+
+    fsdp = min(p, args.fsdp_size) if args.fsdp_size > 0 else p
+    mesh = Mesh(np.array(jax.devices()).reshape(p // fsdp, fsdp), ("data", "fsdp"))
+    d, ffn = args.fsdp_width, 4 * args.fsdp_width
+    params, apply_fn = _fsdp_model(args.fsdp_depth, d, ffn)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    tokens = args.tokens_per_device * p
+    batch = {"x": jax.ShapeDtypeStruct((tokens, d), jnp.float32),
+             "y": jax.ShapeDtypeStruct((tokens, d), jnp.float32)}
+
+    def loss_fn(prm, b):
+        return 0.5 * jnp.mean(jnp.sum(jnp.square(apply_fn(prm, b["x"]) - b["y"]), axis=-1))
+
+    def kfac_grad_fn(prm, b):
+        loss, grads, stats = fisher.kfac_grads_and_stats(
+            apply_fn, prm, b["x"], b["y"], likelihood="gaussian", fisher="empirical")
+        return loss, grads, {"kfac_stats": stats}
+
+    cases = [
+        ("fsdp_adam", optax.adam(1e-4), loss_fn, None, "Adam"),
+        ("fsdp_galore", galore(1e-4, rank=args.galore_rank, update_proj_gap=200), loss_fn,
+         None, f"GaLore rank {args.galore_rank}, subspace projector"),
+        ("fsdp_kfac", kfac(1e-4, damping=1e-3, refresh_every=10), None, kfac_grad_fn,
+         "K-FAC, eigendecomposition refresh every 10 steps"),
+    ]
+    out = []
+    for name, opt, lf, gf, label in cases:
+        state = jax.eval_shape(opt.init, params)
+        sh = fsdp_shardings(params, mesh, opt, state)
+        step = fsdp_step(lf, opt, sh, grad_fn=gf)
+        t0 = time.perf_counter()
+        r = _measure(name, step.lower(params, state, batch), t0)
+        r["param_bytes_per_device"] = _sharded_bytes(params, sh.params)
+        r["state_bytes_per_device"] = _sharded_bytes(state, sh.opt_state)
+        r["state_bytes_total"] = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                                     for x in jax.tree.leaves(state))
+        r["shape"] = (f"{args.fsdp_depth} blocks, d={d}, ffn={ffn}, {n_params:,} params, "
+                      f"{label}, mesh (data, fsdp) = ({p // fsdp}, {fsdp}), "
+                      f"{args.tokens_per_device} tokens/device")
+        r["param_bytes"] = 4 * n_params
+        out.append(r)
+    return out
 
 
 def _fmt_bytes(b: int) -> str:
@@ -234,9 +340,10 @@ def _fmt_bytes(b: int) -> str:
 
 def markdown(results: list[dict], command: str) -> str:
     lines = [
-        "| devices | program | args / device | temp / device | output / device | "
+        "| devices | program | params / device | opt state / device | args / device | "
+        "temp / device | output / device | "
         "collectives in the compiled program (count, result bytes / device) | compile s |",
-        "|---:|---|---:|---:|---:|---|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         mem = r["memory"]
@@ -245,10 +352,12 @@ def markdown(results: list[dict], command: str) -> str:
         fallback = ", ".join(f"{k} x{v['cond_count']} ({_fmt_bytes(v['cond_bytes'])})"
                              for k, v in r["collectives"].items() if v["cond_count"])
         if fallback:
-            coll = f"{coll or 'none'}; in fallback branches: {fallback}"
+            coll = f"{coll or 'none'}; in conditional branches: {fallback}"
         args_b = _fmt_bytes(mem.get("argument_size_in_bytes", 0))
+        held = " | ".join(_fmt_bytes(r[k]) if k in r else "—"
+                          for k in ("param_bytes_per_device", "state_bytes_per_device"))
         lines.append(
-            f"| {r['devices']} | {r['program']} | {args_b}"
+            f"| {r['devices']} | {r['program']} | {held} | {args_b}"
             f" | {_fmt_bytes(mem.get('temp_size_in_bytes', 0))}"
             f" | {_fmt_bytes(mem.get('output_size_in_bytes', 0))} | {coll or 'none'}"
             f" | {r['compile_s']} |")
@@ -258,6 +367,10 @@ def markdown(results: list[dict], command: str) -> str:
     lines.append("")
     for prog, shape in shapes.items():
         lines.append(f"- `{prog}`: {shape}")
+    lines.append("")
+    lines.append("Conditional branches are numerical fallbacks (the SVD's TSQR) or periodic "
+                 "refreshes (GaLore's projector, K-FAC's eigendecompositions); an op inside a "
+                 "loop body is counted once.")
     lines.append("")
     lines.append(f"Command: `{command}`")
     return "\n".join(lines)
@@ -273,6 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-per-device", type=int, default=32)
     ap.add_argument("--rows-per-device", type=int, default=4096)
     ap.add_argument("--svd-cols", type=int, default=1024)
+    ap.add_argument("--fsdp-only", dest="data_parallel", action="store_false",
+                    help="compile only the FSDP programs")
+    ap.add_argument("--fsdp-depth", type=int, default=5,
+                    help="blocks of the FSDP model (0: skip the FSDP programs)")
+    ap.add_argument("--fsdp-width", type=int, default=4096)
+    ap.add_argument("--fsdp-size", type=int, default=0,
+                    help="size of the fsdp mesh axis (0: every device)")
+    ap.add_argument("--tokens-per-device", type=int, default=256)
+    ap.add_argument("--galore-rank", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -288,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--width", str(args.width), "--depth", str(args.depth),
                    "--batch-per-device", str(args.batch_per_device),
                    "--rows-per-device", str(args.rows_per_device),
-                   "--svd-cols", str(args.svd_cols)]
+                   "--svd-cols", str(args.svd_cols), "--fsdp-depth", str(args.fsdp_depth),
+                   "--fsdp-width", str(args.fsdp_width), "--fsdp-size", str(args.fsdp_size),
+                   "--tokens-per-device", str(args.tokens_per_device),
+                   "--galore-rank", str(args.galore_rank),
+                   *([] if args.data_parallel else ["--fsdp-only"])]
     for d in args.devices:
         env = dict(os.environ)
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
