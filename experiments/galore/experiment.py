@@ -1,13 +1,27 @@
-"""GaLore with four projectors vs Adam on digits, and the WeLore observation.
+"""GaLore projectors vs Adam on a small transformer LM, then WeLore's rank allocation.
 
-A 64-128-128-10 MLP on scikit-learn's digits (full batch). Cells: Adam, and
-GaLore (``subjax.optim.galore``) with the exact-SVD, warm subspace-iteration,
-DCT and random projectors at several ranks (the two hidden matrices projected,
-the 128x10 head and biases unprojected). Per cell: final training loss, test
-accuracy, optimizer-state bytes, total time spent in basis refreshes, and the
-stable rank / WeLore rank of every weight matrix and of its learned update
-``W - W0`` after training (WeLore: low-rank structure emerges non-uniformly
-across layers).
+The task and model are those of ``experiments/natural_galore/lm.py``: a sparse
+second-order Markov corpus with an exact loss floor, and a pre-norm causal
+transformer, here with ``layers = 4`` blocks (24 block matrices).
+
+**Pre-training** (one cell per seed, method, learning rate): ``adam``, and
+``subjax.optim.galore`` on the 24 block matrices with the ``svd``, ``subspace``
+(warm subspace iteration), ``dct`` and ``random`` projectors, all with the same
+moment handling (``align=None``: the Adam moments are carried across a refresh
+unrotated, as in the GaLore paper; no projector gets an alignment the others lack).
+Each method's learning rate is chosen on the validation loss with the same budget.
+
+**WeLore** (on the Adam model pre-trained at its chosen rate): every block matrix
+``W = U S V^T`` is replaced by its rank-``r`` truncation ``(U_r S_r^{1/2})
+(S_r^{1/2} V_r^T)`` with ranks from
+
+- ``uniform``: one rank for every matrix;
+- ``welore``: one global threshold on the normalised singular values
+  ``sigma_i / sigma_1`` (the rule of ``subjax.nn.welore_ranks``), set so that the factors
+  hold no more parameters than the uniform ones (equal budget).
+
+Then only the low-rank factors are fine-tuned (the rest frozen) on the same corpus,
+with a learning rate chosen on validation for each allocation with the same budget.
 """
 
 from __future__ import annotations
@@ -20,190 +34,435 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax.contrib import GaLoreDimensionNumbers
 
-import subjax.nn as snn
-import subjax.optim as so
-from experiments.harness import Experiment, markdown_table, new_figure, save_figure
+from experiments import stats
+from experiments.harness import (
+    CellExperiment,
+    claims_table,
+    markdown_table,
+    new_figure,
+    run_cost,
+    save_figure,
+)
+from experiments.natural_galore import lm
+from subjax import optim as so
 
-PROJECTORS = ("svd", "subspace", "dct", "random")
-LAYERS = ("w1", "w2", "w3")
+METHODS = ("adam", "svd", "subspace", "dct", "random")
+ALLOCATIONS = ("uniform", "welore")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
-    ranks: tuple = (4, 16)
-    steps: int = 400
+    seeds: int = 5
+    vocab: int = 32
+    support: int = 4
+    concentration: float = 0.5
+    seq_len: int = 32
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 4
+    batch: int = 32
+    steps: int = 400            # pre-training steps
+    rank: int = 8               # GaLore rank
     refresh_every: int = 50
-    lr: float = 3e-3
-    hidden: int = 128
-    welore_threshold: float = 0.1
+    lr_grid: tuple[float, ...] = (3e-3, 1e-2)
+    budget: int = 3             # validation runs per method (pre-training and fine-tuning)
+    keep: float = 0.25          # factor parameters / dense block-matrix parameters
+    ft_steps: int = 150
+    ft_lr_grid: tuple[float, ...] = (1e-3, 3e-3)
+    tolerance: float = 0.05     # nats: "matches" means within this of the reference
+    n_val: int = 256
+    n_test: int = 512
+
+    def __post_init__(self):
+        for k in ("seeds", "layers", "batch", "steps", "rank", "refresh_every", "ft_steps",
+                  "n_val", "n_test"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        _ = (self.task, self.arch)  # validates them
+        if not 0 < self.keep < 1:
+            raise ValueError(f"keep must be in (0, 1), got {self.keep}")
+        for g in (self.lr_grid, self.ft_lr_grid):
+            if len(g) < 2 or not all(v > 0 for v in g):
+                raise ValueError("learning-rate grids need at least two positive values")
+        if self.budget < max(len(self.lr_grid), len(self.ft_lr_grid)):
+            raise ValueError("budget must cover the learning-rate grids")
+        if not self.tolerance > 0:
+            raise ValueError("tolerance must be > 0")
+
+    @property
+    def task(self) -> lm.Task:
+        return lm.Task(self.vocab, self.support, self.concentration, self.seq_len)
+
+    @property
+    def arch(self) -> lm.Arch:
+        return lm.Arch(self.d_model, self.heads, self.layers)
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def _dims(params):
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", ""))
+        return GaLoreDimensionNumbers() if name in lm.BLOCK_MATRICES else None
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(cfg: Config, method: str, lr):
+    if method == "adam":
+        return optax.adam(lr)
+    return so.galore(lr, rank=cfg.rank, update_proj_gap=cfg.refresh_every, projector=method,
+                     weight_dimension_numbers=_dims, align=None, seed=0)
+
+
+def _scan_train(cfg: Config, loss, opt, params, key, chain, steps):
+    draw = lm.sampler(cfg.task, chain, cfg.batch)
+
+    def body(carry, k):
+        p, s = carry
+        seqs = draw(k)
+        val, g = jax.value_and_grad(lambda q: loss(q, seqs))(p)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), val
+
+    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)),
+                                  jax.random.split(key, steps))
+    return p, losses
+
+
+def _shapes(cfg: Config):
+    params = jax.eval_shape(lambda k: lm.init(cfg.arch, cfg.task, k), jax.random.key(0))
+    chain = jax.ShapeDtypeStruct((cfg.vocab,) * 3, jnp.float32)
+    lr = jax.ShapeDtypeStruct((), jnp.float32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return params, lr, key, chain
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_pretrain(cfg: Config, method: str):
+    def run(params, lr, key, chain):
+        return _scan_train(cfg, functools.partial(lm.loss, cfg.arch),
+                           make_optimizer(cfg, method, lr), params, key, chain, cfg.steps)
+
+    return jax.jit(run).lower(*_shapes(cfg)).compile()
+
+
+_eval = jax.jit(lm.loss, static_argnums=0)
 
 
 @functools.lru_cache(maxsize=4)
-def _digits(seed: int):
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[perm], y[perm]
-    n_tr = 1400
-    return (jnp.asarray(x[:n_tr]), jnp.asarray(y[:n_tr]), jnp.asarray(x[n_tr:]),
-            jnp.asarray(y[n_tr:]))
+def _data(cfg: Config, seed: int):
+    chain = lm.make_chain(cfg.task, seed)
+    rng = np.random.default_rng(seed + 1)
+    val = lm.sample(cfg.task, chain, cfg.n_val, rng)
+    test = lm.sample(cfg.task, chain, cfg.n_test, rng)
+    floors = {"loss floor": lm.loss_floor(chain, cfg.seq_len),
+              "first-order floor": lm.first_order_floor(chain, cfg.seq_len)}
+    return jnp.asarray(chain, jnp.float32), val, test, floors
 
 
-def _init(key, hidden):
-    k1, k2, k3 = jax.random.split(key, 3)
-    he = lambda k, a, b: jax.random.normal(k, (a, b), jnp.float32) * np.sqrt(2.0 / a)
-    return {"w1": he(k1, 64, hidden), "b1": jnp.zeros(hidden), "w2": he(k2, hidden, hidden),
-            "b2": jnp.zeros(hidden), "w3": he(k3, hidden, 10), "b3": jnp.zeros(10)}
+@functools.lru_cache(maxsize=32)
+def _pretrain(cfg: Config, seed: int, method: str, lr: float):
+    chain = _data(cfg, seed)[0]
+    params = lm.init(cfg.arch, cfg.task, jax.random.key(seed))
+    run = _compiled_pretrain(cfg, method)
+    t0 = time.perf_counter()
+    p, losses = jax.block_until_ready(
+        run(params, jnp.float32(lr), jax.random.key(seed + 100), chain))
+    return p, np.asarray(losses, np.float64), time.perf_counter() - t0
 
 
-def _logits(p, x):
-    h = jax.nn.relu(x @ p["w1"] + p["b1"])
-    h = jax.nn.relu(h @ p["w2"] + p["b2"])
-    return h @ p["w3"] + p["b3"]
+def state_bytes(cfg: Config, method: str) -> int:
+    shapes = jax.eval_shape(make_optimizer(cfg, method, 1e-3).init, _shapes(cfg)[0])
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(shapes) if hasattr(x, "shape")))
 
 
-def _loss(p, x, y):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_logits(p, x), y))
+def pretrain_cell(cfg: Config, seed: int, method: str, lr: float) -> dict:
+    _, val, test, floors = _data(cfg, seed)
+    p, losses, seconds = _pretrain(cfg, seed, method, lr)
+    k = max(1, cfg.steps // 50)
+    return {"val": float(_eval(cfg.arch, p, val)), "test": float(_eval(cfg.arch, p, test)),
+            "curve": losses[::k].tolist(), "seconds": seconds, **floors}
 
 
-def _cells(cfg):
-    cells = [("adam", 0)]
-    for r in cfg.ranks:
-        cells += [(p, r) for p in PROJECTORS]
-    return cells
+# --------------------------------------------------------------------------- WeLore
 
 
-def _make_opt(cfg, method, rank):
-    if method == "adam":
-        return optax.adam(cfg.lr)
-    mask = {"w1": True, "b1": False, "w2": True, "b2": False, "w3": False, "b3": False}
-    return so.galore(cfg.lr, rank=rank, update_proj_gap=cfg.refresh_every, projector=method,
-                     mask=mask, seed=cfg.seed)
+def _matrices(cfg: Config, params) -> dict[str, np.ndarray]:
+    return {f"{i}/{w}": np.asarray(params["blocks"][i][w], np.float64)
+            for i in range(cfg.layers) for w in lm.BLOCK_MATRICES}
 
 
-def _median_time(f, *args, n=3):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def allocate(spectra: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]],
+             keep: float) -> dict[str, dict[str, int]]:
+    """Uniform ranks holding ``keep`` of the dense parameters, and WeLore's ranks (one
+    threshold on ``sigma_i / sigma_1`` for every matrix) within the same budget."""
+    dense = sum(m * n for m, n in shapes.values())
+    per_rank = sum(m + n for m, n in shapes.values())
+    r_uniform = max(1, int(keep * dense // per_rank))
+    budget = r_uniform * per_rank
+    uniform = {k: min(r_uniform, min(shapes[k])) for k in shapes}
+    normalized = {k: s / s[0] for k, s in spectra.items()}
+
+    def ranks_at(t):
+        return {k: max(1, int(np.sum(v >= t))) for k, v in normalized.items()}
+
+    def cost(r):
+        return sum(r[k] * sum(shapes[k]) for k in r)
+
+    # the smallest threshold (most parameters) whose ranks fit the budget
+    candidates = np.unique(np.concatenate(list(normalized.values())))
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(ranks_at(candidates[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    welore = ranks_at(candidates[lo])
+    return {"uniform": uniform, "welore": welore, "threshold": float(candidates[lo])}
 
 
-def _set_count(state, count):
-    def fix(path, leaf):
-        return jnp.asarray(count, jnp.int32) if getattr(path[-1], "name", None) == "count" \
-            else leaf
+def _factors(cfg: Config, params, ranks: dict[str, int]):
+    """Full-width factors ``A (m, N)``, ``B (N, n)`` and column masks of rank ``r``."""
+    factors, masks = {}, {}
+    for key, w in _matrices(cfg, params).items():
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        root = np.sqrt(s)
+        factors[key] = {"a": jnp.asarray(u * root, jnp.float32),
+                        "b": jnp.asarray(root[:, None] * vt, jnp.float32)}
+        masks[key] = jnp.asarray(np.arange(len(s)) < ranks[key], jnp.float32)
+    return factors, masks
 
-    return jax.tree_util.tree_map_with_path(fix, state)
+
+def _assemble(cfg: Config, frozen, factors, masks):
+    blocks = []
+    for i, b in enumerate(frozen["blocks"]):
+        b = dict(b)
+        for w in lm.BLOCK_MATRICES:
+            f, m = factors[f"{i}/{w}"], masks[f"{i}/{w}"]
+            b[w] = (f["a"] * m) @ f["b"]
+        blocks.append(b)
+    return {**frozen, "blocks": blocks}
 
 
-class GaLoreDigits(Experiment):
+@functools.lru_cache(maxsize=2)
+def _compiled_finetune(cfg: Config):
+    def run(factors, frozen, masks, lr, key, chain):
+        def loss(f, seqs):
+            return lm.loss(cfg.arch, _assemble(cfg, frozen, f, masks), seqs)
+
+        # the masked columns get zero gradients, so Adam leaves them at zero weight
+        return _scan_train(cfg, loss, optax.adam(lr), factors, key, chain, cfg.ft_steps)
+
+    params, lr, key, chain = _shapes(cfg)
+    factors, masks = {}, {}
+    for i in range(cfg.layers):
+        for w in lm.BLOCK_MATRICES:
+            m, n = params["blocks"][i][w].shape
+            k = min(m, n)
+            factors[f"{i}/{w}"] = {"a": jax.ShapeDtypeStruct((m, k), jnp.float32),
+                                   "b": jax.ShapeDtypeStruct((k, n), jnp.float32)}
+            masks[f"{i}/{w}"] = jax.ShapeDtypeStruct((k,), jnp.float32)
+    return jax.jit(run).lower(factors, params, masks, lr, key, chain).compile()
+
+
+@functools.lru_cache(maxsize=4)
+def _compressed(cfg: Config, seed: int, pre_lr: float):
+    p, _, _ = _pretrain(cfg, seed, "adam", pre_lr)
+    mats = _matrices(cfg, p)
+    spectra = {k: np.linalg.svd(w, compute_uv=False) for k, w in mats.items()}
+    alloc = allocate(spectra, {k: w.shape for k, w in mats.items()}, cfg.keep)
+    return p, alloc
+
+
+def welore_cell(cfg: Config, seed: int, pre_lr: float, allocation: str, ft_lr: float) -> dict:
+    chain, val, test, _ = _data(cfg, seed)
+    p, alloc = _compressed(cfg, seed, pre_lr)
+    ranks = alloc[allocation]
+    factors, masks = _factors(cfg, p, ranks)
+    frozen = p
+    before = _assemble(cfg, frozen, factors, masks)
+    run = _compiled_finetune(cfg)
+    fitted, losses = jax.block_until_ready(
+        run(factors, frozen, masks, jnp.float32(ft_lr), jax.random.key(seed + 200), chain))
+    after = _assemble(cfg, frozen, fitted, masks)
+    mats = _matrices(cfg, p)
+    params = sum(ranks[k] * sum(mats[k].shape) for k in ranks)
+    return {"dense test": float(_eval(cfg.arch, p, test)),
+            "compressed val": float(_eval(cfg.arch, before, val)),
+            "compressed test": float(_eval(cfg.arch, before, test)),
+            "val": float(_eval(cfg.arch, after, val)),
+            "test": float(_eval(cfg.arch, after, test)),
+            "ranks": ranks, "factor params": int(params), "threshold": alloc["threshold"],
+            "spectra": {k: (np.linalg.svd(w, compute_uv=False) / np.linalg.norm(w, 2)).tolist()
+                        for k, w in mats.items()},
+            "ft curve": np.asarray(losses)[:: max(1, cfg.ft_steps // 30)].tolist()}
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _finite(x) -> float:
+    x = float(x)
+    return x if np.isfinite(x) else np.inf
+
+
+def _col(rows, method, metric):
+    return [r[method][metric] for r in rows]
+
+
+class GaLoreWeLore(CellExperiment):
     name = "galore"
-    title = "GaLore projectors (SVD, subspace iteration, DCT, random) vs Adam; WeLore ranks"
+    title = "GaLore projectors vs Adam on a 24-matrix transformer LM; WeLore rank allocation"
     config_cls = Config
-    quick = {"steps": 200}
-    full = {"steps": 1500, "ranks": (4, 16, 32), "refresh_every": 100}
+    quick = {"seeds": 2, "layers": 4, "steps": 120, "batch": 16, "ft_steps": 60,
+             "budget": 2, "n_val": 128, "n_test": 256}
+    full = {"seeds": 5}
+    figures = ("galore_pretraining.png", "welore_ranks.png")
 
-    def num_steps(self, cfg):
-        return len(_cells(cfg))
+    def run_cell(self, cfg, cell):
+        if cell["stage"] == "pretrain":
+            return pretrain_cell(cfg, cell["seed"], cell["method"], cell["lr"])
+        return welore_cell(cfg, cell["seed"], cell["pre_lr"], cell["allocation"],
+                           cell["ft_lr"])
 
-    def init_state(self, cfg):
-        return {}
+    def sweep(self, cfg, cells):
+        seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        pre, wel = [], []
+        for s in seeds:
+            row = {}
+            for m in METHODS:
+                def val(lr, s=s, m=m):
+                    return _finite(cells(stage="pretrain", seed=s, method=m, lr=lr)["val"])
 
-    def step(self, cfg, state, i):
-        method, rank = _cells(cfg)[i]
-        xtr, ytr, xte, yte = _digits(cfg.seed)
-        p0 = _init(jax.random.key(cfg.seed), cfg.hidden)
-        opt = _make_opt(cfg, method, rank)
+                tuned = stats.tune(val, cfg.lr_grid, budget=cfg.budget, maximize=False)
+                tried = [cells(stage="pretrain", seed=s, method=m, lr=lr)
+                         for lr, _ in tuned.tried]
+                best = cells(stage="pretrain", seed=s, method=m, lr=tuned.best)
+                row[m] = {**best, "lr": tuned.best, "tuning": tuned.to_dict(),
+                          "seconds": float(np.median([r["seconds"] for r in tried])),
+                          "state bytes": state_bytes(cfg, m)}
+            pre.append(row)
+            wrow = {}
+            for a in ALLOCATIONS:
+                def fval(lr, s=s, a=a, pre_lr=row["adam"]["lr"]):
+                    return _finite(cells(stage="welore", seed=s, pre_lr=pre_lr, allocation=a,
+                                         ft_lr=lr)["val"])
 
-        @jax.jit
-        def train(p):
-            def body(carry, _):
-                p, s = carry
-                lval, g = jax.value_and_grad(_loss)(p, xtr, ytr)
-                u, s = opt.update(g, s, p)
-                return (optax.apply_updates(p, u), s), lval
+                tuned = stats.tune(fval, cfg.ft_lr_grid, budget=cfg.budget, maximize=False)
+                best = cells(stage="welore", seed=s, pre_lr=row["adam"]["lr"], allocation=a,
+                             ft_lr=tuned.best)
+                wrow[a] = {**best, "ft lr": tuned.best, "tuning": tuned.to_dict()}
+            wel.append(wrow)
 
-            (p, s), losses = jax.lax.scan(body, (p, opt.init(p)), None, length=cfg.steps)
-            return p, s, losses
+        q, tol = cells.quick, cfg.tolerance
+        claims = []
+        for m, ref, text in (
+                ("svd", "adam", "GaLore (SVD) trains as well as Adam"),
+                ("subspace", "svd", "warm subspace iteration matches the exact SVD projector"),
+                ("dct", "svd", "the SVD-free DCT projector matches the SVD projector")):
+            shifted = [v - tol for v in _col(pre, m, "test")]
+            cmp = stats.compare(shifted, _col(pre, ref, "test"), claim="less", quick=q)
+            claims.append(stats.claim(
+                f"{text}: test loss within {tol} nats ({cfg.steps} steps)",
+                "GaLore: comparable perplexity to full-rank Adam in LLaMA pre-training; "
+                "DCT / subspace bases: close to GaLore-SVD", cmp,
+                names=(f"{m} − {tol}", ref)))
+        for key, when in (("compressed test", "after truncation"),
+                          ("test", "after fine-tuning the low-rank factors")):
+            cmp = stats.compare(_col(wel, "welore", key), _col(wel, "uniform", key),
+                                claim="less", quick=q)
+            claims.append(stats.claim(
+                f"WeLore's rank allocation beats uniform ranks at equal budget ({when})",
+                "WeLore: non-uniform ranks from the normalised spectrum beat uniform "
+                "rank reduction at 50% compression of LLaMA-2 (perplexity)", cmp,
+                names=("welore", "uniform")))
 
-        t0 = time.perf_counter()
-        p, s, losses = jax.block_until_ready(train(p0))
-        train_time = time.perf_counter() - t0
-        acc = float(jnp.mean(jnp.argmax(_logits(p, xte), -1) == yte))
-        state_bytes = int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(s)))
-        refresh_time = 0.0
-        if method != "adam":
-            g = jax.grad(_loss)(p, xtr, ytr)
-            upd = jax.jit(opt.update)
-            t_ref = _median_time(upd, g, _set_count(s, cfg.refresh_every), p)
-            t_ord = _median_time(upd, g, _set_count(s, cfg.refresh_every + 1), p)
-            n_ref = -(-cfg.steps // cfg.refresh_every)
-            refresh_time = max(t_ref - t_ord, 0.0) * n_ref
-        metrics = {
-            "method": method, "rank": rank,
-            "final_loss": float(losses[-1]), "test_acc": acc,
-            "state_bytes": state_bytes,
-            "refresh_time_s": refresh_time, "train_time_s": train_time,
-            "loss_curve": [float(v) for v in losses[:: max(1, cfg.steps // 50)]],
-        }
-        for name in LAYERS:
-            metrics[f"stable_rank_{name}"] = float(snn.stable_rank(p[name]))
-            metrics[f"stable_rank_d{name}"] = float(snn.stable_rank(p[name] - p0[name]))
-        ranks = snn.welore_ranks({k: p[k] - p0[k] for k in LAYERS}, cfg.welore_threshold)
-        for name in LAYERS:
-            metrics[f"welore_rank_d{name}"] = int(ranks[name])
-        return state, metrics
+        table = []
+        for m in METHODS:
+            table.append({
+                "method": m if m == "adam" else f"galore {m}",
+                "test loss": stats.mean_ci(_col(pre, m, "test")).format(),
+                "optimizer state (KiB)": round(pre[0][m]["state bytes"] / 1024, 1),
+                "time per step vs adam": stats.mean_ci(
+                    [r[m]["seconds"] / r["adam"]["seconds"] for r in pre]).format(".2f"),
+                "lr (median)": float(np.median(_col(pre, m, "lr"))),
+                "lr at grid edge": f"{sum(r[m]['tuning']['at_edge'] for r in pre)}/{len(pre)}",
+            })
+        wtable = []
+        for a in ALLOCATIONS:
+            ranks = np.array([[r[a]["ranks"][k] for k in sorted(r[a]["ranks"])] for r in wel])
+            wtable.append({
+                "allocation": a,
+                "factor parameters": stats.mean_ci(_col(wel, a, "factor params")).format(".0f"),
+                "ranks min–max (mean over seeds)": f"{ranks.min(1).mean():.1f}–"
+                                                  f"{ranks.max(1).mean():.1f}",
+                "test loss, truncated": stats.mean_ci(_col(wel, a, "compressed test")).format(),
+                "test loss, factors fine-tuned": stats.mean_ci(_col(wel, a, "test")).format(),
+                "ft lr (median)": float(np.median(_col(wel, a, "ft lr"))),
+            })
+        dense = stats.mean_ci(_col(wel, "uniform", "dense test")).format()
+        floors = stats.mean_ci(_col(pre, "adam", "loss floor")).format()
+        tables = {
+            f"Pre-training, {cfg.steps} steps of batch {cfg.batch} x {cfg.seq_len} tokens, "
+            f"GaLore rank {cfg.rank} (loss floor {floors})": table,
+            f"WeLore on the Adam model (dense test loss {dense}): factors holding "
+            f"{cfg.keep:.0%} of the block-matrix parameters, {cfg.ft_steps} fine-tuning "
+            "steps": wtable}
+        return {"claims": claims, "tables": tables, "pretrain": pre, "welore": wel}
 
-    def summarize(self, cfg, state, history):
-        adam = next(h for h in history if h["method"] == "adam")
-        rows = []
-        for h in history:
-            rows.append({k: v for k, v in h.items() if k != "loss_curve"})
-        sub_vs_svd = {}
-        for r in cfg.ranks:
-            svd = next(h for h in history if h["method"] == "svd" and h["rank"] == r)
-            sub = next(h for h in history if h["method"] == "subspace" and h["rank"] == r)
-            sub_vs_svd[str(r)] = (sub["final_loss"] - svd["final_loss"]) / svd["final_loss"]
-        return {
-            "rows": rows,
-            "adam_state_bytes": adam["state_bytes"],
-            "subspace_vs_svd_rel_loss_gap": sub_vs_svd,
-            "adam_stable_rank_dW": [adam[f"stable_rank_d{n}"] for n in LAYERS],
-        }
+    def readme_tables(self, summary):
+        results = summary.get("results", {})
+        parts = [claims_table(results.get("claims") or [])]
+        parts += [f"**{t}**\n\n{markdown_table(r)}"
+                  for t, r in (results.get("tables") or {}).items()]
+        parts.append(run_cost(summary))
+        return "\n\n".join(parts)
 
     def report(self, cfg, results, history, outdir):
-        cols = ["method", "rank", "final_loss", "test_acc", "state_bytes", "refresh_time_s",
-                "stable_rank_dw1", "stable_rank_dw2", "stable_rank_dw3", "welore_rank_dw1",
-                "welore_rank_dw2", "welore_rank_dw3"]
-        table = markdown_table(results["rows"], cols)
-        fig, ax = new_figure(figsize=(6, 3.6))
-        xs = np.linspace(0, cfg.steps, len(history[0]["loss_curve"]))
-        for h in history:
-            lab = h["method"] if h["method"] == "adam" else f"{h['method']} r={h['rank']}"
-            ax.semilogy(xs, h["loss_curve"], label=lab,
-                        linestyle="-" if h["rank"] in (0, max(cfg.ranks)) else "--")
+        pre, wel = results["pretrain"], results["welore"]
+        fig, ax = new_figure(figsize=(5.5, 3.4))
+        xs = np.linspace(0, cfg.steps, len(pre[0]["adam"]["curve"]))
+        for m in METHODS:
+            ax.plot(xs, np.mean(_col(pre, m, "curve"), 0),
+                    label=m if m == "adam" else f"galore {m}")
+        ax.axhline(np.mean(_col(pre, "adam", "first-order floor")), color="gray", ls="--",
+                   lw=0.8, label="first-order floor")
+        ax.axhline(np.mean(_col(pre, "adam", "loss floor")), color="gray", ls=":", lw=0.8,
+                   label="loss floor")
+        ax.set_ylim(top=min(2.5, ax.get_ylim()[1]))
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=6, ncol=2)
-        img = save_figure(fig, outdir, "loss.png", "training loss per method")
-        fig2, ax2 = new_figure(figsize=(5, 3.2))
-        for h in history:
-            if h["method"] in ("adam", "svd", "subspace"):
-                lab = h["method"] if h["method"] == "adam" else f"{h['method']} r={h['rank']}"
-                ax2.plot(LAYERS, [h[f"stable_rank_d{n}"] for n in LAYERS], marker="o", label=lab)
-        ax2.set_ylabel("stable rank of W - W0")
-        ax2.legend(fontsize=6)
-        img2 = save_figure(fig2, outdir, "stable_rank.png", "stable rank of updates per layer")
-        return (f"Digits MLP, {cfg.steps} full-batch steps, lr {cfg.lr}, update gap "
-                f"{cfg.refresh_every}.\n\n{table}\n\nRelative final-loss gap subspace vs SVD: "
-                f"{results['subspace_vs_svd_rel_loss_gap']}\n\n{img}\n\n{img2}\n")
+        ax.set_ylabel("training loss (mean over seeds)")
+        ax.legend(fontsize=7)
+        img1 = save_figure(fig, outdir, "galore_pretraining.png", "pre-training loss")
+        fig2, (a1, a2) = new_figure(1, 2, figsize=(10, 3.4))
+        ranks = np.mean([[[r["welore"]["ranks"][f"{i}/{w}"] for w in lm.BLOCK_MATRICES]
+                          for i in range(cfg.layers)] for r in wel], 0)
+        im = a1.imshow(ranks, cmap="viridis")
+        a1.set_xticks(range(len(lm.BLOCK_MATRICES)), lm.BLOCK_MATRICES)
+        a1.set_yticks(range(cfg.layers), [f"block {i}" for i in range(cfg.layers)])
+        a1.set_title(f"WeLore ranks at equal budget (uniform: "
+                     f"{wel[0]['uniform']['ranks']['0/wq']})", fontsize=9)
+        fig2.colorbar(im, ax=a1)
+        for w, color in zip(lm.BLOCK_MATRICES, [f"C{i}" for i in range(6)], strict=True):
+            for i in range(cfg.layers):
+                a2.semilogy(wel[0]["welore"]["spectra"][f"{i}/{w}"], color=color, lw=0.8,
+                            label=w if i == 0 else None)
+        a2.set_xlabel("index")
+        a2.set_ylabel("sigma_i / sigma_1 (first seed)")
+        a2.legend(fontsize=7)
+        img2 = save_figure(fig2, outdir, "welore_ranks.png", "WeLore ranks and spectra")
+        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
+                 claims_table(results["claims"])]
+        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts += [img1, img2]
+        return "\n\n".join(parts) + "\n"
 
 
-EXPERIMENT = GaLoreDigits()
+EXPERIMENT = GaLoreWeLore()
