@@ -275,3 +275,19 @@ def test_grassmann_log_finite_at_the_cut_locus(x64):
     m = (y - x @ a) @ jnp.linalg.inv(a)
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     np.testing.assert_allclose(gr.log(x, y), (u * jnp.arctan(s)) @ vt, atol=1e-12)
+
+
+def test_concrete_points_closed_over_by_jit_are_checked():
+    """A concrete point captured by a jitted function is validated, not a tracer error."""
+    st, spd = Stiefel(4, 2), SPD(2)
+    x = st.random_point(jax.random.key(0))
+    assert jax.jit(lambda: st.check(x))().shape == ()
+    st.assert_on_manifold(x)
+    off = 2 * x
+    with pytest.raises(ValueError, match="`w` is not on"):
+        jax.jit(lambda: st.assert_on_manifold(off, "w"))()
+    good, bad = 2 * jnp.eye(2), jnp.diag(jnp.array([1.0, -1.0]))
+    np.testing.assert_allclose(jax.jit(lambda: spd.dist(jnp.eye(2), good))(),
+                               spd.dist(jnp.eye(2), good), rtol=1e-6)
+    with pytest.raises(ValueError, match="`y` is not positive definite"):
+        jax.jit(lambda: spd.dist(jnp.eye(2), bad))()

@@ -241,13 +241,15 @@ class Manifold:
     def assert_on_manifold(self, x, name: str = "x", tol: float | None = None) -> None:
         """Raise ``ValueError`` (naming ``name``) if a concrete ``x`` is off the manifold.
 
-        Traced values (inside ``jit`` / ``eval_shape``) are only shape-checked.
+        Traced values (inside ``jit`` / ``eval_shape``) are only shape-checked; a
+        concrete value closed over by a traced function is checked eagerly.
         """
         self.validate_shape(x, name)
         if not is_concrete(x):
             return
         tol = self.default_tol(jnp.result_type(x)) if tol is None else tol
-        err = float(jnp.max(self.check(jnp.asarray(x)))) if jnp.size(x) else 0.0
+        with jax.ensure_compile_time_eval():  # concrete even inside an outer trace
+            err = float(jnp.max(self.check(jnp.asarray(x)))) if jnp.size(x) else 0.0
         if not err <= tol:
             raise ValueError(
                 f"argument `{name}` is not on {self!r}: constraint error {err:.3g} > "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from subjax._core import as_compute, choice, is_concrete, static_int
@@ -227,18 +228,21 @@ class SPD(Manifold):
     def assert_on_manifold(self, x, name="x", tol=None):
         self.validate_shape(x, name)
         if is_concrete(x):
-            xw = as_compute(jnp.asarray(x))
-            scale = jnp.max(jnp.abs(xw)) if xw.size else 1.0
-            asym = float(jnp.max(jnp.abs(xw - mT(xw)))) if xw.size else 0.0
-            t = self.default_tol(xw.dtype) if tol is None else tol
-            if asym > t * max(float(scale), 1.0):
-                raise ValueError(
-                    f"argument `{name}` is not symmetric (max |x - x^T| = {asym:.3g}); "
-                    f"{self!r} needs symmetric positive-definite matrices"
-                )
-            lmin = float(jnp.min(jnp.linalg.eigvalsh(sym(xw)))) if xw.size else 1.0
-            if not lmin > 0:
-                raise ValueError(
-                    f"argument `{name}` is not positive definite (smallest eigenvalue "
-                    f"{lmin:.3g}); {self!r} needs symmetric positive-definite matrices"
-                )
+            with jax.ensure_compile_time_eval():  # concrete even inside an outer trace
+                self._assert_spd(as_compute(jnp.asarray(x)), name, tol)
+
+    def _assert_spd(self, xw, name, tol):
+        scale = jnp.max(jnp.abs(xw)) if xw.size else 1.0
+        asym = float(jnp.max(jnp.abs(xw - mT(xw)))) if xw.size else 0.0
+        t = self.default_tol(xw.dtype) if tol is None else tol
+        if asym > t * max(float(scale), 1.0):
+            raise ValueError(
+                f"argument `{name}` is not symmetric (max |x - x^T| = {asym:.3g}); "
+                f"{self!r} needs symmetric positive-definite matrices"
+            )
+        lmin = float(jnp.min(jnp.linalg.eigvalsh(sym(xw)))) if xw.size else 1.0
+        if not lmin > 0:
+            raise ValueError(
+                f"argument `{name}` is not positive definite (smallest eigenvalue "
+                f"{lmin:.3g}); {self!r} needs symmetric positive-definite matrices"
+            )
