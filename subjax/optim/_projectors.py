@@ -136,10 +136,29 @@ def subspace_projector(
 
 
 def dct_basis(n: int, idx: jax.Array) -> jax.Array:
-    """Columns ``idx`` of the orthonormal DCT-II basis of size ``n`` (``(n, len(idx))``).
+    r"""Columns ``idx`` of the orthonormal DCT-II basis of size ``n``.
 
-    Column ``j`` is ``c_j[k] = s_j cos(pi (2k + 1) j / (2n))`` with
-    ``s_0 = sqrt(1/n)`` and ``s_j = sqrt(2/n)``.
+    .. math::
+        c_j[k] = s_j \cos\Big(\frac{\pi (2k + 1) j}{2n}\Big),\qquad
+        s_0 = \sqrt{1/n},\ s_{j > 0} = \sqrt{2/n}.
+
+    Args:
+      n: the basis size (rows).
+      idx: int array of column indices in ``[0, n)``.
+
+    Returns:
+      float32 ``(n, len(idx))`` with orthonormal columns (the ``"dct"``
+      projector's basis).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from subjax.optim import dct_basis
+      >>> c = dct_basis(8, jnp.array([0, 3]))
+      >>> c.shape, bool(jnp.allclose(c.T @ c, jnp.eye(2), atol=1e-6))
+      ((8, 2), True)
+
+    References:
+      Ahmed, Natarajan, Rao, "Discrete cosine transform", IEEE Trans. Computers, 1974.
     """
     k = jnp.arange(n, dtype=jnp.float32)[:, None]
     j = idx.astype(jnp.float32)[None, :]
@@ -184,7 +203,50 @@ def make_projector(
     init_steps: int | None = None,
     align: str | None = "rotation",
 ) -> Projector:
-    """Resolve a projector name (``"svd"``, ``"subspace"``, ``"dct"``, ``"random"``)."""
+    r"""The :class:`Projector` of a name, for :func:`subjax.optim.projected` / ``galore``.
+
+    A projector turns the tall gradient :math:`g \in \mathbb{R}^{M \times N}`
+    (:math:`M \ge N`) into an orthonormal basis :math:`Q \in \mathbb{R}^{N \times r}`
+    of the subspace the optimizer runs in:
+
+    .. math::
+        \texttt{"svd"}:\ Q = V_{:, :r},\ g = U \Sigma V^\top; \qquad
+        \texttt{"subspace"}:\ Q \leftarrow \operatorname{orth}(g^\top g\, Q)
+        \ \text{(warm-started)};
+
+    ``"dct"`` keeps the ``r`` DCT-II columns :math:`c_j` with the largest
+    :math:`\|g c_j\|` and ``"random"`` a seeded Gaussian basis, orthonormalized.
+
+    Args:
+      projector: ``"svd"``, ``"subspace"``, ``"dct"``, ``"random"``, or a
+        :class:`Projector` (returned unchanged).
+      subspace_steps: subspace-iteration steps per refresh (``"subspace"``;
+        ``None``: 1).
+      init_steps: subspace-iteration steps at the first refresh, from a seeded
+        Gaussian start (``"subspace"``; ``None``: 6).
+      align: how a refreshed ``"svd"`` / ``"subspace"`` basis is matched to the
+        previous one: ``"rotation"`` (orthogonal Procrustes), ``"sign"``
+        (column signs) or ``None``.
+
+    Returns:
+      A :class:`Projector` (``init``, ``refresh``, ``basis`` pure functions).
+      An unknown name raises ``ValueError`` naming ``projector``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from subjax.optim import make_projector
+      >>> proj = make_projector("svd")
+      >>> g = jnp.diag(jnp.array([3.0, 2.0, 1.0]))[:, ::-1]  # (3, 3), largest in column 2
+      >>> q = proj.refresh(g, proj.init(3, 1), jax.random.key(0), jnp.array(True))
+      >>> q.shape, bool(jnp.allclose(jnp.abs(q[:, 0]), jnp.array([0.0, 0.0, 1.0])))
+      ((3, 1), True)
+
+    References:
+      Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+      Projection, ICML 2024. Halko, Martinsson, Tropp, "Finding structure with
+      randomness", SIAM Review 2011 (subspace iteration). Modoranu et al.
+      (SVD-free low-rank adaptive gradient optimization with DCT bases), 2025.
+    """
     if isinstance(projector, Projector):
         return projector
     choice(align, "align", ALIGN_NAMES)

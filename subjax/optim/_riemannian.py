@@ -426,6 +426,17 @@ def riemannian_adam(
 def manifold_labels(manifolds: ManifoldTree, riemannian="riemannian", euclidean="euclidean"):
     """Labels for ``optax.partition``: ``riemannian`` on manifold leaves, else ``euclidean``.
 
+    Args:
+      manifolds: pytree of :class:`subjax.manifolds.Manifold` / ``None`` labels (a
+        ``Euclidean`` manifold counts as Euclidean), or one manifold.
+      riemannian: the label of manifold leaves.
+      euclidean: the label of ``None`` / ``Euclidean`` leaves.
+
+    Returns:
+      A pytree of the structure of ``manifolds`` holding the two labels, for
+      ``optax.partition({riemannian: riemannian_sgd(...), euclidean: adam}, labels)``.
+      Anything but a ``Manifold`` / ``None`` at a leaf raises ``TypeError``.
+
     Example:
       >>> import optax
       >>> from subjax.manifolds import Grassmann
