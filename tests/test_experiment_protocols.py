@@ -92,3 +92,36 @@ def test_matched_loss_is_reached_by_every_run():
 def test_split_classes_keeps_only_the_requested_labels():
     s = Split(np.zeros((5, 64), np.float32), np.array([0, 1, 2, 1, 0], np.int32))
     assert s.classes([1]).y.tolist() == [1, 1] and len(s.classes([3])) == 0
+
+
+@pytest.mark.slow
+def test_sns_direct_newton_foil_solves_the_newton_system_and_converges(x64):
+    import jax.numpy as jnp
+
+    from experiments.sns.experiment import _direct_direction, _evaluate, direct_newton, problem
+
+    C, a, b = (jnp.asarray(v) for v in problem(12, 0))
+    eps, zeros = 0.05, jnp.zeros(12)
+    P, r, c, _, ga, gb, _, _ = _evaluate(C, a, b, zeros, zeros, eps)
+    df, dg, slope = _direct_direction(P, r, c, ga, gb, eps)
+    H = jnp.block([[jnp.diag(r), P], [P.T, jnp.diag(c)]])
+    rhs = eps * jnp.concatenate([ga, gb])
+    np.testing.assert_allclose(H @ jnp.concatenate([df, dg]), rhs, atol=1e-12)
+    assert float(slope) > 0  # an ascent direction of the dual
+    f, g, err, steps, conv = direct_newton(C, a, b, eps, zeros, zeros, tol=1e-10,
+                                           max_iters=60)
+    assert conv and err <= 1e-10 and 0 < steps < 60
+    P = np.asarray(_evaluate(C, a, b, f, g, eps)[0])  # the entropic plan: its marginals
+    np.testing.assert_allclose(P.sum(1), a, atol=1e-10)
+    np.testing.assert_allclose(P.sum(0), b, atol=1e-10)
+
+
+def test_ewc_frechet_distance_of_gaussian_samples():
+    from experiments.ewc.experiment import frechet
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 3))
+    assert frechet(x, x) == pytest.approx(0.0, abs=1e-8)
+    # N(mu, I) vs N(0, 4 I): |mu|^2 + 3 (1 + 4 - 2 * 2)
+    y = 2.0 * rng.normal(size=(4000, 3)) + np.array([1.0, 2.0, 0.0])
+    assert frechet(x, y) == pytest.approx(5.0 + 3.0, rel=0.1)
