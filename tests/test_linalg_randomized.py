@@ -247,8 +247,12 @@ def test_eigh_bad_input():
         sl.lanczos_eigh(jnp.eye(10), 2, key=key, which="BE")
     with pytest.raises(ValueError, match="rank=11"):
         sl.lanczos_eigh(jnp.eye(10), 11, key=key)
-    with pytest.raises(ValueError, match="block_size"):
-        sl.lanczos_eigh(jnp.eye(100), 5, key=key, block_size=3)
+    with pytest.raises(ValueError, match="multiple of `block_size`"):
+        sl.lanczos_eigh(jnp.eye(100), 5, key=key, block_size=3, basis_size=20)
+    with pytest.raises(ValueError, match="basis_size"):
+        sl.lanczos_eigh(jnp.eye(100), 5, key=key, basis_size=5)
+    with pytest.raises(ValueError, match="exceeds n=100"):
+        sl.lanczos_eigh(jnp.eye(100), 5, key=key, basis_size=100)
     with pytest.raises(ValueError, match="oversample"):
         sl.randomized_eigh(jnp.eye(10), 5, key=key, oversample=6)
 
@@ -286,7 +290,7 @@ def test_lanczos_eigh_f64_jit_vmap_warm(rng, x64):
     w = np.linspace(1.0, 2.0, 80) ** 3
     a, q = _sym_known(rng, 80, w)
     f = jax.jit(lambda a: sl.lanczos_eigh(a, 3, key=jax.random.key(0), tol=1e-10,
-                                          block_size=4, n_blocks=4, max_restarts=50))
+                                          block_size=4, basis_size=32, max_restarts=50))
     res = f(jnp.asarray(a))
     assert bool(res.converged)
     np.testing.assert_allclose(np.asarray(res.eigenvalues), w[::-1][:3], rtol=1e-9)
@@ -294,7 +298,7 @@ def test_lanczos_eigh_f64_jit_vmap_warm(rng, x64):
     np.testing.assert_allclose(np.asarray(batch.eigenvalues[1]), 2 * w[::-1][:3], rtol=1e-9)
     # warm start from the converged block: converges in one cycle.
     v0 = jnp.concatenate([res.eigenvectors, jnp.asarray(rng.standard_normal((80, 1)))], axis=1)
-    warm = sl.lanczos_eigh(jnp.asarray(a), 3, v0=v0, tol=1e-10, block_size=4, n_blocks=4)
+    warm = sl.lanczos_eigh(jnp.asarray(a), 3, v0=v0, tol=1e-10, block_size=4, basis_size=32)
     assert int(warm.n_iters) < int(res.n_iters)
 
 
@@ -302,5 +306,5 @@ def test_lanczos_nonconvergence_reported(rng):
     w = np.linspace(1.0, 1.0001, 200).astype(np.float32)  # tiny gaps
     a, _ = _sym_known(rng, 200, w)
     res = sl.lanczos_eigh(jnp.asarray(a, jnp.float32), 3, key=jax.random.key(0), tol=1e-12,
-                          max_restarts=2, n_blocks=2)
+                          max_restarts=2, basis_size=8)
     assert not bool(res.converged) and int(res.n_iters) == 2
