@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.contrib import GaLoreDimensionNumbers
 
 from experiments import stats
 from experiments.harness import (
@@ -104,51 +103,21 @@ class Config:
 # --------------------------------------------------------------------------- pre-training
 
 
-def _dims(params):
-    def one(path, leaf):
-        name = str(getattr(path[-1], "key", ""))
-        return GaLoreDimensionNumbers() if name in lm.BLOCK_MATRICES else None
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
 def make_optimizer(cfg: Config, method: str, lr):
     if method == "adam":
         return optax.adam(lr)
     return so.galore(lr, rank=cfg.rank, update_proj_gap=cfg.refresh_every, projector=method,
-                     weight_dimension_numbers=_dims, align=None, seed=0)
-
-
-def _scan_train(cfg: Config, loss, opt, params, key, chain, steps):
-    draw = lm.sampler(cfg.task, chain, cfg.batch)
-
-    def body(carry, k):
-        p, s = carry
-        seqs = draw(k)
-        val, g = jax.value_and_grad(lambda q: loss(q, seqs))(p)
-        u, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, u), s), val
-
-    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)),
-                                  jax.random.split(key, steps))
-    return p, losses
-
-
-def _shapes(cfg: Config):
-    params = jax.eval_shape(lambda k: lm.init(cfg.arch, cfg.task, k), jax.random.key(0))
-    chain = jax.ShapeDtypeStruct((cfg.vocab,) * 3, jnp.float32)
-    lr = jax.ShapeDtypeStruct((), jnp.float32)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    return params, lr, key, chain
+                     weight_dimension_numbers=lm.block_matrix_dims, align=None, seed=0)
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_pretrain(cfg: Config, method: str):
     def run(params, lr, key, chain):
-        return _scan_train(cfg, functools.partial(lm.loss, cfg.arch),
-                           make_optimizer(cfg, method, lr), params, key, chain, cfg.steps)
+        return lm.train(cfg.task, cfg.batch, functools.partial(lm.loss, cfg.arch),
+                        make_optimizer(cfg, method, lr), params, key, chain, cfg.steps)
 
-    return jax.jit(run).lower(*_shapes(cfg)).compile()
+    shapes = (lm.param_shapes(cfg.arch, cfg.task), *lm.run_shapes(cfg.task))
+    return jax.jit(run).lower(*shapes).compile()
 
 
 _eval = jax.jit(lm.loss, static_argnums=0)
@@ -156,13 +125,7 @@ _eval = jax.jit(lm.loss, static_argnums=0)
 
 @functools.lru_cache(maxsize=4)
 def _data(cfg: Config, seed: int):
-    chain = lm.make_chain(cfg.task, seed)
-    rng = np.random.default_rng(seed + 1)
-    val = lm.sample(cfg.task, chain, cfg.n_val, rng)
-    test = lm.sample(cfg.task, chain, cfg.n_test, rng)
-    floors = {"loss floor": lm.loss_floor(chain, cfg.seq_len),
-              "first-order floor": lm.first_order_floor(chain, cfg.seq_len)}
-    return jnp.asarray(chain, jnp.float32), val, test, floors
+    return lm.splits(cfg.task, seed, cfg.n_val, cfg.n_test)
 
 
 @functools.lru_cache(maxsize=32)
@@ -177,9 +140,7 @@ def _pretrain(cfg: Config, seed: int, method: str, lr: float):
 
 
 def state_bytes(cfg: Config, method: str) -> int:
-    shapes = jax.eval_shape(make_optimizer(cfg, method, 1e-3).init, _shapes(cfg)[0])
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(shapes) if hasattr(x, "shape")))
+    return lm.state_bytes(make_optimizer(cfg, method, 1e-3), lm.param_shapes(cfg.arch, cfg.task))
 
 
 def pretrain_cell(cfg: Config, seed: int, method: str, lr: float) -> dict:
@@ -258,9 +219,11 @@ def _compiled_finetune(cfg: Config):
             return lm.loss(cfg.arch, _assemble(cfg, frozen, f, masks), seqs)
 
         # the masked columns get zero gradients, so Adam leaves them at zero weight
-        return _scan_train(cfg, loss, optax.adam(lr), factors, key, chain, cfg.ft_steps)
+        return lm.train(cfg.task, cfg.batch, loss, optax.adam(lr), factors, key, chain,
+                        cfg.ft_steps)
 
-    params, lr, key, chain = _shapes(cfg)
+    params = lm.param_shapes(cfg.arch, cfg.task)
+    lr, key, chain = lm.run_shapes(cfg.task)
     factors, masks = {}, {}
     for i in range(cfg.layers):
         for w in lm.BLOCK_MATRICES:

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.contrib import GaLoreDimensionNumbers
 
 from experiments import stats
 from experiments.harness import (
@@ -91,69 +90,36 @@ class Config:
         return lm.Arch(self.d_model, self.heads, self.layers)
 
 
-def _dims(params):
-    """Project the attention and MLP matrices of the blocks only."""
-    def one(path, leaf):
-        name = str(getattr(path[-1], "key", ""))
-        return GaLoreDimensionNumbers() if name in lm.BLOCK_MATRICES else None
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
 def make_optimizer(cfg: Config, method: str, lr):
     if method == "adam":
         return optax.adam(lr)
-    kw = {"projector": "svd", "weight_dimension_numbers": _dims}
+    kw = {"projector": "svd", "weight_dimension_numbers": lm.block_matrix_dims}
     if method == "natural galore":
         kw |= {"natural_history": cfg.natural_history, "natural_damping": cfg.natural_damping}
     return so.galore(lr, rank=cfg.rank, update_proj_gap=cfg.refresh_every, **kw)
 
 
-def _train(cfg: Config, method: str, params, lr, key, chain):
-    opt = make_optimizer(cfg, method, lr)
-    draw = lm.sampler(cfg.task, chain, cfg.batch)
-
-    def body(carry, k):
-        p, s = carry
-        seqs = draw(k)
-        loss, g = jax.value_and_grad(lambda q: lm.loss(cfg.arch, q, seqs))(p)
-        u, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, u), s), loss
-
-    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)),
-                                  jax.random.split(key, cfg.steps))
-    return p, losses
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: Config, method: str):
     """The training run of ``method``, compiled ahead of time (timed without compilation)."""
-    params = jax.eval_shape(lambda k: lm.init(cfg.arch, cfg.task, k), jax.random.key(0))
-    chain = jax.ShapeDtypeStruct((cfg.vocab,) * 3, jnp.float32)
-    lr = jax.ShapeDtypeStruct((), jnp.float32)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.jit(functools.partial(_train, cfg, method)).lower(params, lr, key, chain).compile()
+    def run(params, lr, key, chain):
+        return lm.train(cfg.task, cfg.batch, functools.partial(lm.loss, cfg.arch),
+                        make_optimizer(cfg, method, lr), params, key, chain, cfg.steps)
+
+    shapes = (lm.param_shapes(cfg.arch, cfg.task), *lm.run_shapes(cfg.task))
+    return jax.jit(run).lower(*shapes).compile()
 
 
 _eval = jax.jit(lm.loss, static_argnums=0)
 
 
 def state_bytes(cfg: Config, method: str) -> int:
-    params = jax.eval_shape(lambda k: lm.init(cfg.arch, cfg.task, k), jax.random.key(0))
-    shapes = jax.eval_shape(make_optimizer(cfg, method, 1e-3).init, params)
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(shapes) if hasattr(x, "shape")))
+    return lm.state_bytes(make_optimizer(cfg, method, 1e-3), lm.param_shapes(cfg.arch, cfg.task))
 
 
 @functools.lru_cache(maxsize=4)
 def _data(cfg: Config, seed: int):
-    chain = lm.make_chain(cfg.task, seed)
-    rng = np.random.default_rng(seed + 1)
-    val = lm.sample(cfg.task, chain, cfg.n_val, rng)
-    test = lm.sample(cfg.task, chain, cfg.n_test, rng)
-    floors = {"loss floor": lm.loss_floor(chain, cfg.seq_len),
-              "first-order floor": lm.first_order_floor(chain, cfg.seq_len)}
-    return jnp.asarray(chain, jnp.float32), val, test, floors
+    return lm.splits(cfg.task, seed, cfg.n_val, cfg.n_test)
 
 
 def run_cell(cfg: Config, seed: int, method: str, lr: float) -> dict:

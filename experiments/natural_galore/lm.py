@@ -192,3 +192,65 @@ def loss(arch: Arch, p, seqs):
 def block_matrix_names(arch: Arch) -> list[str]:
     """``"blocks/<i>/<name>"`` of every block matrix (the ``path_name`` of the leaf)."""
     return [f"blocks/{i}/{w}" for i in range(arch.layers) for w in BLOCK_MATRICES]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def param_shapes(arch: Arch, task: Task):
+    """``ShapeDtypeStruct`` pytree of the model's parameters."""
+    return jax.eval_shape(lambda k: init(arch, task, k), jax.random.key(0))
+
+
+def block_matrix_dims(params):
+    """GaLore dimension numbers selecting the block matrices (``None`` elsewhere)."""
+    from optax.contrib import GaLoreDimensionNumbers
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", ""))
+        return GaLoreDimensionNumbers() if name in BLOCK_MATRICES else None
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def state_bytes(opt, params) -> int:
+    """Bytes of ``opt``'s state for ``params`` (shapes only; nothing is allocated)."""
+    shapes = jax.eval_shape(opt.init, params)
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(shapes) if hasattr(x, "shape")))
+
+
+def train(task: Task, batch: int, loss_fn, opt, params, key, chain, steps: int):
+    """``steps`` optimizer steps of ``loss_fn(params, seqs)`` on fresh batches drawn from
+    ``chain`` (traceable); returns the final parameters and the per-step losses."""
+    import optax
+
+    draw = sampler(task, chain, batch)
+
+    def body(carry, k):
+        p, s = carry
+        seqs = draw(k)
+        val, g = jax.value_and_grad(lambda q: loss_fn(q, seqs))(p)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), val
+
+    (p, _), losses = jax.lax.scan(body, (params, opt.init(params)),
+                                  jax.random.split(key, steps))
+    return p, losses
+
+
+def run_shapes(task: Task):
+    """Abstract ``(learning rate, key, chain)`` arguments for ahead-of-time compilation."""
+    return (jax.ShapeDtypeStruct((), jnp.float32), jax.eval_shape(lambda: jax.random.key(0)),
+            jax.ShapeDtypeStruct((task.vocab,) * 3, jnp.float32))
+
+
+def splits(task: Task, seed: int, n_val: int, n_test: int):
+    """The chain of ``seed`` (float32), validation and test sequences, and its floors."""
+    chain = make_chain(task, seed)
+    rng = np.random.default_rng(seed + 1)
+    val = sample(task, chain, n_val, rng)
+    test = sample(task, chain, n_test, rng)
+    floors = {"loss floor": loss_floor(chain, task.seq_len),
+              "first-order floor": first_order_floor(chain, task.seq_len)}
+    return jnp.asarray(chain, jnp.float32), val, test, floors
