@@ -318,12 +318,16 @@ def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
     lam = 0.125  # exact in float32 (the damping state is float32)
     opt = optim.kfac(1.0, damping=lam, adaptive_step=True)
     state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        _, g, st, lin = fisher.kfac_grads_and_stats(
+            mlp_apply, p, x, y, fisher="empirical", linearization=True)
+        return g, *opt.update(g, s, p, kfac_stats=st, linearization=lin)
+
     for i in range(2):
-        _, grads, stats = jax.jit(lambda p: fisher.kfac_grads_and_stats(
-            mlp_apply, p, x, y, fisher="empirical"))(params)
         prev = ravel_pytree(state.momentum)[0]
-        upd, state = jax.jit(lambda g, s, st, p: opt.update(
-            g, s, p, kfac_stats=st, apply_fn=mlp_apply, inputs=x))(grads, state, stats, params)
+        grads, upd, state = step(params, state)
         u = ravel_pytree(upd)[0]
         c = dense_fisher("categorical", mlp_apply, params, x) + lam * np.eye(u.size)
         g = ravel_pytree(grads)[0]
@@ -336,9 +340,42 @@ def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
         params = optax.apply_updates(params, upd)
 
 
-def test_kfac_rejects_unknown_likelihood_and_unordered_damping_bounds():
+def test_linearization_matches_jax_jvp_and_gradient(x64, key):
+    """The returned linear map is J v at params; its transpose gave the gradient."""
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(22), (6, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(23), (6,), 0, 4)
+    v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(24), p.shape, p.dtype), params)
+    for stats_batch in (None, 3):
+        loss, grads, _, lin = fisher.kfac_grads_and_stats(
+            mlp_apply, params, x, y, fisher="true", key=key, stats_batch=stats_batch,
+            linearization=True)
+        out, jv = jax.jvp(lambda p: mlp_apply(p, x), (params,), (v,))
+        np.testing.assert_allclose(lin.outputs, out, rtol=1e-12)
+        np.testing.assert_allclose(lin.jvp(v), jv, rtol=1e-10, atol=1e-12)
+        assert lin.likelihood == "categorical"
+        ref_loss, ref = jax.value_and_grad(
+            lambda p: lk.mean_nll("categorical", mlp_apply(p, x), y))(params)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_adaptive_step_needs_the_linearization(key):
+    params = mlp_params(key, sizes=(3, 5, 4))
+    x = jax.random.normal(jax.random.key(25), (6, 3))
+    y = jax.random.randint(jax.random.key(26), (6,), 0, 4)
+    _, grads, stats = fisher.kfac_grads_and_stats(mlp_apply, params, x, y, fisher="empirical")
+    opt = optim.kfac(1.0, adaptive_step=True)
+    with pytest.raises(ValueError, match="linearization=True"):
+        opt.update(grads, opt.init(params), params, kfac_stats=stats)
+
+
+def test_kfac_rejects_unknown_likelihood_and_unordered_damping_bounds(key):
+    params = mlp_params(key, sizes=(3, 4))
     with pytest.raises(ValueError, match="`likelihood` must be one of"):
-        optim.kfac(0.1, likelihood="softmax")
+        fisher.kfac_grads_and_stats(mlp_apply, params, jnp.ones((2, 3)), jnp.zeros(2, int),
+                                    likelihood="softmax", fisher="empirical")
     with pytest.raises(ValueError, match=r"`damping_bounds` must be ordered \(low, high\)"):
         optim.kfac(0.1, adaptive_damping=True, damping_bounds=(1.0, 1e-3))
     with pytest.raises(ValueError, match=r"`damping_bounds\[0\]` must be > 0"):

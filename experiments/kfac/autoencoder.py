@@ -71,14 +71,18 @@ def optax_step(apply_fn, opt):
 
 def kfac_step(apply_fn, opt, adaptive: bool = False, stats_batch: int | None = None,
               exact_step: bool = False):
+    """A jitted K-FAC step; ``adaptive`` passes the loss (adaptive damping), ``exact_step``
+    the linearisation (``kfac(..., adaptive_step=True)``)."""
+
     @jax.jit
     def step(params, state, x, key):
-        loss, grads, stats = fisher.kfac_grads_and_stats(
-            apply_fn, params, x, x, likelihood="bernoulli", key=key, stats_batch=stats_batch
+        loss, grads, stats, *lin = fisher.kfac_grads_and_stats(
+            apply_fn, params, x, x, likelihood="bernoulli", key=key, stats_batch=stats_batch,
+            linearization=exact_step,
         )
         extra = {"loss": loss} if adaptive else {}
         if exact_step:
-            extra.update(apply_fn=apply_fn, inputs=x)
+            extra["linearization"] = lin[0]
         updates, state = opt.update(grads, state, params, kfac_stats=stats, **extra)
         return optax.apply_updates(params, updates), state, loss
 

@@ -20,6 +20,7 @@ from subjax.fisher._core import (
 from subjax.fisher._fwsvd import fisher_weighted_svd
 from subjax.fisher._kfac_capture import (
     KFACStats,
+    Linearization,
     conv_patches,
     kfac_grads_and_stats,
     register_dense,
@@ -31,6 +32,7 @@ from subjax.fisher._subspace_merge import subspace_merge
 
 __all__: list[str] = [
     "KFACStats",
+    "Linearization",
     "LowRankFisher",
     "average",
     "conv_patches",

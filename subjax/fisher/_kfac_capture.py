@@ -46,6 +46,26 @@ from subjax.fisher._core import _batch_size
 Params = Any
 
 
+class Linearization(NamedTuple):
+    """The model linearised at the current parameters on the current batch.
+
+    Returned by :func:`kfac_grads_and_stats` with ``linearization=True``; the
+    linear map reuses the residuals of the forward pass that gave the loss, the
+    gradient and the statistics, so a Jacobian-vector product costs one linear
+    pass (no second forward pass). Only valid inside the traced function that
+    built it.
+
+    Attributes:
+      outputs: the model outputs ``z`` on the batch, ``(N, ...)``.
+      jvp: ``v -> J v``, a params-shaped tangent to the output tangent.
+      likelihood: the output likelihood the loss was computed with.
+    """
+
+    outputs: jax.Array
+    jvp: Callable[[Any], jax.Array]
+    likelihood: str
+
+
 class KFACStats(NamedTuple):
     """Kronecker factors of one dense layer from one batch (float32, or float64 in x64).
 
@@ -262,6 +282,16 @@ def _vary_like(z, tree):
     return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
+def _linear_pass(fn, *primals, has_aux=False):
+    """``fn`` linearised once: outputs, its JVP, its VJP (the JVP transposed), aux."""
+    if has_aux:
+        out, f_jvp, aux = jax.linearize(fn, *primals, has_aux=True)
+    else:
+        (out, f_jvp), aux = jax.linearize(fn, *primals), None
+    f_vjp = jax.linear_transpose(f_jvp, *primals)
+    return out, f_jvp, f_vjp, aux
+
+
 def kfac_grads_and_stats(
     apply_fn: Callable,
     params: Params,
@@ -273,14 +303,15 @@ def kfac_grads_and_stats(
     key: jax.Array | None = None,
     stats_batch: int | None = None,
     weight_sharing: str = "expand",
+    linearization: bool = False,
 ):
     """Loss, gradient and per-layer K-FAC factors in one forward pass.
 
     The loss is the mean NLL ``(1/N) sum_i nll(apply_fn(params, inputs)_i, labels_i)``
-    of ``likelihood``. The backward pass for the gradient uses ``labels``; the
-    ``G`` factors use targets sampled from the model (``fisher="true"``, an extra
-    backward pass through the same linearisation) or the labels
-    (``fisher="empirical"``, no extra pass).
+    of ``likelihood``. The model is linearised once; the backward pass for the
+    gradient uses ``labels``; the ``G`` factors use targets sampled from the model
+    (``fisher="true"``, an extra backward pass through the same linearisation) or
+    the labels (``fisher="empirical"``, no extra pass).
 
     Args:
       apply_fn: ``(params, inputs) -> outputs``; must run at least one registered
@@ -304,10 +335,14 @@ def kfac_grads_and_stats(
         inputs averaged and the output gradients summed over its ``R`` rows first
         (each call's leading axis must be the batch axis). The two agree when
         ``R = 1``.
+      linearization: also return the model's :class:`Linearization` on the full
+        batch (for ``subjax.optim.kfac(..., adaptive_step=True)``: its exact
+        quadratic model then costs two linear passes, no new forward pass).
 
     Returns:
       ``(loss, grads, stats)`` with ``stats`` a dict ``layer name -> KFACStats``,
-      to be passed to :func:`subjax.optim.kfac`'s ``update`` as ``kfac_stats=``.
+      to be passed to :func:`subjax.optim.kfac`'s ``update`` as ``kfac_stats=``;
+      ``(loss, grads, stats, linearization)`` with ``linearization=True``.
     """
     lk.check_likelihood(likelihood)
     choice(fisher, "fisher", ("true", "empirical"))
@@ -330,9 +365,12 @@ def kfac_grads_and_stats(
                 apply_fn, params, take(inputs), take(labels),
                 likelihood=likelihood, fisher=fisher, key=key, weight_sharing=weight_sharing,
             )
-            loss, grads = jax.value_and_grad(
-                lambda p: lk.mean_nll(likelihood, apply_fn(p, inputs), labels))(params)
+            out, f_jvp, f_vjp, _ = _linear_pass(lambda p: apply_fn(p, inputs), params)
+            loss, cot = jax.value_and_grad(lambda z: lk.mean_nll(likelihood, z, labels))(out)
+            (grads,) = f_vjp(cot.astype(out.dtype))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+            if linearization:
+                return loss, grads, stats, Linearization(out, f_jvp, likelihood)
             return loss, grads, stats
 
     shape_cap = _Capture()
@@ -356,14 +394,13 @@ def kfac_grads_and_stats(
             out = apply_fn(p, inputs)
         return out, cap.acts
 
-    out, vjp_fn, acts = jax.vjp(tapped, params, eps0, has_aux=True)
+    out, f_jvp, f_vjp, acts = _linear_pass(tapped, params, eps0, has_aux=True)
     loss, cot = jax.value_and_grad(lambda z: lk.mean_nll(likelihood, z, labels))(out)
-    grads, eps_grads = vjp_fn(cot.astype(out.dtype))
+    grads, eps_grads = f_vjp(cot.astype(out.dtype))
     if fisher == "true":
         y_s = lk.sample(likelihood, key, out)
         cot_s = jax.grad(lambda z: lk.mean_nll(likelihood, z, y_s))(out)
-        _, eps_grads = vjp_fn(cot_s.astype(out.dtype))
-
+        _, eps_grads = f_vjp(cot_s.astype(out.dtype))
     stats = {}
     for name, (_, d_out, _) in meta.items():
         keys = [f"{name}#{i}" for i in range(shape_cap.counts[name])]
@@ -387,4 +424,7 @@ def kfac_grads_and_stats(
         g_f = (d.T @ d) * n  # delta = n * d  ->  (1/n) sum delta delta^T
         stats[name] = KFACStats(a=a_f, g=g_f)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    if linearization:
+        no_tap = jax.tree.map(jnp.zeros_like, eps0)
+        return loss, grads, stats, Linearization(out, lambda v: f_jvp(v, no_tap), likelihood)
     return loss, grads, stats

@@ -44,6 +44,7 @@ from subjax._core import (
     unit_interval,
     value_at,
 )
+from subjax.fisher import _kfac_capture as capture
 from subjax.fisher import _likelihood as lk
 from subjax.optim import _curvature as cv
 
@@ -271,46 +272,41 @@ def _stale(g, delta, dense, fa, fg, lam, stale_ratio) -> jax.Array:
     return _curvature(delta, dense, fa, fg, lam) > stale_ratio * jnp.abs(_vdot(g, delta))
 
 
-def _model_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam, count, lr,
-                axis_name):
+def _model_step(lin, tangent_tree, g, delta, prev, lam, count, lr, axis_name):
     """Step size and momentum from the exact Fisher quadratic model (Martens & Grosse, 7).
 
     ``u = alpha (-Delta) + mu u_prev`` minimising ``g.u + 1/2 u^T (F + lambda) u`` over
-    ``(alpha, mu)`` (``mu = 0`` on the first step or a degenerate 2x2 system). Returns
-    ``u`` and the predicted change ``g.(lr u) + 1/2 (lr u)^T F (lr u)`` of the update
-    ``lr u``.
+    ``(alpha, mu)`` (``mu = 0`` on the first step or a degenerate 2x2 system), with
+    ``u^T F u' = (J u)^T F_z (J u') / N`` from the linearisation ``lin`` that gave the
+    gradient (both Jacobian products in one batched linear pass, no new forward
+    pass). Returns ``u`` and the predicted change ``g.(lr u) + 1/2 (lr u)^T F (lr u)``
+    of the update ``lr u`` (damping excluded).
     """
-    treedef = jax.tree.structure(params)
-    p_w = jax.tree.map(as_compute, params)
-    dt = compute_dtype(jax.tree.leaves(p_w)[0].dtype)
+    dt = g[0].dtype
     a = [-x for x in delta]
     b = list(prev)
-    outputs, f_jvp = jax.linearize(lambda p: apply_fn(p, inputs), p_w)
-    cast = lambda xs: jax.tree.unflatten(
-        treedef, [x.astype(q.dtype) for x, q in zip(xs, jax.tree.leaves(p_w), strict=True)])
-    ja, jb = f_jvp(cast(a)), f_jvp(cast(b))
-    fa_ = lk.output_fisher_product(likelihood, outputs, ja)
-    fb_ = lk.output_fisher_product(likelihood, outputs, jb)
-    quad = jnp.stack([jnp.vdot(ja, fa_), jnp.vdot(ja, fb_), jnp.vdot(jb, fb_)]).astype(dt)
-    quad = cv.pmean(quad / outputs.shape[0], axis_name)
+    jv = jax.vmap(lin.jvp)(tangent_tree([jnp.stack([x, y]) for x, y in zip(a, b, strict=True)]))
+    fjv = lk.output_fisher_product(lin.likelihood, lin.outputs, jv)
+    flat = lambda z: z.reshape(2, -1).astype(dt)
+    quad = cv.pmean(flat(jv) @ flat(fjv).T / lin.outputs.shape[0], axis_name)
     dot = lambda xs, ys: sum(jnp.vdot(x, y).astype(dt) for x, y in zip(xs, ys, strict=True))
-    lin = jnp.stack([dot(g, a), dot(g, b)])
-    norms = jnp.stack([dot(a, a), dot(a, b), dot(b, b)])
+    lin_ab = jnp.stack([dot(g, a), dot(g, b)])
     lam = jnp.asarray(lam).astype(dt)
-    aFa, aFb, bFb = quad[0], quad[1], quad[2]
-    m11 = aFa + lam * norms[0]
-    m12 = aFb + lam * norms[1]
-    m22 = bFb + lam * norms[2]
+    aFa, aFb, bFb = quad[0, 0], 0.5 * (quad[0, 1] + quad[1, 0]), quad[1, 1]
+    m11 = aFa + lam * dot(a, a)
+    m12 = aFb + lam * dot(a, b)
+    bb = dot(b, b)
+    m22 = bFb + lam * bb
     det = m11 * m22 - m12 * m12
     tiny = jnp.asarray(1e-30, dt)
-    first = (count == 0) | (norms[2] <= tiny) | (det <= 1e-12 * m11 * m22)
+    first = (count == 0) | (bb <= tiny) | (det <= 1e-12 * m11 * m22)
     safe_det = jnp.where(det > 0, det, 1.0)
-    alpha = jnp.where(first, -lin[0] / jnp.maximum(m11, tiny),
-                      (-lin[0] * m22 + lin[1] * m12) / safe_det)
-    mu = jnp.where(first, jnp.zeros((), dt), (-lin[1] * m11 + lin[0] * m12) / safe_det)
+    alpha = jnp.where(first, -lin_ab[0] / jnp.maximum(m11, tiny),
+                      (-lin_ab[0] * m22 + lin_ab[1] * m12) / safe_det)
+    mu = jnp.where(first, jnp.zeros((), dt), (-lin_ab[1] * m11 + lin_ab[0] * m12) / safe_det)
     u = [alpha.astype(x.dtype) * x + mu.astype(y.dtype) * y for x, y in zip(a, b, strict=True)]
     lr = jnp.asarray(lr).astype(dt)
-    pred = (lr * (alpha * lin[0] + mu * lin[1])
+    pred = (lr * (alpha * lin_ab[0] + mu * lin_ab[1])
             + 0.5 * lr**2 * (alpha**2 * aFa + 2 * alpha * mu * aFb + mu**2 * bFb))
     return u, pred.astype(jnp.float32)
 
@@ -334,7 +330,6 @@ def kfac(
     layers: tuple[str, ...] | None = None,
     axis_name: str | None = None,
     adaptive_step: bool = False,
-    likelihood: str = "categorical",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC for the dense layers of a model, as an optax transform.
 
@@ -392,16 +387,16 @@ def kfac(
         the gradient itself must already be averaged by the caller.
       adaptive_step: choose the step size ``alpha`` and momentum ``mu`` each step by
         minimising the exact Fisher quadratic model over ``u = alpha (-Delta) + mu
-        u_prev`` (Martens & Grosse 2015, sec. 7); needs ``apply_fn`` and ``inputs``
-        in ``update`` (two forward-mode passes per step). The update is
-        ``learning_rate * u`` (use 1.0); ``momentum`` and ``norm_constraint`` are
-        unused. With ``adaptive_damping`` the predicted change is the exact model's.
-      likelihood: ``"categorical" | "bernoulli" | "gaussian"``, the output
-        distribution of ``adaptive_step``'s Fisher products.
+        u_prev`` (Martens & Grosse 2015, sec. 7); needs ``linearization=`` in
+        ``update`` (from ``kfac_grads_and_stats(..., linearization=True)``: the two
+        Fisher products reuse the linearisation that gave the gradient, one batched
+        linear pass). The update is ``learning_rate * u`` (use 1.0); ``momentum``
+        and ``norm_constraint`` are unused. With ``adaptive_damping`` the predicted
+        change is the exact model's.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
-      *, kfac_stats, loss=None, apply_fn=None, inputs=None)``.
+      *, kfac_stats, loss=None, linearization=None)``.
 
     References:
       Martens, Grosse, "Optimizing Neural Networks with Kronecker-factored
@@ -416,7 +411,6 @@ def kfac(
     positive(norm_constraint, "norm_constraint", allow_none=True)
     scalar(stale_ratio, "stale_ratio", low=1.0, allow_none=True)
     unit_interval(damping_factor, "damping_factor")
-    lk.check_likelihood(likelihood)
     damping_bounds = _check_bounds(damping_bounds)
     layers = None if layers is None else tuple(layers)
 
@@ -449,13 +443,15 @@ def kfac(
             prev_pred=jnp.zeros((), jnp.float32),
         )
 
-    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None, apply_fn=None,
-                  inputs=None, **extra):
+    def update_fn(updates, state, params=None, *, kfac_stats=None, loss=None,
+                  linearization=None, **extra):
         del extra
-        if adaptive_step and (apply_fn is None or inputs is None):
+        if adaptive_step and not isinstance(linearization, capture.Linearization):
             raise ValueError(
-                "adaptive_step=True needs the keyword arguments `apply_fn` and `inputs` in "
-                "update (for the exact Fisher quadratic model)"
+                "adaptive_step=True needs the keyword argument `linearization` in update: "
+                "`loss, grads, stats, lin = subjax.fisher.kfac_grads_and_stats(..., "
+                "linearization=True)` and `opt.update(grads, state, params, kfac_stats=stats, "
+                "linearization=lin)` (the exact quadratic model reuses that linearisation)"
             )
         if params is None:
             raise ValueError("K-FAC needs `params` in update (to find the dense layers)")
@@ -499,8 +495,10 @@ def kfac(
         lr = value_at(learning_rate, count)
         prev = jax.tree.leaves(state.momentum)
         if adaptive_step:  # step size and momentum from the exact quadratic model
-            u, pred = _model_step(apply_fn, inputs, likelihood, params, g, delta, prev, lam,
-                                  count, lr, axis_name)
+            tangents = lambda xs: jax.tree.unflatten(
+                treedef, [x.astype(leaf.dtype) for x, leaf in zip(xs, leaves, strict=True)])
+            u, pred = _model_step(linearization, tangents, g, delta, prev, lam, count, lr,
+                                  axis_name)
             scale = jnp.asarray(lr, jnp.float32)
         else:  # KL clipping, then heavy-ball momentum on the direction
             nu = _kl_clip(lr, g, delta, norm_constraint)
