@@ -99,6 +99,16 @@ class Experiment:
     #: file names (written by :meth:`report`) published as reference figures.
     figures: tuple[str, ...] = ()
 
+    #: columns that lead every result table, in this order; the others follow in the
+    #: order of the rows' keys (a published summary stores them sorted).
+    lead_columns: tuple[str, ...] = ()
+
+    def table_columns(self, rows: list[Mapping[str, Any]]) -> list[str]:
+        """Column order of a result table: :attr:`lead_columns` first, then the rest."""
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        return [k for k in self.lead_columns if k in keys] + [
+            k for k in keys if k not in self.lead_columns]
+
     @property
     def directory(self) -> pathlib.Path | None:
         """The experiment's source folder, ``experiments/<dir>/``."""
@@ -117,10 +127,12 @@ class Experiment:
         """Markdown of the README's generated block from a published ``summary``.
 
         The default renders the claims table, then every table in
-        ``summary["results"]["tables"]`` (``{title: [row, ...]}``), then the time
-        the run took. Override to add experiment-specific tables.
+        ``summary["results"]["tables"]`` (``{title: [row, ...]}``, columns in the
+        order of :meth:`table_columns`), then the time the run took. Override to add
+        experiment-specific tables.
         """
-        return results_markdown("", summary.get("results", {}), run_cost(summary)).strip()
+        return results_markdown("", summary.get("results", {}), run_cost(summary),
+                                columns=self.table_columns).strip()
 
 
 class CellExperiment(Experiment):
@@ -147,6 +159,35 @@ class CellExperiment(Experiment):
     def expected_cells(self, cfg) -> int | None:
         """Number of cells a sweep will request (for the progress bar), if known."""
         return None
+
+
+class SeedSweep(CellExperiment):
+    """A sweep of one cell per seed, or one per seed and method when :attr:`methods`
+    is set: ``cfg.seeds`` seeds from ``cfg.seed``. Subclasses implement
+    :meth:`run_seed` and build their results from :meth:`seed_rows`."""
+
+    #: methods run as separate cells of each seed (empty: one cell per seed).
+    methods: tuple[str, ...] = ()
+
+    def run_seed(self, cfg, seed: int, method: str | None = None) -> dict:
+        """One cell: ``seed`` (and ``method`` when :attr:`methods` is set)."""
+        raise NotImplementedError
+
+    def expected_cells(self, cfg) -> int:
+        return cfg.seeds * max(1, len(self.methods))
+
+    def run_cell(self, cfg, cell: dict) -> dict:
+        if self.methods:
+            return self.run_seed(cfg, cell["seed"], cell["method"])
+        return self.run_seed(cfg, cell["seed"])
+
+    def seed_rows(self, cfg, cells: Cells) -> list:
+        """Every cell's result in seed order (``{method: result}`` per seed when
+        :attr:`methods` is set)."""
+        seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+        if self.methods:
+            return [{m: cells(seed=s, method=m) for m in self.methods} for s in seeds]
+        return [cells(seed=s) for s in seeds]
 
 
 # --------------------------------------------------------------------------- registry
@@ -753,13 +794,19 @@ def claims_table(claims: list[Mapping[str, Any]], experiment: str | None = None,
     return markdown_table(rows, cols)
 
 
-def results_markdown(intro: str, results: Mapping[str, Any], *images: str) -> str:
+def results_markdown(intro: str, results: Mapping[str, Any], *images: str,
+                     columns=None) -> str:
     """The standard body of a ``report.md``: an intro line, the claims table, every
-    table of ``results["tables"]`` and the image links."""
+    table of ``results["tables"]`` and the image links (or any closing lines).
+
+    ``columns`` maps a table's rows to its column order
+    (:meth:`Experiment.table_columns`); ``None`` keeps the rows' key order.
+    """
     parts = [intro] if intro else []
     if results.get("claims"):
         parts.append(claims_table(results["claims"]))
-    parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in (results.get("tables") or {}).items()]
+    parts += [f"**{t}**\n\n{markdown_table(r, None if columns is None else columns(r))}"
+              for t, r in (results.get("tables") or {}).items()]
     parts += list(images)
     return "\n\n".join(parts) + "\n"
 

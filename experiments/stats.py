@@ -239,6 +239,29 @@ def extend_grid(grid: Sequence[float], side: str, spacing: str = "auto",
     return int(new) if integer else new
 
 
+def _evaluate_grid(evaluate, grid, budget) -> dict[float, float]:
+    """``{value: score}`` over the distinct values of ``grid`` (at least two, within
+    ``budget``)."""
+    values = list(dict.fromkeys(grid))
+    if len(values) < 2:
+        raise ValueError("`grid` needs at least two distinct values")
+    static_int(budget, "budget", minimum=len(values))
+    return {v: float(evaluate(v)) for v in values}
+
+
+def _extend_past(evaluate, tried: dict, edge, budget, spacing, bounds) -> None:
+    """Evaluate one new value beyond ``edge(tried)`` (``"low"``, ``"high"`` or None to
+    stop) at a time, while the budget lasts and the grid can grow."""
+    while len(tried) < budget:
+        side = edge(tried)
+        if side is None:
+            return
+        new = extend_grid(sorted(tried), side, spacing, bounds)
+        if new is None or new in tried:
+            return
+        tried[new] = float(evaluate(new))
+
+
 @dataclasses.dataclass(frozen=True)
 class Tuned:
     """Outcome of :func:`tune`: the chosen value, every value tried with its score."""
@@ -270,22 +293,13 @@ def tune(evaluate: Callable[[float], float], grid: Sequence[float], *, budget: i
     ``at_edge`` is True when the search stopped with the best value still at an
     edge (out of budget, or at a bound): the report must say so.
     """
-    values = list(dict.fromkeys(grid))
-    if len(values) < 2:
-        raise ValueError("`grid` needs at least two distinct values")
-    budget = static_int(budget, "budget", minimum=len(values))
-    tried: dict[float, float] = {}
-    for v in values:
-        tried[v] = float(evaluate(v))
-    while True:
+    tried = _evaluate_grid(evaluate, grid, budget)
+
+    def edge(tried):
         keys = sorted(tried)
-        side = grid_edge(keys, [tried[k] for k in keys], maximize)
-        if side is None or len(tried) >= budget:
-            break
-        new = extend_grid(keys, side, spacing, bounds)
-        if new is None or new in tried:
-            break
-        tried[new] = float(evaluate(new))
+        return grid_edge(keys, [tried[k] for k in keys], maximize)
+
+    _extend_past(evaluate, tried, edge, budget, spacing, bounds)
     keys = sorted(tried)
     scores = np.array([tried[k] for k in keys])
     best = keys[int(np.argmax(scores if maximize else -scores))]
@@ -338,27 +352,16 @@ def smallest_reaching(evaluate: Callable[[float], float], grid: Sequence[float],
     stopped without a bracketing pair (then ``best`` is the smallest value reaching
     the target, or the best-scoring value when none does).
     """
-    values = list(dict.fromkeys(grid))
-    if len(values) < 2:
-        raise ValueError("`grid` needs at least two distinct values")
-    budget = static_int(budget, "budget", minimum=len(values))
-    tried = {v: float(evaluate(v)) for v in values}
+    tried = _evaluate_grid(evaluate, grid, budget)
 
-    def state():
+    def state(tried):
         keys = sorted(tried)
         hits = [k for k in keys if tried[k] >= target]
         if not hits:
             return keys, None, "high"
         return keys, hits[0], "low" if hits[0] == keys[0] else None
 
-    while True:
-        keys, hit, side = state()
-        if side is None or len(tried) >= budget:
-            break
-        new = extend_grid(keys, side, spacing, bounds)
-        if new is None or new in tried:
-            break
-        tried[new] = float(evaluate(new))
-    keys, hit, side = state()
+    _extend_past(evaluate, tried, lambda t: state(t)[2], budget, spacing, bounds)
+    keys, hit, side = state(tried)
     best = hit if hit is not None else max(keys, key=lambda k: tried[k])
     return Tuned(best, tried[best], tuple((k, tried[k]) for k in keys), side is not None)

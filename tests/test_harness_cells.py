@@ -208,3 +208,51 @@ def test_readme_block_is_a_function_of_the_summary(tmp_path):
     assert block == harness.readme_block(exp, json.loads(json.dumps(summary)))
     assert "Time: 10.0 min for the full mode, 10 seeds on 2 CPU cores" in block
     assert pathlib.Path is not None
+
+
+class Seeds(harness.SeedSweep):
+    """One cell per seed and method; a table whose rows start with the wrong column."""
+
+    name = "seeds"
+    config_cls = ToyConfig
+    methods = ("x", "y")
+    lead_columns = ("method", "absent")
+
+    def run_seed(self, cfg, seed, method=None):
+        return {"v": 10 * seed + (method == "y")}
+
+    def sweep(self, cfg, cells):
+        return {"rows": self.seed_rows(cfg, cells),
+                "tables": {"t": [{"score": 1, "method": "x"}, {"extra": 2, "method": "y"}]}}
+
+    def report(self, cfg, results, history, outdir):
+        return harness.results_markdown("", results, columns=self.table_columns)
+
+
+def test_seed_sweep_runs_one_cell_per_seed_and_method(tmp_path):
+    cfg = ToyConfig(seed=2, seeds=3)
+    exp = Seeds()
+    assert exp.expected_cells(cfg) == 6
+    out = _run(exp, tmp_path / "m", cfg)
+    assert out.results["rows"] == [{"x": {"v": 10 * s}, "y": {"v": 10 * s + 1}}
+                                   for s in (2, 3, 4)]
+    assert [h["cell"] for h in out.history][:2] == [{"seed": 2, "method": "x"},
+                                                   {"seed": 2, "method": "y"}]
+    single = Seeds()
+    single.methods = ()
+    assert single.expected_cells(cfg) == 3
+    out = _run(single, tmp_path / "s", cfg)
+    assert out.results["rows"] == [{"v": 10 * s} for s in (2, 3, 4)]
+    assert [h["cell"] for h in out.history] == [{"seed": s} for s in (2, 3, 4)]
+
+
+def test_lead_columns_order_the_report_and_readme_tables(tmp_path):
+    exp = Seeds()
+    rows = [{"score": 1, "method": "x"}, {"extra": 2, "method": "y"}]
+    assert exp.table_columns(rows) == ["method", "score", "extra"]
+    out = _run(exp, tmp_path, ToyConfig(seeds=1))
+    head = "| method | score | extra |"
+    assert head in (out.outdir / "report.md").read_text()
+    summary = {"experiment": "seeds", "mode": "full", "config": {"seeds": 1},
+               "results": json.loads(json.dumps(out.results, sort_keys=True)), "compute_s": 1.0}
+    assert head in exp.readme_tables(summary)

@@ -276,8 +276,7 @@ def gram_spectrum(cfg: Config, params, key, x0, y) -> dict:
         t = jnp.full((n,), int(lvl))
         xt, eps = noised(cfg, jax.random.fold_in(key, int(lvl)), x0[:n], t)
         g = fisher.per_example_grads(_loss, params, _inputs(cfg, xt, y[:n], t), eps)
-        G = jax.vmap(lambda tree: ravel_pytree(tree)[0])(g).astype(jnp.float64)
-        G = np.asarray(G)
+        G = np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(g), np.float64)
         w, v = np.linalg.eigh(G @ G.T)
         share.append(float(w[-1] / w.sum()))
         top = G.T @ v[:, -1]
