@@ -59,7 +59,7 @@ class Config:
     heads: int = 4
     layers: int = 2
     batch: int = 32
-    steps: int = 400
+    steps: int = 300
     rank: int = 16
     sparse_rank: int = 4
     n_val: int = 256
