@@ -28,11 +28,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import stats
 from experiments.data import Split, digits
-from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
+from experiments.harness import SeedSweep, new_figure, results_markdown, save_figure
+from experiments.training import fit, softmax_nll
 from subjax import fisher
 
 FISHERS = ("true", "empirical", "true, unnormalised")
@@ -85,20 +85,7 @@ def apply_fn(p, x):
 
 
 def _loss(p, x, y):
-    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(apply_fn(p, x)), y[:, None], 1))
-
-
-@jax.jit(static_argnames=("steps",))
-def _train(params, x, y, lr, steps):
-    opt = optax.adam(lr)
-
-    def body(carry, _):
-        p, s = carry
-        u, s = opt.update(jax.grad(_loss)(p, x, y), s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-    return p
+    return softmax_nll(apply_fn(p, x), y)
 
 
 @jax.jit
@@ -138,7 +125,7 @@ def shift(split: Split, seed: int) -> Split:
 
 
 def _fit(cfg, params, split: Split, steps):
-    return _train(params, jnp.asarray(split.x), jnp.asarray(split.y), cfg.lr, steps)
+    return fit(_loss, params, jnp.asarray(split.x), jnp.asarray(split.y), cfg.lr, steps)
 
 
 def _fisher_set(cfg, p, split: Split):
@@ -257,7 +244,7 @@ CLAIMS = (
 )
 
 
-class FisherMerge(CellExperiment):
+class FisherMerge(SeedSweep):
     name = "fisher-merge"
     title = "Fisher-weighted merging: ensembling, robust fine-tuning, intermediate tasks " \
             "(Matena & Raffel 2022)"
@@ -266,14 +253,10 @@ class FisherMerge(CellExperiment):
     full = {"seeds": 10}
     figures = ("merge.png", "robust.png")
 
-    def expected_cells(self, cfg):
-        return cfg.seeds
-
-    def run_cell(self, cfg, cell):
-        return run_seed(cfg, cell["seed"])
+    run_seed = staticmethod(run_seed)
 
     def sweep(self, cfg, cells):
-        rows = [cells(seed=cfg.seed + i) for i in range(cfg.seeds)]
+        rows = self.seed_rows(cfg, cells)
         claims = []
         for i, (setting, metric, text, paper) in enumerate(CLAIMS):
             foil = "target only" if i == 3 else "isotropic"

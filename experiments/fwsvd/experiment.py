@@ -22,18 +22,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import stats
 from experiments.data import digits
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import SeedSweep, new_figure, results_markdown, save_figure
+from experiments.training import fit, softmax_nll
 from subjax import fisher, linalg
 
 LAYERS = ("l1", "l2")
@@ -83,20 +76,7 @@ def apply_fn(p, x):
 
 
 def _nll(p, x, y):
-    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(apply_fn(p, x)), y[:, None], 1))
-
-
-@jax.jit(static_argnames=("steps",))
-def _train(params, x, y, lr, steps):
-    opt = optax.adam(lr)
-
-    def body(carry, _):
-        p, s = carry
-        u, s = opt.update(jax.grad(_nll)(p, x, y), s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-    return p
+    return softmax_nll(apply_fn(p, x), y)
 
 
 @jax.jit
@@ -124,7 +104,7 @@ def _compress(cfg, params, fis, method, rank):
 def _task_cell(cfg, base, data, classes) -> dict:
     train, cls = data.train.classes(classes), jnp.asarray(classes)
     x, y = jnp.asarray(train.x), jnp.asarray(train.y)
-    params = _train(base, x, y, cfg.finetune_lr, cfg.finetune_steps)
+    params = fit(_nll, base, x, y, cfg.finetune_lr, cfg.finetune_steps)
     fis = fisher.diag_empirical(apply_fn, params, x, y)  # the task's empirical Fisher
     sets = {k: getattr(data, k).classes(classes) for k in ("val", "test")}
 
@@ -156,7 +136,7 @@ def _task_cell(cfg, base, data, classes) -> dict:
 
 def run_seed(cfg: Config, seed: int) -> dict:
     data = digits(seed)
-    base = _train(_init(jax.random.key(seed), cfg.hidden), jnp.asarray(data.train.x),
+    base = fit(_nll, _init(jax.random.key(seed), cfg.hidden), jnp.asarray(data.train.x),
                   jnp.asarray(data.train.y), cfg.lr, cfg.pretrain_steps)
     return {"seed": seed, **{name: _task_cell(cfg, base, data, classes)
                              for name, classes in TASKS.items()}}
@@ -166,22 +146,18 @@ def _col(rows, task, rank, method, metric):
     return [r[task]["ranks"][str(rank)][method][metric] for r in rows]
 
 
-class FWSVD(CellExperiment):
+class FWSVD(SeedSweep):
     name = "fwsvd"
     title = "Fisher-weighted SVD vs SVD compression at equal rank (Hsu et al. 2022)"
     config_cls = Config
     quick = {"seeds": 3, "pretrain_steps": 300, "finetune_steps": 150}
     full = {"seeds": 10}
     figures = ("fwsvd.png",)
-
-    def expected_cells(self, cfg):
-        return cfg.seeds
-
-    def run_cell(self, cfg, cell):
-        return run_seed(cfg, cell["seed"])
+    lead_columns = tuple(COLUMNS)
+    run_seed = staticmethod(run_seed)
 
     def sweep(self, cfg, cells):
-        rows = [cells(seed=cfg.seed + i) for i in range(cfg.seeds)]
+        rows = self.seed_rows(cfg, cells)
         claims, tables = [], {}
         for task in TASKS:
             for r in cfg.ranks:
@@ -219,14 +195,6 @@ class FWSVD(CellExperiment):
                    "compression"] = table
         return {"claims": claims, "tables": tables, "per_seed": rows}
 
-    def readme_tables(self, summary):
-        results = summary.get("results", {})
-        parts = [claims_table(results.get("claims") or [])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in (results.get("tables") or {}).items()]
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
-
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
         fig, axes = new_figure(2, 2, figsize=(9, 6.4))
@@ -254,12 +222,8 @@ class FWSVD(CellExperiment):
             ax2.set_title(f"{task}: accuracy vs reconstruction error", fontsize=9)
         axes[0][0].legend(fontsize=7)
         img = save_figure(fig, outdir, "fwsvd.png", "accuracy vs rank and vs reconstruction")
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
+                                results, img, columns=self.table_columns)
 
 
 EXPERIMENT = FWSVD()
