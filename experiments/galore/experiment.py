@@ -284,7 +284,7 @@ class GaLoreWeLore(CellExperiment):
     name = "galore"
     title = "GaLore projectors vs Adam on a 24-matrix transformer LM; WeLore rank allocation"
     config_cls = Config
-    quick = {"seeds": 2, "layers": 4, "steps": 120, "batch": 16, "ft_steps": 60,
+    quick = {"seeds": 2, "layers": 2, "steps": 120, "batch": 16, "ft_steps": 60,
              "budget": 2, "n_val": 128, "n_test": 256}
     full = {"seeds": 5}
     figures = ("galore_pretraining.png", "welore_ranks.png")
