@@ -66,7 +66,7 @@ class Config:
     n_val: int = 256
     n_test: int = 512
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    budget: int = 5
+    budget: int = 4
 
     def __post_init__(self):
         for k in ("seeds", "vocab", "seq_len", "d_model", "heads", "layers", "batch", "steps",
