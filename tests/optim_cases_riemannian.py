@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from optim_conformance import OptimCase
 
-from subjax.manifolds import Grassmann, Stiefel
+from subjax.manifolds import SPD, Grassmann, Sphere, Stiefel
 from subjax.optim import manifold_muon, riemannian_adam, riemannian_sgd
 
 _ST = Stiefel(6, 3)
@@ -63,4 +63,52 @@ CASES = [
               {"learning_rate": 0.03, "manifolds": _MANIFOLDS}, **_common),
     OptimCase("manifold_muon", manifold_muon,
               {"learning_rate": 0.05, "momentum": 0.5, "manifolds": _MANIFOLDS}, **_common),
+]
+
+
+# Sphere and SPD (affine metric: parallel transport, exponential retraction) next to a
+# plain leaf: the loss -x^T A x on the sphere (minimum: the top eigenvalue) plus the
+# convex tr(P B) - log det P on SPD (minimum at P = B^{-1}, value 3 + log det B).
+_SP = Sphere(4)
+_SPD = SPD(3)
+_MIXED = {"s": _SP, "p": _SPD, "b": None}
+
+
+def _init_mixed(key, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "s": _SP.random_point(k1, (), jnp.float32).astype(dtype),
+        "p": _SPD.random_point(k2, (), jnp.float32).astype(dtype),
+        "b": (0.1 * jax.random.normal(k3, (2,))).astype(dtype),
+    }
+
+
+def _batch_mixed(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    a = jax.random.normal(k1, (4, 4))
+    a = a @ a.T / 4.0
+    c = jax.random.normal(k2, (3, 3))
+    bmat = c @ c.T / 3.0 + 0.5 * jnp.eye(3)
+    fmin = -jnp.linalg.eigh(a)[0][-1] + 3.0 + jnp.linalg.slogdet(bmat)[1]
+    return {"a": a, "bmat": bmat, "target": jax.random.normal(k3, (2,)), "fmin": fmin}
+
+
+def _loss_mixed(params, batch):
+    s = params["s"].astype(jnp.float32)
+    p = params["p"].astype(jnp.float32)
+    b = params["b"].astype(jnp.float32)
+    spd = jnp.trace(p @ batch["bmat"]) - jnp.linalg.slogdet(p)[1]
+    return (-s @ batch["a"] @ s + spd - batch["fmin"]
+            + jnp.sum((b - batch["target"]) ** 2))
+
+
+_mixed = dict(init_params=_init_mixed, make_batch=_batch_mixed, loss=_loss_mixed,
+              decrease_steps=150, decrease_factor=0.5)
+
+CASES += [
+    OptimCase("riemannian_sgd_sphere_spd", riemannian_sgd,
+              {"learning_rate": 0.05, "momentum": 0.9, "manifolds": _MIXED,
+               "refresh_every": 5}, **_mixed),
+    OptimCase("riemannian_adam_sphere_spd", riemannian_adam,
+              {"learning_rate": 0.03, "manifolds": _MIXED}, **_mixed),
 ]

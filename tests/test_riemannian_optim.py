@@ -376,3 +376,21 @@ def test_manifold_muon_trains_on_stiefel_and_grassmann_and_reports_the_dual():
         manifold_muon(0.1, manifolds={"s": Sphere(3)}).init({"s": jnp.ones(3) / 3**0.5})
     with pytest.raises(ValueError, match="`momentum`"):
         manifold_muon(0.1, momentum=1.0)
+
+
+def test_sgd_momentum_is_parallel_transported_on_affine_spd(x64):
+    # the stored momentum is a tangent vector at the new point: the parallel transport
+    # of m_new = grad f(x) along the step (not m_new left as a matrix at x)
+    spd = SPD(3)
+    x = spd.random_point(jax.random.key(0), (), jnp.float64)
+    b = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+    grads = {"p": b - jnp.linalg.inv(x)}  # Euclidean gradient of tr(P B) - log det P
+    opt = riemannian_sgd(0.1, 0.9, manifolds={"p": spd}, refresh_every=None)
+    updates, state = opt.update(grads, opt.init({"p": x}), {"p": x})
+    y = x + updates["p"]
+    rg = spd.egrad2rgrad(x, grads["p"])
+    np.testing.assert_allclose(y, spd.exp(x, -0.1 * rg), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(state.momentum["p"], spd.transport(x, y, rg), rtol=1e-10,
+                               atol=1e-12)
+    # parallel transport keeps the affine-metric norm
+    np.testing.assert_allclose(spd.norm(y, state.momentum["p"]), spd.norm(x, rg), rtol=1e-10)

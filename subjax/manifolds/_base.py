@@ -264,9 +264,14 @@ class Manifold:
     ) -> tuple[Array, Array]:
         """One Riemannian heavy-ball step; returns ``(R_x(-lr d) - x, m_new)``.
 
-        ``m`` is the momentum, a tangent vector at the previous iterate; it is
-        transported to ``T_x M`` (projection), ``m_new = beta * T(m) + grad f(x)``
-        and ``d = m_new`` (or ``grad f(x) + beta * m_new`` with Nesterov).
+        ``m`` is the momentum, a tangent vector at ``x`` (the previous step
+        transported it here); ``m_new = beta * P_x(m) + grad f(x)`` (the projection
+        only removes rounding) and ``d = m_new`` (or ``grad f(x) + beta * m_new`` with
+        Nesterov). The returned momentum is :meth:`transport` of ``m_new`` to the new
+        point, so that a manifold whose transport is not a projection (parallel
+        transport on affine SPD) moves it correctly (a fused kernel whose transport is
+        the projection may return ``m_new`` as it is: the next step's ``P_x(m)`` is
+        that transport).
         ``refresh`` (a traced bool, optional): when true the new point is also mapped
         back with :meth:`project_point` (periodic re-orthonormalisation).
         Computed in the working dtype; subclasses override with fused kernels.
@@ -278,7 +283,7 @@ class Manifold:
         u = self.retract(xw, -lr * d, retraction) - xw
         if refresh is not None:
             u = jax.lax.cond(refresh, lambda u: self.project_point(xw + u) - xw, lambda u: u, u)
-        return u, m_new
+        return u, self.transport(xw, xw + u, m_new)
 
     def _check_method(self, method: str | None) -> str:
         method = self.default_retraction if method is None else method
