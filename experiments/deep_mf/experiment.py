@@ -37,14 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import stats
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 
 METHODS = ("balanced", "plain")
 N_LAYERS = 4
@@ -188,22 +181,6 @@ def _round(x):
     return float(f"{x:.4g}")
 
 
-LEAD_COLUMNS = ("method", "rank", "kappa")
-
-
-def ordered_tables(exp, summary):
-    """The default README block with each table's leading columns first (JSON sorts keys)."""
-    results = summary.get("results", {})
-    parts = [claims_table(results.get("claims") or [])]
-    for title, rows in (results.get("tables") or {}).items():
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        cols = [k for k in LEAD_COLUMNS if k in keys] + [k for k in keys
-                                                         if k not in LEAD_COLUMNS]
-        parts.append(f"**{title}**\n\n{markdown_table(rows, cols)}")
-    parts.append(run_cost(summary))
-    return "\n\n".join(parts)
-
-
 def _steps_or_cap(cfg, r):
     """Steps to the tolerance; a run that never reaches it counts as twice the budget."""
     return r["steps_to_tol"] if r["steps_to_tol"] is not None else 2 * cfg.steps
@@ -217,6 +194,7 @@ class DeepMF(CellExperiment):
     quick = {"seeds": 2, "ranks": (2, 5), "steps": 6000, "lr_budget": 3, "val_seeds": 1}
     full = {"seeds": 10}
     figures = ("convergence.png", "singular_values.png")
+    lead_columns = ("method", "rank", "kappa")
 
     def expected_cells(self, cfg):
         n_targets = len(cfg.ranks) * len(cfg.kappas)
@@ -327,9 +305,6 @@ class DeepMF(CellExperiment):
                                lr_rows},
                 "curves": curves, "detail": detail}
 
-    def readme_tables(self, summary):
-        return ordered_tables(self, summary)
-
     def report(self, cfg, results, history, outdir):
         curves = results["curves"]
         targets = sorted({tuple(k.split("|")[1:]) for k in curves},
@@ -376,11 +351,8 @@ class DeepMF(CellExperiment):
             fig, outdir, "singular_values.png",
             "singular values of the product and of each factor (first test seed, hardest "
             "target; dotted: s_k and s_k^(1/4))")
-        parts = [f"{cfg.seeds} test seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} test seeds; intervals are 95% t-intervals over "
+                                "seeds.", results, img)
 
 
 EXPERIMENT = DeepMF()

@@ -37,14 +37,7 @@ from flax import nnx
 import subjax.nn as snn
 from experiments import stats
 from experiments.data import digits
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 
 MLP_METHODS = ("od", "plain", "dense+svd")
 
@@ -298,17 +291,12 @@ class Maestro(CellExperiment):
                            "MLP learning rate chosen on validation (full rank)": lr_rows},
                 "curves": curves, "prune": prune}
 
-    def readme_tables(self, summary):
-        results = summary.get("results", {})
-        lead = ("setting", "method", "kept rank", "first-layer parameters")
-        parts = [claims_table(results.get("claims") or [])]
-        for title, rows in (results.get("tables") or {}).items():
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            keys.sort(key=lambda k: (k not in lead, lead.index(k) if k in lead else 0,
-                                     int(k.split()[-1]) if k.startswith("angle ") else 0))
-            parts.append(f"**{title}**\n\n{markdown_table(rows, keys)}")
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
+    lead_columns = ("setting", "method", "kept rank", "first-layer parameters")
+
+    def table_columns(self, rows):
+        """The lead columns, the others, then the angle columns by their index."""
+        return sorted(super().table_columns(rows), key=lambda k: (
+            k not in self.lead_columns, int(k.split()[-1]) if k.startswith("angle ") else 0))
 
     def report(self, cfg, results, history, outdir):
         fig, axes = new_figure(1, 2, figsize=(8.5, 3.2))
@@ -336,11 +324,8 @@ class Maestro(CellExperiment):
         ax.set_ylabel("test accuracy (mean over seeds)")
         ax.legend(fontsize=7)
         img += "\n\n" + save_figure(fig, outdir, "pruning.png", "accuracy vs footprint")
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
+                                results, img)
 
 
 EXPERIMENT = Maestro()

@@ -34,14 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import stats
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import CellExperiment, new_figure, results_markdown, save_figure
 from subjax import linalg as sl
 
 METHODS = ("msnn", "snn")
@@ -200,6 +193,7 @@ class MSNN(CellExperiment):
              "k_budget": 3}
     full = {"seeds": 10}
     figures = ("msnn.png",)
+    lead_columns = ("method",)
 
     def expected_cells(self, cfg):
         return len(METHODS) * (cfg.k_budget * cfg.val_seeds + cfg.seeds)
@@ -265,17 +259,6 @@ class MSNN(CellExperiment):
                 "tables": {"Scarce-level entries: error, coverage and anchor sizes": rows},
                 "z": z, "rmse": {m: col(m, "rmse_common") for m in METHODS}}
 
-    def readme_tables(self, summary):
-        """The default block with the method column first (the summary's keys are sorted)."""
-        results = summary.get("results", {})
-        parts = [claims_table(results.get("claims") or [])]
-        for title, rows in (results.get("tables") or {}).items():
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            cols = ["method"] + [k for k in keys if k != "method"]
-            parts.append(f"**{title}**\n\n{markdown_table(rows, cols)}")
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
-
     def report(self, cfg, results, history, outdir):
         fig, axes = new_figure(1, 2, figsize=(9, 3.4))
         ax = axes[0]
@@ -297,11 +280,8 @@ class MSNN(CellExperiment):
         ax.legend(fontsize=7)
         ax.set_title("studentised errors", fontsize=9)
         img = save_figure(fig, outdir, "msnn.png", "per-seed RMSE and studentised errors")
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
+                                results, img)
 
 
 EXPERIMENT = MSNN()
