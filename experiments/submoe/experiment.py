@@ -30,14 +30,7 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 from experiments import stats
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import SeedSweep, new_figure, results_markdown, run_cost, save_figure
 from subjax import fisher
 
 METHODS = ("sub-moe", "average", "drop")
@@ -278,7 +271,7 @@ def _pct(r):
     return f"{round(100 * r)}%"
 
 
-class SubMoE(CellExperiment):
+class SubMoE(SeedSweep):
     name = "submoe"
     title = "Sub-MoE: joint-SVD expert merging vs averaging vs dropping (Li et al. 2025)"
     config_cls = Config
@@ -286,14 +279,11 @@ class SubMoE(CellExperiment):
     full = {"seeds": 5}
     figures = ("submoe.png",)
 
-    def expected_cells(self, cfg):
-        return cfg.seeds
-
-    def run_cell(self, cfg, cell):
-        return run_seed(cfg, cell["seed"])
+    lead_columns = tuple(COLUMNS)
+    run_seed = staticmethod(run_seed)
 
     def sweep(self, cfg, cells):
-        rows = [cells(seed=cfg.seed + i) for i in range(cfg.seeds)]
+        rows = self.seed_rows(cfg, cells)
         claims = []
         paper = {0.25: "96%", 0.5: "86%"}
         for red in cfg.reductions:
@@ -324,13 +314,10 @@ class SubMoE(CellExperiment):
 
     def readme_tables(self, summary):
         results = summary.get("results", {})
-        parts = [claims_table(results.get("claims") or [])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in (results.get("tables") or {}).items()]
-        parts.append(f"Sub-MoE's validated rank fraction was at the edge of its grid in "
-                     f"{results.get('rank_at_edge')} of the tunings.")
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
+        note = (f"Sub-MoE's validated rank fraction was at the edge of its grid in "
+                f"{results.get('rank_at_edge')} of the tunings.")
+        return results_markdown("", results, note, run_cost(summary),
+                                columns=self.table_columns).strip()
 
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
@@ -348,14 +335,11 @@ class SubMoE(CellExperiment):
         ax.set_ylim(max(0.0, lo - 0.05), 1.02)
         ax.legend(fontsize=7)
         img = save_figure(fig, outdir, "submoe.png", "accuracy retained after expert reduction")
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds. Sub-MoE rank "
-                 f"fraction at the edge of its grid in {results['rank_at_edge']} of "
-                 f"{len(rows) * len(cfg.reductions)} tunings.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(
+            f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds. Sub-MoE rank "
+            f"fraction at the edge of its grid in {results['rank_at_edge']} of "
+            f"{len(rows) * len(cfg.reductions)} tunings.", results, img,
+            columns=self.table_columns)
 
 
 EXPERIMENT = SubMoE()
