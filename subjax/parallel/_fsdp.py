@@ -5,7 +5,8 @@ Parameters and optimizer state live sharded over the ``fsdp`` axis of a 2-D
 jitted function with ``in_shardings`` / ``out_shardings``: XLA's SPMD partitioner
 (GSPMD) inserts the all-gathers of the weights for the forward and backward
 passes and the reduce-scatters of the gradients, and every large array enters
-and leaves the step sharded.
+and leaves the step sharded (XLA:CPU reduces gradients with an all-reduce and a
+slice instead of a reduce-scatter).
 
 * :func:`fsdp_spec` — the placement rule for one array shape.
 * :func:`fsdp_shardings` — ``NamedSharding`` trees for the parameters, for any
@@ -187,9 +188,13 @@ def fsdp_step(
     opt_state, replicated))`` from :func:`fsdp_shardings`. It computes the same
     update as the one-device step on the whole batch; XLA partitions the
     program: each weight is all-gathered where a matrix product needs it and
-    its gradient is reduce-scattered back to its shard, so the parameters and
-    the optimizer state of the large matrices occupy ``1/p`` of their size per
-    device between steps (``p`` = size of the ``fsdp`` axis).
+    its gradient is reduced back to its shard (a reduce-scatter; XLA:CPU emits
+    an all-reduce and a slice), so the parameters and the optimizer state of the
+    large matrices occupy ``1/p`` of their size per device between steps
+    (``p`` = size of the ``fsdp`` axis). Within the step, a model written as
+    unrolled layers keeps every gathered weight and the whole gradient as
+    temporaries; a model whose blocks are stacked and run by
+    ``jax.lax.scan(jax.checkpoint(block), ...)`` gathers one block at a time.
 
     Optimizers with batch statistics (K-FAC) get them from ``grad_fn`` on the
     global batch — no ``axis_name`` is needed: the reductions over the batch are
