@@ -26,6 +26,12 @@ Cases (float32, warm, interleaved, one process):
   Laplacians ``D - W`` of Erdos-Renyi
   graphs (mean degree 8) and random sparse matrices of 1e4 and 1e5 rows.
 
+- ``randomized_svd defaults MxN``: subjax's ``randomized_svd(a, 32, key=key)``
+  against scikit-learn's ``randomized_svd(a, 32)``, each with its own defaults
+  (scikit-learn: 10 oversamples, ``n_iter='auto'``, i.e. 7 power iterations at this
+  rank, LU normalisation), on slowly (``1/i``) and quickly (``exp(-(i-1)/8)``)
+  decaying spectra and square, tall and wide shapes.
+
 Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
 """
 
@@ -42,7 +48,7 @@ import scipy.sparse.linalg as sla
 from jax import lax
 from jax.experimental import sparse as jsparse
 from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 import subjax.linalg as sl
 from experiments.bench import Case, Contender
@@ -56,9 +62,18 @@ RANK, OVERSAMPLE, N_STEPS = 32, 10, 4
 ALL_THREADS = os.cpu_count() or 1
 
 
+_CONTROLLER: list = []
+
+
 def _peer(fn, threads: int = 1):
+    """``fn`` under a BLAS thread limit. ``threadpool_limits(...)`` rescans the loaded
+    libraries on every entry (tens of ms here), which would be timed with the peer;
+    one controller, built once, only sets the thread counts (well under 1 ms)."""
+
     def run(*args, **kwargs):
-        with threadpool_limits(limits=threads):
+        if not _CONTROLLER:
+            _CONTROLLER.append(ThreadpoolController())
+        with _CONTROLLER[0].limit(limits=threads):
             return fn(*args, **kwargs)
 
     return run
@@ -152,6 +167,45 @@ def _svd_case(n: int, with_dense: bool) -> Case:
     )
 
 
+def _spectrum_matrix(m: int, n: int, decay: str, seed: int = 0):
+    """``U diag(sigma) V^T`` (float32) with random orthonormal ``U, V`` and a known spectrum."""
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    i = np.arange(1, k + 1)
+    sigma = 1.0 / i if decay == "slow" else np.exp(-(i - 1) / 8.0)
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return ((u * sigma) @ v.T).astype(np.float32), sigma
+
+
+def _defaults_case(m: int, n: int, decay: str) -> Case:
+    """subjax's ``randomized_svd`` defaults against scikit-learn's, at rank 32."""
+    a_np, sigma = _spectrum_matrix(m, n, decay)
+    a = jnp.asarray(a_np)
+    keys = [jax.random.key(s) for s in range(3)]
+    ours = jax.jit(functools.partial(sl.randomized_svd, rank=RANK))
+    sk = _peer(lambda seed=0: sk_randomized_svd(a_np, RANK, random_state=seed))
+    return Case(
+        name=f"randomized_svd defaults {m}x{n} r{RANK} {decay} decay",
+        params={"m": m, "n": n, "rank": RANK, "dtype": "float32",
+                "spectrum": "sigma_i = 1/i" if decay == "slow" else "sigma_i = exp(-(i-1)/8)"},
+        contenders=[
+            Contender("subjax", lambda: ours(a, key=keys[0]),
+                      accuracy=lambda out: float(np.median(
+                          [_rel_err(ours(a, key=k).s, sigma) for k in keys])),
+                      note="randomized_svd(a, 32, key=key): its defaults"),
+            Contender("scikit-learn", sk,
+                      accuracy=lambda out: float(np.median([_rel_err(sk(s)[1], sigma)
+                                                            for s in range(3)])),
+                      note="randomized_svd(a, 32): its defaults (n_iter='auto', LU "
+                           "normalizer), 1 BLAS thread"),
+        ],
+        reference="subjax",
+        accuracy_label="max rel. err of top-32 sigma (median of 3 seeds)",
+        max_seconds=10.0,
+    )
+
+
 def _sparse_sym(n: int, per_row: int = 5, seed: int = 0):
     rng = np.random.default_rng(seed)
     s = sp.random(n, n, density=per_row / n, random_state=seed, data_rvs=rng.standard_normal)
@@ -172,7 +226,7 @@ def _graph_laplacian(n: int, degree: int = 8, seed: int = 0):
 
 def _lanczos_matvecs(res, k: int, n: int) -> int:
     """Products with ``A`` a default (single-vector) ``lanczos_eigh`` run made."""
-    m = min(max(2 * k + 1, 20), n - 1)
+    m = min(max(2 * k + 1, 30), n - 1)
     new = max(1, (m - k) // 2)
     return 1 + m + (int(res.n_iters) - 1) * new + k  # scale, first basis, restarts, check
 
@@ -238,7 +292,8 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") 
                       accuracy=lambda r: acc(r[0]), note="ARPACK, CSR float32"),
             Contender("jax BCOO matvec f64", matvec64,
                       note="one product A x (the floor of each Lanczos step)"),
-            Contender("scipy CSR matvec f64", _peer(lambda: a64 @ x1), note="one product A x"),
+            Contender("scipy CSR matvec f64", lambda: a64 @ x1,
+                      note="one product A x (no BLAS: no thread limit needed)"),
         ],
         reference="subjax",
         accuracy_label="max |lambda - lambda_ref| / |lambda_1|",
@@ -248,9 +303,11 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") 
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [_svd_case(2048, with_dense=False), _lanczos_case(20000),
-                _lanczos_case(10000, tol=1e-6, kind="laplacian")]
-    return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False),
+        return [_svd_case(2048, with_dense=False), _defaults_case(2048, 1024, "slow"),
+                _lanczos_case(20000), _lanczos_case(10000, tol=1e-6, kind="laplacian")]
+    defaults = [_defaults_case(m, n, decay) for m, n in ((2048, 2048), (4096, 1024), (1024, 4096))
+                for decay in ("slow", "fast")]
+    return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False), *defaults,
             _lanczos_case(20000), _lanczos_case(20000, tol=1e-6),
             _lanczos_case(10000, tol=1e-6, kind="laplacian"),
             _lanczos_case(100000, tol=1e-6, kind="laplacian"),
