@@ -21,6 +21,8 @@ Programs (weak scaling: fixed work per device):
   mesh (``--fsdp-size`` devices on ``fsdp``, default all), with Adam, GaLore
   (subspace projector) and K-FAC; besides the compiled memory, the parameter and
   optimizer-state bytes each device holds (from the shardings) are reported.
+  ``--fsdp-scan`` adds ``fsdp_adam_scan``: the same blocks stacked and run by a
+  rematerialised ``jax.lax.scan`` (one block gathered at a time).
 
 Usage::
 
@@ -266,6 +268,32 @@ def _fsdp_model(depth: int, d: int, ffn: int):
     return params, apply_fn
 
 
+def _fsdp_scan_model(depth: int, d: int, ffn: int):
+    """The blocks of :func:`_fsdp_model` stacked and run by a rematerialised scan.
+
+    Parameters are ``(depth, ...)`` stacks; ``jax.lax.scan`` over
+    ``jax.checkpoint(block)`` keeps one block's gathered weights live at a time.
+    (Not K-FAC-tagged, and GaLore projects only 2-D leaves: Adam only.)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, ffn),
+              "down": (ffn, d)}
+    params = {name: {"kernel": jax.ShapeDtypeStruct((depth, *s), jnp.float32)}
+              for name, s in shapes.items()}
+
+    def block(x, w):
+        a = (x @ w["q"]["kernel"]) * jax.nn.sigmoid(x @ w["k"]["kernel"]) + x @ w["v"]["kernel"]
+        x = x + a @ w["o"]["kernel"]
+        return x + jax.nn.gelu(x @ w["up"]["kernel"]) @ w["down"]["kernel"], None
+
+    def apply_fn(prm, x):
+        return jax.lax.scan(jax.checkpoint(block), x, prm)[0]
+
+    return params, apply_fn
+
+
 def _sharded_bytes(abstract_tree, shardings) -> int:
     import jax
     import numpy as np
@@ -312,14 +340,26 @@ def _fsdp_programs(args, p: int) -> list[dict]:
         ("fsdp_kfac", kfac(1e-4, damping=1e-3, refresh_every=10), None, kfac_grad_fn,
          "K-FAC, eigendecomposition refresh every 10 steps"),
     ]
+    if args.fsdp_scan:
+        scan_params, scan_apply = _fsdp_scan_model(args.fsdp_depth, d, ffn)
+
+        def scan_loss(prm, b):
+            return 0.5 * jnp.mean(jnp.sum(jnp.square(scan_apply(prm, b["x"]) - b["y"]),
+                                          axis=-1))
+
+        cases.insert(1, ("fsdp_adam_scan", optax.adam(1e-4), scan_loss, None,
+                         "Adam, blocks stacked and run by a rematerialised lax.scan"))
+    cases = [c for c in cases if c[0][len("fsdp_"):] in args.fsdp_programs
+             or c[0].endswith("_scan")]
     out = []
     for name, opt, lf, gf, label in cases:
-        state = jax.eval_shape(opt.init, params)
-        sh = fsdp_shardings(params, mesh, opt, state)
+        prm = scan_params if name.endswith("_scan") else params
+        state = jax.eval_shape(opt.init, prm)
+        sh = fsdp_shardings(prm, mesh, opt, state)
         step = fsdp_step(lf, opt, sh, grad_fn=gf)
         t0 = time.perf_counter()
-        r = _measure(name, step.lower(params, state, batch), t0)
-        r["param_bytes_per_device"] = _sharded_bytes(params, sh.params)
+        r = _measure(name, step.lower(prm, state, batch), t0)
+        r["param_bytes_per_device"] = _sharded_bytes(prm, sh.params)
         r["state_bytes_per_device"] = _sharded_bytes(state, sh.opt_state)
         r["state_bytes_total"] = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                                      for x in jax.tree.leaves(state))
@@ -391,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fsdp-depth", type=int, default=5,
                     help="blocks of the FSDP model (0: skip the FSDP programs)")
     ap.add_argument("--fsdp-width", type=int, default=4096)
+    ap.add_argument("--fsdp-programs", nargs="+", default=["adam", "galore", "kfac"],
+                    choices=["adam", "galore", "kfac"], help="optimizers of the FSDP programs")
+    ap.add_argument("--fsdp-scan", action="store_true",
+                    help="also compile Adam on the blocks stacked under a rematerialised scan")
     ap.add_argument("--fsdp-size", type=int, default=0,
                     help="size of the fsdp mesh axis (0: every device)")
     ap.add_argument("--tokens-per-device", type=int, default=256)
@@ -414,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--fsdp-width", str(args.fsdp_width), "--fsdp-size", str(args.fsdp_size),
                    "--tokens-per-device", str(args.tokens_per_device),
                    "--galore-rank", str(args.galore_rank),
-                   *([] if args.data_parallel else ["--fsdp-only"])]
+                   *([] if args.data_parallel else ["--fsdp-only"]),
+                   *(["--fsdp-scan"] if args.fsdp_scan else []),
+                   "--fsdp-programs", *args.fsdp_programs]
     for d in args.devices:
         env = dict(os.environ)
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
