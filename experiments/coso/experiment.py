@@ -33,14 +33,7 @@ import optax
 
 from experiments import stats
 from experiments.data import Split, digits
-from experiments.harness import (
-    CellExperiment,
-    claims_table,
-    markdown_table,
-    new_figure,
-    run_cost,
-    save_figure,
-)
+from experiments.harness import SeedSweep, new_figure, results_markdown, save_figure
 from subjax import fisher
 from subjax.optim import coso, coso_consolidate
 
@@ -203,7 +196,7 @@ def _col(rows, method, metric):
     return [r[method]["test"][metric] for r in rows]
 
 
-class CoSO(CellExperiment):
+class CoSO(SeedSweep):
     name = "coso"
     title = "CoSO: orthogonal gradient subspaces for continual learning (Cheng et al. 2025)"
     config_cls = Config
@@ -212,15 +205,12 @@ class CoSO(CellExperiment):
     full = {"seeds": 5}
     figures = ("coso.png",)
 
-    def expected_cells(self, cfg):
-        return cfg.seeds * len(METHODS)
-
-    def run_cell(self, cfg, cell):
-        return run_cell(cfg, cell["seed"], cell["method"])
+    methods = METHODS
+    lead_columns = tuple(COLUMNS)
+    run_seed = staticmethod(run_cell)
 
     def sweep(self, cfg, cells):
-        seeds = [cfg.seed + i for i in range(cfg.seeds)]
-        rows = [{m: cells(seed=s, method=m) for m in METHODS} for s in seeds]
+        rows = self.seed_rows(cfg, cells)
         claims = []
         for foil in ("gpm", "ewc", "fine-tune"):
             cmp = stats.compare(_col(rows, "coso", "acc"), _col(rows, foil, "acc"),
@@ -246,14 +236,6 @@ class CoSO(CellExperiment):
         tables = {f"Permuted digits, {cfg.n_tasks} tasks (mean ± 95% CI over seeds)": table}
         return {"claims": claims, "tables": tables, "per_seed": rows}
 
-    def readme_tables(self, summary):
-        results = summary.get("results", {})
-        parts = [claims_table(results.get("claims") or [])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in (results.get("tables") or {}).items()]
-        parts.append(run_cost(summary))
-        return "\n\n".join(parts)
-
     def report(self, cfg, results, history, outdir):
         rows = results["per_seed"]
         fig, ax = new_figure(figsize=(5.0, 3.4))
@@ -265,12 +247,8 @@ class CoSO(CellExperiment):
         ax.set_title("accuracy on each task at the end (mean over seeds)", fontsize=9)
         ax.legend(fontsize=7)
         img = save_figure(fig, outdir, "coso.png", "final accuracy per task")
-        parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
-                 claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r, COLUMNS)}"
-                  for t, r in results["tables"].items()]
-        parts.append(img)
-        return "\n\n".join(parts) + "\n"
+        return results_markdown(f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
+                                results, img, columns=self.table_columns)
 
 
 EXPERIMENT = CoSO()
