@@ -6,6 +6,7 @@ the gradient. ``rank`` and ``natural_history`` fix shapes, so they are static
 under ``optax.inject_hyperparams``; everything else numeric is traced.
 """
 
+import optax
 from optim_conformance import OptimCase
 
 import subjax.optim as so
@@ -27,4 +28,18 @@ CASES = [
         {**_KW, "natural_history": 4, "align": "sign", "weight_decay": 1e-4},
         static_args=("rank", "natural_history"),
     ),
+]
+
+
+def _projected_adam(learning_rate: optax.ScalarOrSchedule, rank=2, refresh_every=5,
+                    projector="subspace"):
+    """The generic wrapper: ``projected`` around ``optax.adam`` (a learning rate to inject)."""
+    return so.projected(optax.adam(learning_rate), rank, refresh_every, projector=projector)
+
+
+CASES += [
+    OptimCase("lowrank.projected_adam", _projected_adam, {"learning_rate": 3e-2},
+              static_args=_STATIC),
+    OptimCase("lowrank.projected_adam_dct", _projected_adam,
+              {"learning_rate": 3e-2, "projector": "dct"}, static_args=_STATIC),
 ]
