@@ -116,6 +116,8 @@ def cases(quick: bool):
         accuracy_label="orthonormality error of the new point",
         repeats=QUICK_REPEATS if quick else 15,
         max_seconds=30.0 if quick else 60.0,
+        note=("The step's cost over the matmul floor (step time / floor time, medians) is "
+              "the `subjax / this` entry of the `matmul floor (jax)` row."),
     )
 
     u = -lr * gr.proj(x, g)
