@@ -331,29 +331,54 @@ def kfac(
     axis_name: str | None = None,
     adaptive_step: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """K-FAC for the dense layers of a model, as an optax transform.
+    r"""K-FAC (Kronecker-factored approximate curvature) as an optax transform.
 
-    Usage (``kfac_stats`` is an extra keyword argument of ``update``)::
+    For every recorded dense or convolution layer (weights ``W``, ``d_in x d_out``,
+    a convolution kernel flattened over its window, and an optional bias ``b``)
+    the Fisher block is a Kronecker product of input and output-gradient second
+    moments, and the step preconditions the layer's gradient with its damped
+    inverse:
 
-        fisher.register_dense(model)                    # NNX: record nnx.Linear stats
-        graphdef, params = nnx.split(model, nnx.Param)
-        apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-        opt = subjax.optim.kfac(learning_rate=0.1, damping=1e-3)
-        state = opt.init(params)
+    .. math::
 
-        @jax.jit
-        def step(params, state, x, y, key):
-            loss, grads, stats = fisher.kfac_grads_and_stats(
-                apply_fn, params, x, y, likelihood="categorical", key=key)
-            updates, state = opt.update(grads, state, params, kfac_stats=stats)
-            return optax.apply_updates(params, updates), state, loss
+        F_\ell \approx A_\ell \otimes G_\ell, \qquad
+        A_\ell = \mathbb{E}[a a^\top], \quad G_\ell = \mathbb{E}[\delta \delta^\top],
+        \qquad
+        \Delta_\ell = (A_\ell \otimes G_\ell + \lambda I)^{-1}
+            \operatorname{vec}[\nabla_W; \nabla_b]
 
-    One update runs, in order: factor statistics (moving averages; eigenbasis
-    refresh on schedule or when stale), damping, preconditioning (``Delta``), step
-    size (KL clipping, or the exact quadratic model) and momentum. The learning
-    rate enters the clipping and the quadratic models, so there is no separate
-    ``scale_by_kfac``: the updates are the parameter changes, ``-lr v`` (zero when
+    (``a``: layer inputs with a 1 appended for the bias; ``delta``: gradients at
+    the layer's outputs for targets sampled from the model). Leaves that are not
+    recorded layers get the identity. The update is ``-lr v`` with heavy-ball
+    momentum, ``v = mu v_prev + nu Delta``, where ``nu <= 1`` keeps the predicted
+    KL change ``(lr nu)^2 Delta . g`` below ``norm_constraint``; or, with
+    ``adaptive_step=True``, ``lr u`` with ``u = alpha (-Delta) + mu u_prev``
+    minimising the exact quadratic model over ``(alpha, mu)``:
+
+    .. math::
+
+        M(u) = g^\top u + \tfrac12 u^\top (F + \lambda I) u, \qquad
+        u^\top F u' = \tfrac1N (J u)^\top F_z (J u')
+
+    with ``J`` the model's Jacobian on the batch (from the linearisation that gave
+    the gradient) and ``F_z`` the output Fisher of the likelihood. With
+    ``adaptive_damping=True``, ``lambda`` follows Levenberg-Marquardt: the ratio of
+    the observed loss change to the model's predicted change (damping excluded)
+    shrinks it by ``damping_factor`` above 3/4 and grows it below 1/4.
+
+    The statistics come from :func:`subjax.fisher.kfac_grads_and_stats` (the
+    same forward pass as the loss and gradient) and are passed to ``update`` as
+    the extra keyword argument ``kfac_stats``. One update runs, in order: factor
+    statistics (moving averages; the eigendecompositions of the factors refreshed
+    every ``refresh_every`` steps, or early when stale), damping, preconditioning,
+    step size (KL clipping or the exact quadratic model) and momentum. The
+    learning rate enters the clipping and the quadratic models, so there is no
+    separate ``scale_by_kfac``: the updates are the parameter changes (zero when
     the learning rate is zero).
+
+    For Flax NNX models, ``fisher.register_dense(model)`` (before ``nnx.split``)
+    records every ``nnx.Linear`` and ``nnx.Conv``; ``apply_fn = lambda p, x:
+    nnx.merge(graphdef, p)(x)``.
 
     Args:
       learning_rate: step size ``alpha`` (float or schedule).
@@ -396,12 +421,46 @@ def kfac(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
-      *, kfac_stats, loss=None, linearization=None)``.
+      *, kfac_stats, loss=None, linearization=None)`` returns the parameter
+      changes and a :class:`KFACState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from subjax import fisher, optim
+      >>> def apply_fn(p, x):
+      ...     h = jnp.tanh(fisher.tag_dense("l0", x, p["l0"]["kernel"], p["l0"]["bias"]))
+      ...     return fisher.tag_dense("l1", h, p["l1"]["kernel"], p["l1"]["bias"])
+      >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+      >>> params = {"l0": {"kernel": jax.random.normal(k0, (4, 8)), "bias": jnp.zeros(8)},
+      ...           "l1": {"kernel": jax.random.normal(k1, (8, 3)), "bias": jnp.zeros(3)}}
+      >>> x = jax.random.normal(k2, (64, 4))
+      >>> y = jnp.argmax(x[:, :3], axis=1)
+      >>> opt = optim.kfac(1.0, damping=1e-2, adaptive_step=True, adaptive_damping=True)
+      >>> state = opt.init(params)
+      >>> @jax.jit
+      ... def step(params, state, key):
+      ...     loss, grads, stats, lin = fisher.kfac_grads_and_stats(
+      ...         apply_fn, params, x, y, key=key, linearization=True)
+      ...     updates, state = opt.update(grads, state, params, kfac_stats=stats,
+      ...                                 loss=loss, linearization=lin)
+      ...     return optax.apply_updates(params, updates), state, loss
+      >>> losses = []
+      >>> for i in range(20):
+      ...     params, state, loss = step(params, state, jax.random.key(i))
+      ...     losses.append(float(loss))
+      >>> bool(losses[-1] < 0.25 * losses[0])
+      True
 
     References:
       Martens, Grosse, "Optimizing Neural Networks with Kronecker-factored
-      Approximate Curvature", ICML 2015. Ba, Grosse, Martens, "Distributed
-      second-order optimization using Kronecker-factored approximations", ICLR 2017.
+      Approximate Curvature", ICML 2015 (K-FAC, the exact quadratic-model step,
+      factored Tikhonov damping, Levenberg-Marquardt adaptation).
+      Grosse, Martens, "A Kronecker-factored approximate Fisher matrix for
+      convolution layers", ICML 2016. Ba, Grosse, Martens, "Distributed
+      second-order optimization using Kronecker-factored approximations", ICLR
+      2017 (KL clipping). Eschenhagen et al., "Kronecker-Factored Approximate
+      Curvature for Modern Neural Network Architectures", NeurIPS 2023
+      (weight sharing: K-FAC-expand and -reduce).
     """
     positive(damping, "damping")
     unit_interval(momentum, "momentum", closed_low=True)
