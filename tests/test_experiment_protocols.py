@@ -125,3 +125,28 @@ def test_ewc_frechet_distance_of_gaussian_samples():
     # N(mu, I) vs N(0, 4 I): |mu|^2 + 3 (1 + 4 - 2 * 2)
     y = 2.0 * rng.normal(size=(4000, 3)) + np.array([1.0, 2.0, 0.0])
     assert frechet(x, y) == pytest.approx(5.0 + 3.0, rel=0.1)
+
+
+@pytest.mark.slow
+def test_ewc_stacked_penalty_sums_the_active_earlier_tasks():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.ewc.experiment import _penalty, _stack, init_denoiser
+    from subjax import fisher
+
+    keys = jax.random.split(jax.random.key(0), 8)
+    params = init_denoiser(keys[0], 4)
+    anchors = [init_denoiser(k, 4) for k in keys[1:4]]
+    diags = [jax.tree.map(lambda x, k=k: jax.random.uniform(k, x.shape), params)
+             for k in keys[4:7]]
+    vecs = [jax.tree.map(lambda x: x[None], init_denoiser(k, 4)) for k in keys[4:7]]
+    lows = [fisher.LowRankFisher(jnp.array([0.5 + k]), v) for k, v in enumerate(vecs)]
+    active = jnp.array([1.0, 1.0, 0.0])  # the third task is not learnt yet
+    one = jax.jit(lambda a, f: fisher.ewc_penalty(params, a, f, 3.0))
+    stacked = jax.jit(lambda a, f: _penalty(params, a, f, active, 3.0))
+    for fishers in (diags, lows):
+        want = sum(one(anchors[k], fishers[k]) for k in (0, 1))
+        got = stacked(_stack(anchors), _stack(fishers))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert float(want) > 0
