@@ -114,9 +114,44 @@ def scale_by_fismo(
     refresh_every: int = 1,
     ns_steps: int = 5,
 ) -> optax.GradientTransformation:
-    """FISMO direction of matrix leaves (see the module docstring); every leaf must be 2-D.
+    r"""FISMO direction of matrix leaves; every leaf must be 2-D.
 
-    :func:`fismo` routes the other leaves to Adam and scales by ``-learning_rate``.
+    For a gradient ``G`` (``m x n``) with Kronecker Fisher factors ``P`` (``m x m``)
+    and ``Q`` (``n x n``), moving averages of trace-normalised flip-flop updates
+    (see the module docstring):
+
+    .. math::
+
+        M_t = \beta M_{t-1} + (1 - \beta)\, P^{-1/2} G Q^{-1/2}, \qquad
+        D_t = P^{-1/2} \operatorname{Polar}(M_t)\, Q^{-1/2}
+
+    with the polar factor from ``ns_steps`` Newton-Schulz iterations. The output
+    is ``D_t`` (no learning rate); :func:`fismo` routes the other leaves to Adam
+    and scales by ``-learning_rate``.
+
+    Args:
+      beta: momentum coefficient in [0, 1).
+      decay: moving-average decay ``gamma`` of the factors in [0, 1).
+      relative_damping: ``mu`` > 0, damping of the factor updates relative to the
+        factor's mean eigenvalue.
+      refresh_every: refresh the factors' eigendecompositions every ``T`` steps.
+      ns_steps: Newton-Schulz iterations (static).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`FISMOState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from subjax import optim
+      >>> tx = optim.scale_by_fismo()
+      >>> g = {"w": jnp.arange(6.0).reshape(2, 3)}
+      >>> d, state = tx.update(g, tx.init(g))
+      >>> d["w"].shape, int(state.count)
+      ((2, 3), 1)
+
+    References:
+      Xu, Yan, Zhang, "FISMO: Fisher-Structured Momentum-Orthogonalized Optimizer",
+      arXiv:2601.21750, 2026.
     """
     unit_interval(beta, "beta", closed_low=True)
     unit_interval(decay, "decay", closed_low=True)
@@ -205,12 +240,19 @@ def fismo(
     eps: float = 1e-8,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
-    """FISMO: Kronecker-factored Fisher whitening + Muon-style orthogonalized momentum.
+    r"""FISMO: Kronecker-factored Fisher whitening + Muon-style orthogonalized momentum.
 
-    Needs no extra arguments: the factors ``P, Q`` are estimated from the
-    gradients themselves (see the module docstring for the update). 2-D leaves
-    get :func:`scale_by_fismo`, the others Adam (``b1 = beta``), through
-    ``optax.partition``.
+    Needs no extra arguments: the factors ``P, Q`` of each matrix leaf are
+    estimated from the gradients themselves (see the module docstring), and
+
+    .. math::
+
+        M_t = \beta M_{t-1} + (1 - \beta)\, P^{-1/2} G_t Q^{-1/2}, \qquad
+        W_{t+1} = W_t - \eta\, P^{-1/2} \operatorname{Polar}(M_t)\, Q^{-1/2},
+
+    the steepest-descent step under the trust region ``||P^1/2 Delta Q^1/2||_2 <=
+    1``. 2-D leaves get :func:`scale_by_fismo`, the others Adam (``b1 = beta``),
+    through ``optax.partition``.
 
     Args:
       learning_rate: step size (float or schedule), shared by both groups.
@@ -226,6 +268,24 @@ def fismo(
 
     Returns:
       An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from subjax import optim
+      >>> target = {"w": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.ones(3)}
+      >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
+      >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+      >>> opt = optim.fismo(0.05)
+      >>> state = opt.init(params)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     return optax.apply_updates(params, updates), state
+      >>> start = loss(params)
+      >>> for _ in range(100):
+      ...     params, state = step(params, state)
+      >>> bool(loss(params) < 0.25 * start)
+      True
 
     References:
       Xu, Yan, Zhang, "FISMO: Fisher-Structured Momentum-Orthogonalized Optimizer",
