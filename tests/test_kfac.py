@@ -205,6 +205,34 @@ def test_kfac_stats_axis_name_pmean_equals_full_batch(key):
         np.testing.assert_allclose(a[3], b, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_kfac_adaptive_step_axis_name_equals_full_batch(x64, key):
+    """Sharded exact quadratic model (products pmean-ed) == full batch, momentum step too."""
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(27), (8, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(28), (8,), 0, 4)
+    opt = optim.kfac(1.0, damping=1e-2, adaptive_step=True)
+    opt_d = optim.kfac(1.0, damping=1e-2, adaptive_step=True, axis_name="d")
+
+    def step(o, p, s, xs, ys, mean=lambda g: g):
+        _, g, st, lin = fisher.kfac_grads_and_stats(
+            mlp_apply, p, xs, ys, fisher="empirical", linearization=True)
+        return o.update(mean(g), s, p, kfac_stats=st, linearization=lin)
+
+    full = jax.jit(lambda p, s: step(opt, p, s, x, y))
+    sharded = jax.jit(jax.vmap(
+        lambda p, s, xs, ys: step(opt_d, p, s, xs, ys, lambda g: jax.lax.pmean(g, "d"))[0],
+        in_axes=(None, None, 0, 0), axis_name="d"))
+    state = opt.init(params)
+    for _ in range(2):  # the second step also solves for the momentum coefficient
+        upd, new_state = full(params, state)
+        upd_d = sharded(params, state, x.reshape(4, 2, 3), y.reshape(4, 2))
+        for a, b in zip(jax.tree.leaves(upd_d), jax.tree.leaves(upd), strict=True):
+            np.testing.assert_allclose(a[0], b, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(a[3], b, rtol=1e-9, atol=1e-12)
+        params, state = optax.apply_updates(params, upd), new_state
+
+
 def test_natural_gradient_axis_name_equals_full_batch(key):
     params = mlp_params(key, sizes=(3, 5, 4))
     x = jax.random.normal(jax.random.key(10), (8, 3))
