@@ -228,6 +228,9 @@ class SLTrain(CellExperiment):
              "n_test": 256}
     full = {}
     figures = ("sltrain.png",)
+    lead_columns = ("method", "test loss (nats/token)", "minus full-rank",
+                    "above the loss floor", "trained params", "in block matrices",
+                    "fixed indices (KiB)", "Adam state (KiB)", "lr", "lr at grid edge")
 
     def expected_cells(self, cfg):
         return len(METHODS) * (len(cfg.lr_grid) + cfg.seeds - 1)
