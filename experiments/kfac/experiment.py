@@ -48,6 +48,8 @@ def _cells(cfg):
     cells = [("adam", {"lr": lr}) for lr in cfg.adam_lrs]
     cells += [("sgd momentum", {"lr": 0.1})]
     cells += [("subjax kfac", {"lr": 0.1, "damping": 0.03, "norm_constraint": 1e-2}),
+              ("subjax kfac adaptive", {"damping": 1e-3, "damping_factor": 0.8,
+                                        "refresh_every": 5}),
               ("subjax fismo", {"lr": 2e-2}),
               ("subjax natural gradient", {"lr": 1.0, "damping": 0.1, "max_iters": 10})]
     if cfg.kfac_jax:
@@ -80,6 +82,12 @@ def run_cell(cfg, name, setting, x):
         opt = optim.kfac(setting["lr"], damping=setting["damping"],
                          norm_constraint=setting["norm_constraint"])
         step, steps = kfac_step(apply_fn, opt), cfg.second_order_steps
+    elif name == "subjax kfac adaptive":  # exact quadratic-model step, LM damping
+        opt = optim.kfac(1.0, damping=setting["damping"], adaptive_step=True,
+                         adaptive_damping=True, damping_factor=setting["damping_factor"],
+                         refresh_every=setting["refresh_every"], stale_ratio=None)
+        step = kfac_step(apply_fn, opt, adaptive=True, exact_step=True)
+        steps = cfg.second_order_steps
     elif name == "subjax fismo":
         opt = optim.fismo(setting["lr"])
         step, steps = optax_step(apply_fn, opt), cfg.second_order_steps
