@@ -398,7 +398,9 @@ def kfac(
         ``stale_ratio`` times ``g . Delta`` (the two are equal right after a refresh).
         Keeps ``refresh_every > 1`` stable while the factors still move; costs two
         small matrix products per layer, and an eigendecomposition only when it
-        fires. ``None`` refreshes on the schedule only.
+        fires. ``None`` refreshes on the schedule only (cheaper with
+        ``adaptive_step``, whose quadratic model sizes a stale direction: with a
+        small adaptive damping the test fires on most steps).
       adaptive_damping: Levenberg-Marquardt adaptation of ``lambda`` from the ratio
         of the observed loss change (``loss=`` passed to every ``update``) to the
         change predicted by the K-FAC quadratic model at the previous step.
