@@ -110,3 +110,24 @@ def test_dense_newton_on_a_pointcloud_without_blocks_materialises(x64):
     out = ot.sinkhorn_newton(pc, epsilon=0.05, tol=1e-10)
     ref = ot.sinkhorn_newton(ot.cost_matrix(x, y), epsilon=0.05, tol=1e-10)
     np.testing.assert_allclose(out.f, ref.f, atol=1e-12)
+
+
+def test_solve_auto_picks_and_solves(x64):
+    x, y = _clouds(30, 23)
+    pc = ot.PointCloud(x, y, block_size=8)
+    kw = dict(epsilon=0.05, tol=1e-9)
+    auto = ot.solve(pc, **kw)
+    sns = ot.sparse_newton_sinkhorn(pc, **kw)
+    assert bool(auto.converged) and float(auto.error) <= 1e-9
+    np.testing.assert_array_equal(auto.f, sns.f)  # online: SNS
+    C = ot.cost_matrix(x, y)
+    auto = ot.solve(C, **kw)
+    newton = ot.sinkhorn_newton(C, **kw)
+    assert bool(auto.converged)
+    np.testing.assert_array_equal(auto.f, newton.f)  # dense: Newton
+    named = ot.solve(C, method="sinkhorn", **kw)
+    np.testing.assert_array_equal(named.f, ot.sinkhorn(C, **kw).f)
+    # the three agree on the solution
+    np.testing.assert_allclose(named.reg_ot_cost, auto.reg_ot_cost, rtol=1e-9)
+    with pytest.raises(ValueError, match="method"):
+        ot.solve(C, method="lbfgs", **kw)

@@ -8,6 +8,8 @@ Public API:
 - :func:`sinkhorn` — log-domain Sinkhorn, epsilon scaling, unbalanced (KL) variant.
 - :func:`sinkhorn_newton` — Newton on the dual, matrix-free CG (dense or online).
 - :func:`sparse_newton_sinkhorn` — SNS: Sinkhorn warm-up + sparsified-Hessian Newton.
+- :func:`solve` — picks the solver (``method="auto"``: Newton for a dense cost,
+  SNS for an online point cloud) or runs the one named.
 - :class:`OTResult` — the common result (potentials, plan, costs, diagnostics).
 - :func:`lse_row_update` — the factored log-domain half-step.
 - :func:`dual_objective` — the entropic dual ``D(f, g)``.
@@ -21,6 +23,7 @@ from subjax.ot._costs import cost_matrix, lse_row_update
 from subjax.ot._geometry import Dense, PointCloud
 from subjax.ot._newton import sinkhorn_newton, sparse_newton_sinkhorn
 from subjax.ot._sinkhorn import sinkhorn
+from subjax.ot._solve import solve
 
 __all__ = [
     "Dense",
@@ -31,5 +34,6 @@ __all__ = [
     "lse_row_update",
     "sinkhorn",
     "sinkhorn_newton",
+    "solve",
     "sparse_newton_sinkhorn",
 ]

@@ -376,10 +376,9 @@ def plan_operator(prob: Problem, f, g, eps, materialize: bool) -> PlanOperator:
     if materialize:
         P = geom.plan(f, g, la, lb, eps)
         return dense_operator(geom, P)
-    n, m = geom.shape
     mv = lambda v: geom.plan_matvec(f, g, la, lb, eps, v)
     rmv = lambda u: geom.plan_rmatvec(f, g, la, lb, eps, u)
-    return PlanOperator(mv, rmv, mv(jnp.ones((m,), f.dtype)), rmv(jnp.ones((n,), f.dtype)))
+    return PlanOperator(mv, rmv, *geom.plan_marginals(f, g, la, lb, eps))
 
 
 def dense_operator(geom: Geometry, P) -> PlanOperator:

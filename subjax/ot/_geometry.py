@@ -34,8 +34,12 @@ __all__ = ["Dense", "Geometry", "PointCloud", "log_plan", "to_geometry"]
 
 
 def log_plan(cost_rows, f_rows, g, log_a_rows, log_b, eps):
-    """``log P`` for a block of rows: ``(f_i + g_j - C_ij)/eps + log a_i + log b_j``."""
-    return (f_rows[:, None] + g[None, :] - cost_rows) * (1 / eps) + log_a_rows[:, None] + log_b
+    """``log P`` for a block of rows: ``(f_i + g_j - C_ij)/eps + log a_i + log b_j``.
+
+    ``g``, ``log_b`` are ``(m,)`` (all columns) or shaped like ``cost_rows``
+    (the columns picked in each row).
+    """
+    return (f_rows[:, None] + g - cost_rows) * (1 / eps) + log_a_rows[:, None] + log_b
 
 
 def _rows(x, idx):
@@ -46,7 +50,9 @@ class Geometry:
     """A cost ``C`` and the plan reductions over it (see the module docstring).
 
     Subclasses provide :meth:`map_rows`, :meth:`transpose`, :meth:`dense`,
-    ``shape`` and ``dtype``; everything else is written here once.
+    :meth:`entries`, ``shape`` and ``dtype`` (and :meth:`map_blocks` when they
+    run blockwise);
+    everything else is written here once.
     ``axis_name`` (set by :func:`to_geometry`) names the ``shard_map`` axis the
     rows are split over, or is ``None``.
     """
@@ -66,6 +72,16 @@ class Geometry:
 
     def dense(self) -> jax.Array:
         raise NotImplementedError
+
+    def map_blocks(self, fn: Callable):
+        """``fn(cost_rows, idx) -> (per_row, partial)`` over blocks of rows of ``C``.
+
+        Returns ``(per_row, total)``: the ``per_row`` outputs stacked by row and the
+        ``partial`` outputs (e.g. column sums of a block) summed over the blocks of
+        this device. ``idx`` holds the block's row indices, or is ``None`` for all
+        rows at once.
+        """
+        return fn(self.dense(), None)
 
     @property
     def is_online(self) -> bool:
@@ -99,6 +115,21 @@ class Geometry:
             p = jnp.exp(log_plan(c, _rows(f, idx), g, _rows(log_a, idx), log_b, eps))
             return fn(p, c)
         return self.map_rows(block)
+
+    def plan_marginals(self, f, g, log_a, log_b, eps):
+        """``(P 1, P^T 1)`` in one pass over the rows of the plan."""
+        def block(c, idx):
+            p = jnp.exp(log_plan(c, _rows(f, idx), g, _rows(log_a, idx), log_b, eps))
+            return jnp.sum(p, axis=1), jnp.sum(p, axis=0)
+
+        rows, cols = self.map_blocks(block)
+        if self.axis_name is not None:
+            cols = lax.psum(cols, self.axis_name)
+        return rows, cols
+
+    def plan_entries(self, f, g, log_a, log_b, eps, cols) -> jax.Array:
+        """``P[i, cols[i, l]]`` for an ``(n, k)`` array of column indices (``O(n k)``)."""
+        return jnp.exp(log_plan(self.entries(cols), f, g[cols], log_a, log_b[cols], eps))
 
     def plan_matvec(self, f, g, log_a, log_b, eps, v) -> jax.Array:
         """``P @ v`` (``v`` of shape ``(m,)`` or ``(m, k)``) without the dense plan."""
@@ -160,6 +191,10 @@ class Dense(Geometry):
     def dense(self):
         return self.cost
 
+    def entries(self, cols):
+        """``C[i, cols[i, l]]``."""
+        return jnp.take_along_axis(self.cost, cols, axis=1)
+
     def transpose(self) -> Dense:
         return Dense(self.cost_t, self.cost)
 
@@ -173,9 +208,10 @@ class PointCloud(Geometry):
 
     Every solver reduction over a ``PointCloud`` (Sinkhorn half-steps, plan
     products, marginals, top-k rows of the plan, ``<C, P>``) computes
-    ``block_size`` rows of costs at a time: memory ``O(block_size * m)``, never
-    the ``n x m`` matrix. :meth:`dense` builds the matrix when asked (the
-    dense-product Newton solver and :meth:`OTResult.plan` do).
+    ``block_size`` rows of costs at a time (column passes: blocks of as many
+    entries): memory ``O(block_size * m)``, never the ``n x m`` matrix.
+    :meth:`dense` builds the matrix when asked (the dense-product Newton solver
+    and :meth:`OTResult.plan` do).
 
     Args:
       x: ``(n, d)`` source points.
@@ -224,7 +260,18 @@ class PointCloud(Geometry):
         return pairwise(self.x, self.y, self.cost)
 
     def transpose(self) -> PointCloud:
-        return PointCloud.tree_unflatten((self.cost, self.block_size, None), (self.y, self.x))
+        """The cloud with ``x`` and ``y`` swapped. Its blocks hold as many entries as
+        the rows' blocks (``block_size * m // n`` columns of ``n``), so the column
+        passes stay within the same memory when ``n != m``."""
+        bs = self.block_size
+        if bs is not None:
+            n, m = self.shape
+            bs = max(1, bs * m // n)
+        return PointCloud.tree_unflatten((self.cost, bs, None), (self.y, self.x))
+
+    def entries(self, cols):
+        """``C[i, cols[i, l]] = c(x_i, y_{cols[i, l]})`` without the cost matrix."""
+        return jax.vmap(lambda xi, yi: pairwise(xi[None], yi, self.cost)[0])(self.x, self.y[cols])
 
     @property
     def is_online(self) -> bool:
@@ -235,16 +282,29 @@ class PointCloud(Geometry):
                                          (self.x, self.y))
 
     def map_rows(self, fn):
-        n = self.x.shape[0]
-        if self.block_size is None or self.block_size >= n:
+        return self.map_blocks(lambda c, idx: (fn(c, idx), ()))[0]
+
+    def map_blocks(self, fn):
+        n, bs = self.x.shape[0], self.block_size
+        if not self.is_online:
             return fn(self.dense(), None)
+        block = lambda xb, idx: fn(pairwise(xb, self.y, self.cost), idx)
+        full = n // bs
+        xs = (self.x[:full * bs].reshape(full, bs, -1), jnp.arange(full * bs).reshape(full, bs))
+        _, part0 = jax.eval_shape(block, *jax.tree_util.tree_map(lambda v: v[0], xs))
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), part0)
 
-        def one(args):
-            xi, i = args
-            row = pairwise(xi[None, :], self.y, self.cost)
-            return jax.tree_util.tree_map(lambda o: o[0], fn(row, i[None]))
+        def body(total, args):
+            rows, part = block(*args)
+            return jax.tree_util.tree_map(jnp.add, total, part), rows
 
-        return lax.map(one, (self.x, jnp.arange(n)), batch_size=self.block_size)
+        total, rows = lax.scan(body, zeros, xs)
+        rows = jax.tree_util.tree_map(lambda r: r.reshape(full * bs, *r.shape[2:]), rows)
+        if n % bs:  # the last, shorter block
+            rest, part = block(self.x[full * bs:], jnp.arange(full * bs, n))
+            rows = jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v]), rows, rest)
+            total = jax.tree_util.tree_map(jnp.add, total, part)
+        return rows, total
 
     def __repr__(self) -> str:
         return f"PointCloud(shape={self.shape}, cost={self.cost!r}, block_size={self.block_size})"

@@ -9,10 +9,13 @@ the shared fixed-point loop. The Hessian products per CG iteration come from a
   previous line search accepted) and each CG iteration is two GEMVs; SNS keeps
   the ``k`` largest entries of each row of ``P`` (two sparse products);
 - online geometry (a :class:`~subjax.ot.PointCloud` with ``block_size``): the
-  plan is never held. Sinkhorn–Newton recomputes ``P v`` / ``P^T u`` block by
-  block in every CG iteration; SNS builds its top-``k`` rows in one blockwise
-  pass per outer step and falls back to the blockwise exact step. The line
-  search and marginals are blockwise passes too: memory ``O((n + m) k + block m)``.
+  plan is never held. Evaluating a point (both marginals, the dual) is one
+  blockwise pass; Sinkhorn–Newton recomputes ``P v`` / ``P^T u`` block by block
+  in every CG iteration; SNS selects the top-``k`` entries of each row in the
+  pass of one continuation level, reads the plan's entries there from the
+  potentials at each step (``O(n k)``), and falls back to the blockwise exact
+  step (and a new selection) only when the sparse step fails.
+  Memory ``O((n + m) k + block m)``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Point(NamedTuple):
 class NewtonState(NamedTuple):
     eps: jax.Array  # the current level of the epsilon continuation
     point: Point
+    pattern: Any  # SNS: (rows, k) column indices of the sparse Hessian, else None
     n_linear: jax.Array  # CG iterations so far
     stalled: jax.Array  # the last line search failed
 
@@ -58,37 +62,71 @@ class LineSearchState(NamedTuple):
 
 
 class Options(NamedTuple):
-    """Static settings of a Newton run."""
+    """Settings of a Newton run (all static but ``threshold``)."""
 
     sparse: bool
     materialize: bool
     budget: int
     cg_max_iters: int
     max_backtracks: int
+    threshold: Any = 0.0
 
 
-def evaluate(prob: cm.Problem, f, g, eps, materialize: bool) -> Point:
-    """:class:`Point` at ``(f, g)`` and epsilon ``eps`` (one pass over the plan)."""
-    if materialize:
-        P = prob.geom.plan(f, g, prob.log_a, prob.log_b, eps)
-        op = cm.dense_operator(prob.geom, P)
+def evaluate(prob: cm.Problem, f, g, eps, opts: Options) -> Point:
+    """:class:`Point` at ``(f, g)`` and epsilon ``eps``: one pass over the plan."""
+    geom, la, lb = prob.geom, prob.log_a, prob.log_b
+    P = None
+    if opts.materialize:
+        P = geom.plan(f, g, la, lb, eps)
+        rows, cols = cm.dense_operator(geom, P)[2:]
     else:
-        P = None
-        op = cm.plan_operator(prob, f, g, eps, materialize=False)
+        rows, cols = geom.plan_marginals(f, g, la, lb, eps)
     pe = prob._replace(epsilon=eps)
-    dual = cm.dual_value(pe, f, g, prob.geom.row_sum(op.rows))
-    ga, gb, err = cm.marginal_error(pe, f, g, op.rows, op.cols)
-    return Point(f, g, P, op.rows, op.cols, dual, ga, gb, err)
+    dual = cm.dual_value(pe, f, g, geom.row_sum(rows))
+    ga, gb, err = cm.marginal_error(pe, f, g, rows, cols)
+    return Point(f, g, P, rows, cols, dual, ga, gb, err)
 
 
-def _top_k_rows(p, budget, threshold):
-    """Top-``budget`` entries of each row of ``p`` (those ``< threshold * row max``
-    zeroed). The selection runs on a float32 copy (XLA's top-k is far slower in
-    float64); values are gathered at full precision."""
-    _, idx = lax.top_k(p.astype(jnp.float32), budget)
-    vals = jnp.take_along_axis(p, idx, axis=1)
-    keep = vals >= threshold * vals[:, :1]
-    return jnp.where(keep, vals, 0), idx
+def restart(prob: cm.Problem, pt: Point, eps, opts: Options) -> Point:
+    """The point at a new continuation level ``eps``: ``g`` re-fitted to ``f`` (one
+    column half-sweep, so the column marginal is exact) before evaluating.
+
+    Lowering epsilon at fixed potentials can scale the plan by orders of
+    magnitude; Newton would spend several damped steps undoing that."""
+    g = cm.lam(prob.rho_b, eps) * prob.geom.col_lse(pt.f, prob.log_a, eps)
+    return evaluate(prob, pt.f, g, eps, opts)
+
+
+def _top_k_indices(q, k: int):
+    """Column indices of the ``k`` largest entries of each row of ``q``, largest first.
+
+    Two-level selection (XLA's ``top_k`` costs far more per entry than an
+    exponential): cut each row into buckets of ``s ~ sqrt(m / k)`` columns, keep
+    the ``k`` buckets with the largest maxima (every entry among the row's ``k``
+    largest lies in one of them) and select among their ``k s`` entries. Equal to
+    ``lax.top_k`` up to the order of ties.
+    """
+    r, m = q.shape
+    s = max(1, round((m / k) ** 0.5))
+    n_buckets = -(-m // s)
+    if n_buckets <= k or k * s >= m:
+        return lax.top_k(q, k)[1]
+    pad = jnp.full((r, n_buckets * s - m), -jnp.inf, q.dtype)
+    buckets = jnp.concatenate([q, pad], axis=1).reshape(r, n_buckets, s)
+    _, top_buckets = lax.top_k(jnp.max(buckets, axis=2), k)  # (r, k)
+    cand = jnp.take_along_axis(buckets, top_buckets[:, :, None], axis=1).reshape(r, k * s)
+    _, pos = lax.top_k(cand, k)
+    return jnp.take_along_axis(top_buckets, pos // s, axis=1) * s + pos % s
+
+
+def sparsity_pattern(prob: cm.Problem, pt: Point, eps, budget: int):
+    """Column indices of the ``budget`` largest entries of each row of the plan at
+    ``pt`` (one blockwise pass online). The selection runs on a float32 copy
+    (XLA's top-k is far slower in float64)."""
+    select = lambda p: _top_k_indices(p.astype(jnp.float32), budget)
+    if pt.plan is not None:
+        return select(pt.plan)
+    return prob.geom.plan_map(pt.f, pt.g, prob.log_a, prob.log_b, eps, lambda p, _: select(p))
 
 
 def sparse_operator(geom, vals, idx, m: int):
@@ -102,8 +140,12 @@ def sparse_operator(geom, vals, idx, m: int):
     return (lambda v: jnp.sum(vals * v[idx], axis=1)), rmatvec
 
 
-def _operators(prob: cm.Problem, pt: Point, eps, opts: Options, threshold):
-    """``(primary, fallback)`` Hessian operators ``(Pv, PTu)`` of the step at ``pt``."""
+def _operators(prob: cm.Problem, pt: Point, eps, opts: Options, pattern):
+    """``(primary, fallback)`` Hessian operators ``(Pv, PTu)`` of the step at ``pt``.
+
+    SNS's sparse Hessian holds the plan's entries at ``pattern`` (recomputed from
+    the potentials: ``O(n k)``, no pass over the plan); entries below
+    ``threshold`` times the largest of their row are dropped."""
     geom = prob.geom
     m = pt.g.shape[0]
     if opts.materialize:
@@ -112,12 +154,9 @@ def _operators(prob: cm.Problem, pt: Point, eps, opts: Options, threshold):
         exact = cm.plan_operator(prob, pt.f, pt.g, eps, materialize=False)[:2]
     if not opts.sparse:
         return exact, None
-    if opts.materialize:
-        vals, idx = _top_k_rows(pt.plan, opts.budget, threshold)
-    else:
-        vals, idx = geom.plan_map(pt.f, pt.g, prob.log_a, prob.log_b, eps,
-                                  lambda p, _: _top_k_rows(p, opts.budget, threshold))
-    return sparse_operator(geom, vals, idx, m), exact
+    vals = geom.plan_entries(pt.f, pt.g, prob.log_a, prob.log_b, eps, pattern)
+    vals = jnp.where(vals >= opts.threshold * jnp.max(vals, axis=1, keepdims=True), vals, 0)
+    return sparse_operator(geom, vals, pattern, m), exact
 
 
 def _direction(prob: cm.Problem, pt: Point, eps, ops, cg_max_iters):
@@ -157,7 +196,7 @@ def _line_search(prob: cm.Problem, pt: Point, df, dg, slope, eps, opts: Options,
 
     def step(s: LineSearchState, it):
         t = s.t / 2
-        new = evaluate(prob, pt.f + t * df, pt.g + t * dg, eps, opts.materialize)
+        new = evaluate(prob, pt.f + t * df, pt.g + t * dg, eps, opts)
         armijo = new.dual >= pt.dual + c1 * t * slope - 16 * mach * scale
         rounding = (new.dual >= pt.dual - 16 * n_terms * mach * scale) & (new.err < pt.err)
         ok = jnp.isfinite(new.dual) & jnp.isfinite(new.err) & (armijo | rounding)
@@ -172,11 +211,11 @@ def _line_search(prob: cm.Problem, pt: Point, df, dg, slope, eps, opts: Options,
                                       out.state.point, pt)
 
 
-def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, threshold, eps_target,
-                 decay, level_tol):
+def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, eps_target, decay,
+                 level_tol):
     """One damped Newton step at the current level, then the continuation."""
     pt, e = s.point, s.eps
-    primary, fallback = _operators(prob, pt, e, opts, threshold)
+    primary, fallback = _operators(prob, pt, e, opts, s.pattern)
 
     def update(ops):
         df, dg, slope, k = _direction(prob, pt, e, ops, opts.cg_max_iters)
@@ -184,27 +223,34 @@ def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, threshold, eps
         return ok, new, k
 
     ok, new, k = update(primary)
+    refresh = jnp.array(False)
     if fallback is not None:
         # The sparse step "fails to improve": line search failed, or the marginal
-        # error did not halve. Then take the exact step.
+        # error did not halve. Then take the exact step (and select a new pattern).
+        refresh = ~(ok & (new.err < 0.5 * pt.err))
+
         def exact():
             ok2, new2, k2 = update(fallback)
             return ok2, new2, k + k2
 
-        ok, new, k = lax.cond(ok & (new.err < 0.5 * pt.err), lambda: (ok, new, k), exact)
+        ok, new, k = lax.cond(refresh, exact, lambda: (ok, new, k))
     recorded = new.err
     if decay is not None:
         # Continuation: once this level is solved to level_tol, move to the next epsilon.
         advance = (e > eps_target) & (new.err <= level_tol)
         e_next = jnp.where(advance, jnp.maximum(eps_target, e * decay), e)
-        new = lax.cond(advance, lambda: evaluate(prob, new.f, new.g, e_next, opts.materialize),
-                       lambda: new)
+        new = lax.cond(advance, lambda: restart(prob, new, e_next, opts), lambda: new)
+        refresh = refresh | advance
         e = e_next
-    return NewtonState(e, new, s.n_linear + k, ~ok), recorded
+    pattern = s.pattern
+    if opts.sparse:
+        pattern = lax.cond(refresh, lambda: sparsity_pattern(prob, new, e, opts.budget),
+                           lambda: pattern)
+    return NewtonState(e, new, pattern, s.n_linear + k, ~ok), recorded
 
 
 def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts: Options,
-               threshold, eps_init, decay, level_tol):
+               eps_init, decay, level_tol):
     """Warm-up Sinkhorn, then Newton steps to ``tol`` at ``prob.epsilon``.
 
     Returns ``(f, g, error, errors, n_iters, converged, n_linear)``.
@@ -217,17 +263,17 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
     warm_tol = jnp.where(eps0 > eps, jnp.maximum(tol, level_tol), tol)
     warm = sinkhorn_loop(prob._replace(epsilon=eps0), jnp.zeros_like(prob.a), tol=warm_tol,
                          max_iters=warmup_steps, history=warmup_steps)
-    pt = evaluate(prob, warm.f, warm.g, eps0, opts.materialize)
+    pt = evaluate(prob, warm.f, warm.g, eps0, opts)
     e_start = eps0
     if decay is not None:
         # Warm-up may already meet the level tolerance: step the continuation once.
         advance = (eps0 > eps) & (pt.err <= level_tol)
         e_start = jnp.where(advance, jnp.maximum(eps, eps0 * decay), eps0)
-        pt = lax.cond(advance, lambda: evaluate(prob, warm.f, warm.g, e_start, opts.materialize),
-                      lambda: pt)
+        pt = lax.cond(advance, lambda: restart(prob, pt, e_start, opts), lambda: pt)
 
-    init = NewtonState(e_start, pt, jnp.zeros((), jnp.int32), jnp.array(False))
-    step = lambda s, it: _newton_step(prob, s, opts, threshold, eps, decay, level_tol)
+    pattern = sparsity_pattern(prob, pt, e_start, opts.budget) if opts.sparse else None
+    init = NewtonState(e_start, pt, pattern, jnp.zeros((), jnp.int32), jnp.array(False))
+    step = lambda s, it: _newton_step(prob, s, opts, eps, decay, level_tol)
     stop = lambda s, _: ((s.eps <= eps) & (s.point.err <= tol)) | s.stalled
     skip = LoopOutput(init, jnp.zeros((), jnp.int32), pt.err, -jnp.ones((max_iters,), dtype))
     out = lax.cond(
@@ -276,7 +322,7 @@ def prepare_newton(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iters, warmup_
     lvl = jnp.asarray(level_tol, dtype)
     online = cm.to_geometry(cost).is_online
     opts = Options(sparse=sparse, materialize=not online, budget=budget,
-                   cg_max_iters=cg_max_iters, max_backtracks=max_backtracks)
+                   cg_max_iters=cg_max_iters, max_backtracks=max_backtracks, threshold=thr)
 
     def forward(cost, a, b, eps, rho_a, rho_b):
         prob, eps_ok = guarded_problem(cost, a, b, eps, rho_a, rho_b, checked=eps_checked,
@@ -288,7 +334,7 @@ def prepare_newton(cost, a, b, epsilon, rho_a, rho_b, *, tol, max_iters, warmup_
                         else jnp.asarray(epsilon_init, dtype))
         f, g, err, errors, it, conv, nlin = newton_run(
             prob, tol=tol, max_iters=max_iters, warmup_steps=warmup_steps, opts=opts,
-            threshold=thr, eps_init=eps_init, decay=decay,
+            eps_init=eps_init, decay=decay,
             level_tol=lvl * prob.geom.row_sum(prob.a))
         return f, g, (err, errors, it, conv, nlin, eps_ok, prob.epsilon)
 
