@@ -131,3 +131,26 @@ def test_solve_auto_picks_and_solves(x64):
     np.testing.assert_allclose(named.reg_ot_cost, auto.reg_ot_cost, rtol=1e-9)
     with pytest.raises(ValueError, match="method"):
         ot.solve(C, method="lbfgs", **kw)
+
+
+def test_column_passes_of_a_rectangular_cloud_stay_blockwise(x64):
+    """With m < block_size < n the column passes still run in blocks (of as many
+    entries as a block of rows), not on the whole transposed cost."""
+    x, y = _clouds(211, 13)
+    pc = ot.PointCloud(x, y, block_size=64)
+    assert pc.is_online and pc.transpose().is_online
+    for solver in (ot.sinkhorn, ot.sinkhorn_newton, ot.solve):
+        hlo = jax.jit(lambda pc: solver(pc, epsilon=0.05, tol=1e-8).f).lower(pc).as_text()
+        assert "211x13" not in hlo and "13x211" not in hlo
+
+
+@pytest.mark.parametrize("m,k", [(1000, 16), (37, 6), (10, 10), (333, 3)])
+def test_two_level_top_k_selects_the_largest_entries(m, k):
+    from subjax.ot._newton import _top_k_indices
+
+    q = jax.random.uniform(jax.random.key(m), (5, m))
+    q = jnp.round(q * 40) / 40  # many ties
+    idx = _top_k_indices(q, k)
+    assert idx.shape == (5, k)
+    assert all(len(set(row)) == k for row in np.asarray(idx).tolist())
+    np.testing.assert_array_equal(jnp.take_along_axis(q, idx, axis=1), jax.lax.top_k(q, k)[0])
