@@ -40,6 +40,4 @@ def _projected_adam(learning_rate: optax.ScalarOrSchedule, rank=2, refresh_every
 CASES += [
     OptimCase("lowrank.projected_adam", _projected_adam, {"learning_rate": 3e-2},
               static_args=_STATIC),
-    OptimCase("lowrank.projected_adam_dct", _projected_adam,
-              {"learning_rate": 3e-2, "projector": "dct"}, static_args=_STATIC),
 ]

@@ -109,6 +109,4 @@ CASES += [
     OptimCase("riemannian_sgd_sphere_spd", riemannian_sgd,
               {"learning_rate": 0.05, "momentum": 0.9, "manifolds": _MIXED,
                "refresh_every": 5}, **_mixed),
-    OptimCase("riemannian_adam_sphere_spd", riemannian_adam,
-              {"learning_rate": 0.03, "manifolds": _MIXED}, **_mixed),
 ]
