@@ -208,7 +208,9 @@ def _defaults_case(m: int, n: int, decay: str) -> Case:
 
 def _sparse_sym(n: int, per_row: int = 5, seed: int = 0):
     rng = np.random.default_rng(seed)
-    s = sp.random(n, n, density=per_row / n, random_state=seed, data_rvs=rng.standard_normal)
+    # a Generator samples the positions without the n^2 permutation that a
+    # RandomState seed makes scipy build (75 GB at n = 1e5)
+    s = sp.random(n, n, density=per_row / n, random_state=rng, data_rvs=rng.standard_normal)
     return ((s + s.T) * 0.5).tocsr()
 
 
