@@ -37,11 +37,12 @@ def solve(
     under ``jit`` with a traced epsilon):
 
     - a dense cost (an array, :class:`~subjax.ot.Dense`, a ``PointCloud``
-      without ``block_size``): :func:`~subjax.ot.sinkhorn_newton`. Measured on
-      a CPU (``make bench``, suite ``ot``; ``docs/ot.md``) it is the fastest
-      subjax solver from ``epsilon = 0.1`` down to ``0.001`` times the mean
-      cost at n <= 2000, and at large epsilon its Sinkhorn warm-up converges
-      first (then no Newton step runs), so it is never far behind Sinkhorn;
+      without ``block_size``): :func:`~subjax.ot.sinkhorn_newton`. At large
+      epsilon its Sinkhorn warm-up converges first (then no Newton step runs);
+      at small epsilon it beats Sinkhorn by one to two orders of magnitude.
+      SNS can be faster still at very small epsilon (``docs/ot.md``, section
+      *Measured*: 1.4x at ``0.001`` times the mean cost, n = 500) and slower
+      at moderate epsilon (1.8x at ``0.01``): name it when that applies;
     - an online :class:`~subjax.ot.PointCloud` (with ``block_size``):
       :func:`~subjax.ot.sparse_newton_sinkhorn`, whose CG products never touch
       the ``n x m`` plan (dense-product Newton recomputes it blockwise in every
