@@ -200,14 +200,18 @@ def test_vmap_equals_loop(x64, name):
         single = single_fn(Cs[i])
         # Batched and single runs round differently (batched GEMV), so they stop at
         # different points within tol: compare what tol controls (plan, cost). The
-        # potentials of this problem have ill-conditioned directions (an outlier row),
-        # so they only agree to ~1e-5 although both marginal errors are < 1e-11.
+        # potentials are compared without a gauge: f_i + g_j on the plan's support.
+        # (One problem has an outlier row whose mass goes to columns nobody else
+        # uses: a nearly decoupled block with its own constant shift, so f and g
+        # aligned by one shift differ by ~1e-5 there although f_i + g_j agree.)
         P_b = plans[i]
-        np.testing.assert_allclose(P_b, single.plan(), atol=1e-11)
+        P_s = single.plan()
+        np.testing.assert_allclose(P_b, P_s, atol=1e-11)
         np.testing.assert_allclose(costs[i], single.reg_ot_cost, rtol=1e-10)
-        c = batched.f[i][0] - single.f[0]
-        np.testing.assert_allclose(batched.f[i] - c, single.f, atol=1e-5)
-        np.testing.assert_allclose(batched.g[i] + c, single.g, atol=1e-5)
+        support = P_s > 1e-6 * P_s.max()
+        fg_b = batched.f[i][:, None] + batched.g[i][None, :]
+        fg_s = single.f[:, None] + single.g[None, :]
+        np.testing.assert_allclose(jnp.where(support, fg_b - fg_s, 0), 0, atol=1e-9)
         assert bool(batched.converged[i]) == bool(single.converged)
 
 
