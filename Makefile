@@ -45,7 +45,7 @@ test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not multidevice" -n 2 --dist load --doctest-modules tests subjax
 
 test-multidevice: $(STAMP)
-	XLA_FLAGS="$(FAKE_DEVICES)" $(PYTEST) -m "multidevice and not slow"
+	XLA_FLAGS="$(FAKE_DEVICES)" $(PYTEST) -m "multidevice and not slow" -n 2 --dist load
 
 test-all: $(STAMP)
 	$(PYTEST) -m "not multidevice"

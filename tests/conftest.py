@@ -10,6 +10,10 @@ Fixtures
 
 Helpers
 -------
+- ``slow_tests.txt`` lists tests measured at more than a few seconds of CPU on a
+  2-core machine (mostly compilation); they get the ``slow`` marker at collection,
+  so ``make test`` skips them and ``make test-all`` runs them. A listed id that no
+  longer exists is an error.
 - :func:`run_on_fake_devices` runs a Python snippet in a subprocess that sees
   ``n`` fake CPU devices (``XLA_FLAGS`` must be set before JAX starts).
 """
@@ -34,6 +38,31 @@ def pytest_configure(config):
         "standard_promotion: run with jax_numpy_dtype_promotion='standard' "
         "(third-party code under test is not strict-clean)",
     )
+
+
+def _listed_slow_tests():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
+    with open(path, encoding="utf-8") as fh:
+        lines = (line.split("#", 1)[0].strip() for line in fh)
+        return [line for line in lines if line]
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(config, items):
+    listed = _listed_slow_tests()
+    used = set()
+    for item in items:
+        base = item.nodeid.split("[", 1)[0]
+        for entry in listed:
+            if item.nodeid == entry or base == entry:
+                item.add_marker(pytest.mark.slow)
+                used.add(entry)
+    collected_files = {item.nodeid.split("::", 1)[0] for item in items}
+    stale = [e for e in listed if e not in used and e.split("::", 1)[0] in collected_files]
+    whole_files = not any("::" in str(arg) for arg in config.args)
+    if stale and whole_files:
+        raise pytest.UsageError("tests/slow_tests.txt lists tests that do not exist: "
+                                + ", ".join(stale))
 
 
 @pytest.fixture(autouse=True)

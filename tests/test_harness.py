@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -17,12 +20,30 @@ from experiments import harness
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _cli(args, results, **kw):
+def _subprocess_cli(args, results):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args, "--results", str(results), "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
+
+
+def _cli(args, results):
+    """``python -m experiments ARGS`` run in this process (its exit status and stderr).
+
+    The same ``main`` the command line calls; running it in-process saves a fresh
+    interpreter and jax import per call. The SIGKILL test and
+    ``test_command_line_exit_status`` use a real subprocess.
+    """
+    from experiments.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([*args, "--results", str(results), "--no-progress"])
+        except SystemExit as exit_:  # argparse errors
+            code = exit_.code
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def _popen(args, results):
@@ -137,6 +158,15 @@ def test_bad_cli_input_exits_nonzero_and_writes_nothing(tmp_path, args, message)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not results.exists(), "bad input must not write into results/"
+
+
+def test_command_line_exit_status(tmp_path):
+    """The real command line: a bad argument exits non-zero with the message on stderr."""
+    results = tmp_path / "results"
+    proc = _subprocess_cli(["run", "demo", "--set", "bogus=1"], results)
+    assert proc.returncode != 0
+    assert "unknown config key 'bogus'" in proc.stderr
+    assert not results.exists()
 
 
 def test_config_parsing_types():

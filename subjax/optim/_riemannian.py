@@ -356,9 +356,12 @@ def riemannian_adam(
       >>> opt = riemannian_adam(0.05, manifolds={"x": sphere})
       >>> params = {"x": jnp.array([0.6, 0.0, 0.8])}
       >>> state = opt.init(params)
-      >>> for _ in range(200):
+      >>> @jax.jit
+      ... def step(params, state):
       ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...     params = optax.apply_updates(params, updates)
+      ...     return optax.apply_updates(params, updates), state
+      >>> for _ in range(200):
+      ...     params, state = step(params, state)
       >>> bool(abs(params["x"][0]) > 0.99), bool(sphere.check(params["x"]) < 1e-5)
       (True, True)
 
