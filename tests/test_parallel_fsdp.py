@@ -53,8 +53,11 @@ def xent(logits, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
 
 
-def compare(mesh, graphdef, params, opt, loss_fn=None, grad_fn=None, steps=3):
-    """Run the FSDP step and the one-device step side by side; return both."""
+def compare(mesh, graphdef, params, opt, loss_fn=None, grad_fn=None, steps=3, hlo=None):
+    """Run the FSDP step and the one-device step side by side; return both.
+
+    With ``hlo`` a list, the compiled FSDP step's HLO text is appended to it.
+    """
     sh = fsdp_shardings(params, mesh, opt, min_size=MIN)
     step = fsdp_step(loss_fn, opt, sh, grad_fn=grad_fn)
     ref = jax.jit(train_step(loss_fn, opt, grad_fn=grad_fn))
@@ -62,6 +65,9 @@ def compare(mesh, graphdef, params, opt, loss_fn=None, grad_fn=None, steps=3):
     s = jax.jit(opt.init, out_shardings=sh.opt_state)(p)
     pr, sr = params, opt.init(params)
     batch = data()
+    if hlo is not None:  # run the very executable whose HLO is inspected
+        step = step.lower(p, s, jax.device_put(batch, sh.batch)).compile()
+        hlo.append(step.as_text())
     for i in range(steps):
         b = jax.tree.map(lambda a, i=i: jnp.roll(a, 5 * i, axis=0), batch)
         p, s, loss = step(p, s, jax.device_put(b, sh.batch))
@@ -140,9 +146,80 @@ def test_galore_fsdp_equals_single_device(mesh):
     assert_close(s[0].inner_state.mu, sr[0].inner_state.mu, rtol=1e-4, atol=1e-6)
 
 
+class Deep(nnx.Module):
+    """Seven 32 x 32 dense layers between a 16-feature input and 4 classes.
+
+    Its K-FAC factors: eight 33 x 33 input factors (hidden and output layers), eight
+    32 x 32 output factors (input and hidden layers), one 17 x 17 and one 4 x 4.
+    """
+
+    def __init__(self, rngs, depth=7):
+        self.inp = nnx.Linear(16, 32, rngs=rngs)
+        self.hidden = nnx.List([nnx.Linear(32, 32, rngs=rngs) for _ in range(depth)])
+        self.out = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.inp(x))
+        for layer in self.hidden:
+            h = jnp.tanh(layer(h))
+        return self.out(h)
+
+
+EIGH = r"custom_call_target=\"lapack_[sd]syevd"
+
+
+def eigh_operands(hlo: str) -> list[tuple[int, ...]]:
+    """Operand shapes of the LAPACK symmetric eigensolver calls in a compiled module."""
+    shapes = re.findall(EIGH + r"\w*\", operand_layout_constraints=\{\w+\[([0-9,]*)\]", hlo)
+    assert len(shapes) == len(re.findall(EIGH, hlo)), "unparsed eigensolver call"
+    return sorted(tuple(int(d) for d in s.split(",")) for s in shapes)
+
+
+def gathers(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of the all-gathers in a compiled module."""
+    found = re.findall(r"=\s*\w+\[([0-9,]*)\]\S*\s+all-gather(?:-start)?\(", hlo)
+    return [tuple(int(d) for d in s.split(",") if d) for s in found]
+
+
+def test_eig_tree_split_over_devices(mesh):
+    from subjax.optim import _curvature as cv
+    from subjax.parallel import distributed_eigh
+
+    a = jax.random.normal(jax.random.key(0), (8, 32, 96))
+    factors = [x @ x.T / 96 for x in a] + [jnp.diag(jnp.arange(1.0, 6.0)), jnp.zeros(())]
+    rows, rep = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
+    sh = [rows] * 8 + [rep, rep]
+    factors = jax.device_put(factors, sh)
+
+    def eig(distribute):
+        def f(fs):
+            if not distribute:
+                return cv.eig_tree(fs)
+            with distributed_eigh(mesh):
+                return cv.eig_tree(fs)
+        return jax.jit(f, in_shardings=(sh,), out_shardings=([rep] * 10, sh))
+
+    ref = jax.jit(cv.eig_tree)(jax.device_get(factors))
+    got = eig(True)(factors)
+    # the very eigendecompositions of the one-device solver, bit for bit
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # each of the 8 devices decomposes 1 of the 8 stacked factors (and 1 of the
+    # 5 x 5 padded with identities); the row-sharded factors are never gathered
+    hlo = eig(True).lower(factors).compile().as_text()
+    assert eigh_operands(hlo) == [(1, 5, 5), (1, 32, 32)]
+    assert gathers(hlo) == []
+    # replicated eigendecompositions: every device gathers and decomposes all 8
+    hlo = eig(False).lower(factors).compile().as_text()
+    assert eigh_operands(hlo) == [(5, 5)] + [(32, 32)] * 8
+    assert (32, 32) in gathers(hlo)
+    with pytest.raises(ValueError, match="axes='model'"):
+        with distributed_eigh(mesh, "model"):
+            pass
+
+
 def test_kfac_fsdp_equals_single_device(mesh):
-    model = MLP(nnx.Rngs(0))
-    fisher.register_dense(model)
+    model = Deep(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 
     def grad_fn(p, b):
@@ -152,14 +229,19 @@ def test_kfac_fsdp_equals_single_device(mesh):
         return loss, grads, {"kfac_stats": stats}
 
     opt = kfac(0.2, damping=0.1, refresh_every=2, norm_constraint=1e-2)
-    p, s, pr, sr, _ = compare(mesh, graphdef, params, opt, grad_fn=grad_fn)
+    hlo = []
+    p, s, pr, sr, _ = compare(mesh, graphdef, params, opt, grad_fn=grad_fn, hlo=hlo)
     assert_close(p, pr, rtol=1e-4, atol=1e-5)
     (k, kr) = (s, sr) if hasattr(s, "factor_a") else (s[0], sr[0])
-    for field in ("factor_a", "factor_g", "momentum"):
+    for field in ("factor_a", "factor_g", "eigvals_a", "eigvals_g", "momentum"):
         assert_close(getattr(k, field), getattr(kr, field), rtol=1e-4, atol=1e-6)
-    # the (64, 64) output factor of l1 and the momentum of l2 are sharded
-    assert sharded_over_fsdp(k.factor_g["l1"]["kernel"])
-    assert sharded_over_fsdp(k.momentum["l2"]["kernel"])
+    # the (32, 32) output factors and momenta of the hidden layers are sharded
+    assert sharded_over_fsdp(k.factor_g["hidden"][3]["kernel"])
+    assert sharded_over_fsdp(k.momentum["hidden"][3]["kernel"])
+    # the eigendecompositions are split over the 8 devices: each decomposes one of
+    # the eight 33 x 33 and one of the eight 32 x 32 factors (the single 17 x 17
+    # and 4 x 4 padded with identities), not all 18
+    assert eigh_operands(hlo[0]) == [(1, 4, 4), (1, 17, 17), (1, 32, 32), (1, 33, 33)]
 
 
 def test_riemannian_sgd_fsdp_equals_single_device(mesh):
@@ -218,9 +300,7 @@ def gathered_shapes(opt, params, mesh):
     update = jax.jit(lambda g, s, p: opt.update(g, s, p),
                      in_shardings=(sh.params, sh.opt_state, sh.params),
                      out_shardings=(sh.params, sh.opt_state))
-    hlo = update.lower(params, state, params).compile().as_text()
-    found = re.findall(r"=\s*\w+\[([0-9,]*)\]\S*\s+all-gather(?:-start)?\(", hlo)
-    return [tuple(int(d) for d in s.split(",") if d) for s in found]
+    return gathers(update.lower(params, state, params).compile().as_text())
 
 
 def test_sharded_updates_gather_no_full_matrix(mesh):
@@ -239,3 +319,4 @@ def test_sharded_updates_gather_no_full_matrix(mesh):
     svd = gathered_shapes(galore(1e-2, rank=4, update_proj_gap=2, projector="svd"), params,
                           mesh)
     assert full & set(svd)
+

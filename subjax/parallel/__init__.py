@@ -5,7 +5,9 @@
 - :func:`fsdp_shardings`, :func:`fsdp_step`: fully sharded training (FSDP / ZeRO-3)
   on a ``(data, fsdp)`` mesh: large parameters and their optimizer state split over
   ``fsdp`` (``NamedSharding``, ``optax.tree_map_params``), a ``jax.jit`` step that
-  keeps them sharded in and out; :func:`fsdp_spec` is the placement rule.
+  keeps them sharded in and out; :func:`fsdp_spec` is the placement rule;
+  :func:`distributed_eigh` splits K-FAC's / FISMO's factor eigendecompositions
+  over the devices (on in :func:`fsdp_step`).
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
@@ -27,7 +29,13 @@ from subjax.parallel._data import (
     train_step,
 )
 from subjax.parallel._distributed import initialize
-from subjax.parallel._fsdp import FSDPShardings, fsdp_shardings, fsdp_spec, fsdp_step
+from subjax.parallel._fsdp import (
+    FSDPShardings,
+    distributed_eigh,
+    fsdp_shardings,
+    fsdp_spec,
+    fsdp_step,
+)
 from subjax.parallel._linalg import (
     SHARDED_ORTH_METHODS,
     sharded_orthonormalize,
@@ -42,6 +50,7 @@ __all__ = [
     "axis_size",
     "check_axis",
     "data_parallel",
+    "distributed_eigh",
     "fsdp_shardings",
     "fsdp_spec",
     "fsdp_step",

@@ -13,12 +13,16 @@ slice instead of a reduce-scatter).
   optax / subjax optimizer state (through ``optax.tree_map_params``) and for the
   batch.
 * :func:`fsdp_step` — the jitted training step on those shardings.
+* :func:`distributed_eigh` — the context under which K-FAC's and FISMO's
+  factor eigendecompositions are split over the devices (each device decomposes
+  a share of the factors); :func:`fsdp_step` traces its step under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -27,9 +31,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from subjax._core import static_int
+from subjax.optim import _curvature as cv
 from subjax.parallel._data import check_axis, train_step
 
-__all__ = ["FSDPShardings", "fsdp_shardings", "fsdp_spec", "fsdp_step"]
+__all__ = ["FSDPShardings", "distributed_eigh", "fsdp_shardings", "fsdp_spec", "fsdp_step"]
 
 PyTree = Any
 
@@ -170,6 +175,51 @@ def fsdp_shardings(
     return FSDPShardings(param_sh, state_sh, batch, NamedSharding(mesh, P()))
 
 
+@contextlib.contextmanager
+def distributed_eigh(mesh: Mesh, axes: str | Sequence[str] | None = None) -> Iterator[None]:
+    """Split K-FAC's / FISMO's factor eigendecompositions over the devices of ``mesh``.
+
+    A context manager for the *tracing* of a jitted step (enter it inside the
+    function ``jax.jit`` traces). Within it, the eigendecompositions that
+    :func:`subjax.optim.kfac` and :func:`subjax.optim.fismo` refresh are
+    computed as in Distributed Shampoo and kfac-jax's distributed inverses:
+    factors of equal shape are stacked, the stack is split over ``axes``
+    (padded with identity matrices to a multiple of the number of devices), and
+    each device runs the eigensolver only on its own ``ceil(L / p)`` of the
+    ``L`` stacked factors — no device gathers another's factors; the
+    eigen-pieces then go (all-to-all / broadcast) to wherever the optimizer
+    state keeps them. The results are those of the one-device eigensolver,
+    matrix by matrix. :func:`fsdp_step` traces its step under this context.
+
+    Args:
+      mesh: the ``jax.sharding.Mesh`` of the step.
+      axes: the mesh axis (or axes) the stacks are split over; default every
+        axis of the mesh (every device takes a share).
+
+    Raises:
+      ValueError: an axis is not a mesh axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import Mesh
+      >>> from subjax.optim import kfac
+      >>> from subjax.parallel import distributed_eigh
+      >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+      >>> def update(opt, grads, state, params, stats):
+      ...     with distributed_eigh(mesh):
+      ...         return opt.update(grads, state, params, kfac_stats=stats)
+    """
+    if axes is None:
+        axes = tuple(mesh.axis_names)
+    elif isinstance(axes, str):
+        axes = (axes,)
+    axes = tuple(axes)
+    for ax in axes:
+        check_axis(mesh, ax, argname="axes")
+    with cv.distributed_eigh(mesh, axes):
+        yield
+
+
 def fsdp_step(
     loss_fn: Callable[..., Any] | None,
     optimizer: optax.GradientTransformation,
@@ -179,6 +229,7 @@ def fsdp_step(
     extra_args_fn: Callable[[PyTree, PyTree], dict] | None = None,
     grad_fn: Callable[[PyTree, PyTree], tuple] | None = None,
     donate: bool = False,
+    distribute_eigh: bool = True,
 ) -> Callable[[PyTree, PyTree, PyTree], tuple]:
     r"""A jitted training step whose parameters and optimizer state stay sharded.
 
@@ -198,7 +249,10 @@ def fsdp_step(
 
     Optimizers with batch statistics (K-FAC) get them from ``grad_fn`` on the
     global batch — no ``axis_name`` is needed: the reductions over the batch are
-    the partitioner's.
+    the partitioner's. K-FAC's and FISMO's eigendecompositions of their
+    Kronecker factors are split over every device of the mesh
+    (:func:`distributed_eigh`): with ``L`` equal-shape factors on ``p`` devices,
+    each device decomposes ``ceil(L / p)`` of them instead of all ``L``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (the mean over the batch), or
@@ -207,6 +261,8 @@ def fsdp_step(
       shardings: from :func:`fsdp_shardings` (built with this optimizer).
       has_aux, extra_args_fn, grad_fn: as in :func:`subjax.parallel.train_step`.
       donate: donate the parameter and state buffers to the step.
+      distribute_eigh: trace the step under :func:`distributed_eigh` over all
+        mesh axes (``False``: every device decomposes every factor).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``;
@@ -244,8 +300,14 @@ def fsdp_step(
     body = train_step(loss_fn, optimizer, has_aux=has_aux, extra_args_fn=extra_args_fn,
                       grad_fn=grad_fn)
     rep = shardings.replicated
+
+    def step(params, opt_state, batch):
+        ctx = distributed_eigh(rep.mesh) if distribute_eigh else contextlib.nullcontext()
+        with ctx:
+            return body(params, opt_state, batch)
+
     return jax.jit(
-        body,
+        step,
         in_shardings=(shardings.params, shardings.opt_state, shardings.batch),
         out_shardings=(shardings.params, shardings.opt_state, rep),
         donate_argnums=(0, 1) if donate else (),
