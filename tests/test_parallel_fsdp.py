@@ -19,8 +19,14 @@ from jax.sharding import PartitionSpec as P
 from subjax import fisher
 from subjax.manifolds import Stiefel
 from subjax.nn import OrthogonalLinear, manifolds_of
-from subjax.optim import galore, kfac, riemannian_sgd
-from subjax.parallel import fsdp_shardings, fsdp_spec, fsdp_step, train_step
+from subjax.optim import galore, kfac, make_projector, riemannian_sgd
+from subjax.parallel import (
+    fsdp_shardings,
+    fsdp_spec,
+    fsdp_step,
+    sharded_subspace_projector,
+    train_step,
+)
 
 pytestmark = [pytest.mark.multidevice, pytest.mark.standard_promotion]
 
@@ -53,17 +59,20 @@ def xent(logits, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
 
 
-def compare(mesh, graphdef, params, opt, loss_fn=None, grad_fn=None, steps=3, hlo=None):
+def compare(mesh, graphdef, params, opt, loss_fn=None, grad_fn=None, steps=3, hlo=None,
+            ref_opt=None):
     """Run the FSDP step and the one-device step side by side; return both.
 
-    With ``hlo`` a list, the compiled FSDP step's HLO text is appended to it.
+    With ``hlo`` a list, the compiled FSDP step's HLO text is appended to it; the
+    one-device step runs ``ref_opt`` when given (else ``opt``).
     """
+    ref_opt = opt if ref_opt is None else ref_opt
     sh = fsdp_shardings(params, mesh, opt, min_size=MIN)
     step = fsdp_step(loss_fn, opt, sh, grad_fn=grad_fn)
-    ref = jax.jit(train_step(loss_fn, opt, grad_fn=grad_fn))
+    ref = jax.jit(train_step(loss_fn, ref_opt, grad_fn=grad_fn))
     p = jax.device_put(params, sh.params)
     s = jax.jit(opt.init, out_shardings=sh.opt_state)(p)
-    pr, sr = params, opt.init(params)
+    pr, sr = params, ref_opt.init(params)
     batch = data()
     if hlo is not None:  # run the very executable whose HLO is inspected
         step = step.lower(p, s, jax.device_put(batch, sh.batch)).compile()
@@ -134,9 +143,11 @@ def test_galore_fsdp_equals_single_device(mesh):
     def loss_fn(p, b):
         return xent(nnx.merge(graphdef, p)(b["x"]), b["y"])
 
-    # refresh at steps 0 and 2: the projector refresh runs on the sharded gradient
-    opt = galore(1e-2, rank=4, update_proj_gap=2, projector="subspace")
-    p, s, pr, sr, _ = compare(mesh, graphdef, params, opt, loss_fn)
+    # refresh at steps 0 and 2: the projector refresh runs on the sharded gradient,
+    # inside shard_map (psum-ed Grams); the one-device step runs the plain projector
+    opt = galore(1e-2, rank=4, update_proj_gap=2, projector=sharded_subspace_projector(mesh))
+    ref = galore(1e-2, rank=4, update_proj_gap=2, projector="subspace")
+    p, s, pr, sr, _ = compare(mesh, graphdef, params, opt, loss_fn, ref_opt=ref)
     assert_close(p, pr, rtol=1e-4, atol=1e-5)
     # projected Adam moments (max(m, k) x r) follow the long side of their matrix
     mu = s[0].inner_state.mu
@@ -311,7 +322,11 @@ def test_sharded_updates_gather_no_full_matrix(mesh):
     # k x k Grams of the row-sharded matrix (all-reduces), nothing is gathered
     opt = riemannian_sgd(0.1, momentum=0.9, manifolds={"w": Stiefel(64, 16), "v": None})
     assert gathered_shapes(opt, params, mesh) == []
-    # GaLore's subspace refresh gathers only the thin (64 x r) blocks of its
+    # GaLore's subspace refresh under shard_map gathers nothing (psum-ed Grams) ...
+    assert gathered_shapes(galore(1e-2, rank=4, update_proj_gap=2,
+                                  projector=sharded_subspace_projector(mesh)),
+                           params, mesh) == []
+    # ... partitioned by XLA it gathers only the thin (64 x r) blocks of its
     # orthonormalization, never a full matrix ...
     thin = gathered_shapes(galore(1e-2, rank=4, update_proj_gap=2), params, mesh)
     assert thin and not full & set(thin) and all(min(s) <= 4 for s in thin)
@@ -320,3 +335,30 @@ def test_sharded_updates_gather_no_full_matrix(mesh):
                           mesh)
     assert full & set(svd)
 
+
+
+@pytest.mark.parametrize("align", ["rotation", None])
+def test_sharded_subspace_projector_equals_one_device(mesh, align):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (64, 16)))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (16, 16)))
+    g = (u * 0.7 ** jnp.arange(16.0)) @ v.T  # tall, singular values 0.7^i
+    q, _ = jnp.linalg.qr(jax.random.normal(k3, (16, 4)))
+    rows = jax.device_put(g, NamedSharding(mesh, P("fsdp", None)))
+    one = make_projector("subspace", subspace_steps=2, align=align)
+    sharded = sharded_subspace_projector(mesh, subspace_steps=2, align=align)
+    for first in (True, False):  # from a random start (init_steps) / warm (subspace_steps)
+        args = (q, jax.random.key(5), jnp.array(first))
+        a = jax.jit(one.refresh)(g, *args)
+        b = jax.jit(sharded.refresh)(rows, *args)
+        # the same subspace; with alignment the same basis (else up to column signs)
+        np.testing.assert_allclose(b @ b.T, a @ a.T, atol=2e-6)
+        if align == "rotation":
+            np.testing.assert_allclose(b, a, atol=2e-6)
+        else:
+            np.testing.assert_allclose(jnp.abs(b), jnp.abs(a), atol=2e-6)
+    # rows that do not divide the axis: refreshed unsharded, the same result
+    np.testing.assert_allclose(sharded.refresh(g[:62], *args), one.refresh(g[:62], *args),
+                               atol=2e-6)
+    with pytest.raises(ValueError, match="axis_name='model'"):
+        sharded_subspace_projector(mesh, "model")

@@ -7,7 +7,8 @@
   ``fsdp`` (``NamedSharding``, ``optax.tree_map_params``), a ``jax.jit`` step that
   keeps them sharded in and out; :func:`fsdp_spec` is the placement rule;
   :func:`distributed_eigh` splits K-FAC's / FISMO's factor eigendecompositions
-  over the devices (on in :func:`fsdp_step`).
+  over the devices (on in :func:`fsdp_step`); :func:`sharded_subspace_projector`
+  refreshes GaLore's basis on the row-sharded gradient (``psum``-ed Grams, no gather).
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
@@ -43,6 +44,7 @@ from subjax.parallel._linalg import (
     sharded_subspace_iteration,
 )
 from subjax.parallel._ot import sharded_sinkhorn, sharded_sinkhorn_newton
+from subjax.parallel._projector import sharded_subspace_projector
 
 __all__ = [
     "FSDPShardings",
@@ -62,5 +64,6 @@ __all__ = [
     "sharded_sinkhorn",
     "sharded_sinkhorn_newton",
     "sharded_subspace_iteration",
+    "sharded_subspace_projector",
     "train_step",
 ]
