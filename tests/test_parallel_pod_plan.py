@@ -91,3 +91,14 @@ def test_fsdp_step_gathers_each_weight_once():
     # the forward gathers each weight at most once (the backward reuses what it
     # gathered, or XLA moves activations instead)
     assert 0 < coll["all-gather"]["bytes"] <= n_bytes
+
+
+def test_eigh_calls_parser():
+    from subjax.parallel.pod_plan import eigh_calls_from_hlo
+
+    line = ('%c = (f32[1,64,64]{1,2,0}, f32[1,64]{1,0}, s32[1]{0}) custom-call(%x), '
+            'custom_call_target="lapack_ssyevd_ffi", operand_layout_constraints='
+            '{f32[1,64,64]{1,2,0}}, api_version=API_VERSION_TYPED_FFI')
+    plain = line.replace("[1,64,64]", "[32,32]").replace("ssyevd", "dsyevd")
+    assert eigh_calls_from_hlo("\n".join([line, line, plain, "%y = f32[2] add(%a, %b)"])) == {
+        "1 x 64 x 64": 2, "32 x 32": 1}

@@ -57,7 +57,16 @@ class ManifoldMuonState(NamedTuple):
 
 
 def _msign(x: jax.Array) -> jax.Array:
-    """``U sign(S) V^T`` for ``x = U S V^T`` (batched): the polar factor, exact zeros kept."""
+    """``U sign(S) V^T`` for ``x = U S V^T`` (batched): the polar factor, exact zeros kept.
+
+    Traced under :func:`subjax.parallel.row_sharded_polar` (as ``fsdp_step`` does),
+    a row-sharded tall ``x`` is factored without a gather (sharded QR, ``k x k`` SVD).
+    """
+    from subjax.parallel._polar import msign_rows  # lazy: subjax.parallel imports optim
+
+    y = msign_rows(x)
+    if y is not None:
+        return y
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     return (u * jnp.sign(s)[..., None, :]) @ vt
 

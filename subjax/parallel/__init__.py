@@ -8,7 +8,9 @@
   keeps them sharded in and out; :func:`fsdp_spec` is the placement rule;
   :func:`distributed_eigh` splits K-FAC's / FISMO's factor eigendecompositions
   over the devices (on in :func:`fsdp_step`); :func:`sharded_subspace_projector`
-  refreshes GaLore's basis on the row-sharded gradient (``psum``-ed Grams, no gather).
+  refreshes GaLore's basis on the row-sharded gradient (``psum``-ed Grams, no gather);
+  :func:`row_sharded_polar` / :func:`sharded_msign`: manifold Muon's polar factor on
+  a row-sharded matrix (sharded QR, no gather; on in :func:`fsdp_step`).
 - :func:`shard_batch`, :func:`replicate`: put host data on a (multi-process) mesh.
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
@@ -44,6 +46,7 @@ from subjax.parallel._linalg import (
     sharded_subspace_iteration,
 )
 from subjax.parallel._ot import sharded_sinkhorn, sharded_sinkhorn_newton
+from subjax.parallel._polar import row_sharded_polar, sharded_msign
 from subjax.parallel._projector import sharded_subspace_projector
 
 __all__ = [
@@ -58,7 +61,9 @@ __all__ = [
     "fsdp_step",
     "initialize",
     "replicate",
+    "row_sharded_polar",
     "shard_batch",
+    "sharded_msign",
     "sharded_orthonormalize",
     "sharded_randomized_svd",
     "sharded_sinkhorn",

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from subjax._core import static_int
 from subjax.optim import _curvature as cv
 from subjax.parallel._data import check_axis, train_step
+from subjax.parallel._polar import row_sharded_polar
 
 __all__ = ["FSDPShardings", "distributed_eigh", "fsdp_shardings", "fsdp_spec", "fsdp_step"]
 
@@ -78,12 +79,14 @@ class FSDPShardings(NamedTuple):
       batch: one ``NamedSharding`` splitting the leading (batch) axis over the
         data-parallel axes (a prefix of every batch leaf).
       replicated: ``NamedSharding(mesh, P())`` (the loss, scalars).
+      fsdp_axis: the mesh axis parameters and state are split over.
     """
 
     params: PyTree
     opt_state: PyTree
     batch: NamedSharding
     replicated: NamedSharding
+    fsdp_axis: str = "fsdp"
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -172,7 +175,7 @@ def fsdp_shardings(
         except (TypeError, ValueError, AttributeError):
             state_sh = jax.tree.map(own, opt_state)
     batch = NamedSharding(mesh, P(batch_axes if len(batch_axes) > 1 else batch_axes[0]))
-    return FSDPShardings(param_sh, state_sh, batch, NamedSharding(mesh, P()))
+    return FSDPShardings(param_sh, state_sh, batch, NamedSharding(mesh, P()), fsdp_axis)
 
 
 @contextlib.contextmanager
@@ -229,7 +232,7 @@ def fsdp_step(
     extra_args_fn: Callable[[PyTree, PyTree], dict] | None = None,
     grad_fn: Callable[[PyTree, PyTree], tuple] | None = None,
     donate: bool = False,
-    distribute_eigh: bool = True,
+    distribute: bool = True,
 ) -> Callable[[PyTree, PyTree, PyTree], tuple]:
     r"""A jitted training step whose parameters and optimizer state stay sharded.
 
@@ -249,10 +252,14 @@ def fsdp_step(
 
     Optimizers with batch statistics (K-FAC) get them from ``grad_fn`` on the
     global batch — no ``axis_name`` is needed: the reductions over the batch are
-    the partitioner's. K-FAC's and FISMO's eigendecompositions of their
-    Kronecker factors are split over every device of the mesh
-    (:func:`distributed_eigh`): with ``L`` equal-shape factors on ``p`` devices,
-    each device decomposes ``ceil(L / p)`` of them instead of all ``L``.
+    the partitioner's. With ``distribute``, the factorizations that XLA cannot
+    partition are split by hand: K-FAC's and FISMO's eigendecompositions of their
+    Kronecker factors over every device of the mesh (:func:`distributed_eigh`:
+    with ``L`` equal-shape factors on ``p`` devices, each device decomposes
+    ``ceil(L / p)`` of them instead of all ``L``), and manifold Muon's polar
+    factors on the rows of the ``fsdp`` axis
+    (:func:`subjax.parallel.row_sharded_polar`: a sharded QR and a ``k x k`` SVD
+    instead of an all-gather of the matrix).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (the mean over the batch), or
@@ -261,8 +268,10 @@ def fsdp_step(
       shardings: from :func:`fsdp_shardings` (built with this optimizer).
       has_aux, extra_args_fn, grad_fn: as in :func:`subjax.parallel.train_step`.
       donate: donate the parameter and state buffers to the step.
-      distribute_eigh: trace the step under :func:`distributed_eigh` over all
-        mesh axes (``False``: every device decomposes every factor).
+      distribute: trace the step under :func:`distributed_eigh` over all mesh
+        axes and :func:`subjax.parallel.row_sharded_polar` over ``fsdp``
+        (``False``: XLA's partitioning alone; every device decomposes every
+        factor, polar factors gather their matrix).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, loss)``;
@@ -302,8 +311,9 @@ def fsdp_step(
     rep = shardings.replicated
 
     def step(params, opt_state, batch):
-        ctx = distributed_eigh(rep.mesh) if distribute_eigh else contextlib.nullcontext()
-        with ctx:
+        if not distribute:
+            return body(params, opt_state, batch)
+        with distributed_eigh(rep.mesh), row_sharded_polar(rep.mesh, shardings.fsdp_axis):
             return body(params, opt_state, batch)
 
     return jax.jit(
