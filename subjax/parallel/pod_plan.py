@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["collectives_from_hlo", "main"]
+__all__ = ["collectives_from_hlo", "eigh_calls_from_hlo", "main"]
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                 "all-to-all")
@@ -129,6 +129,23 @@ def collectives_from_hlo(hlo: str) -> dict:
     return out
 
 
+_EIGH = re.compile(
+    r'custom_call_target="\w*syevd\w*", operand_layout_constraints=\{\w+\[([0-9,]*)\]')
+
+
+def eigh_calls_from_hlo(hlo: str) -> dict:
+    """``{operand shape "b x n x n" or "n x n": count}`` of the symmetric eigensolver calls.
+
+    Each call is one (batched) LAPACK / cuSOLVER ``syevd`` on one device; a leading
+    batch dimension is the number of matrices that device decomposes in the call.
+    """
+    out: dict[str, int] = {}
+    for dims in _EIGH.findall(hlo):
+        key = " x ".join(d for d in dims.split(",") if d)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def _memory(compiled) -> dict:
     ma = compiled.memory_analysis()
     if ma is None:
@@ -143,7 +160,7 @@ def _measure(name, lowered, t0):
     t1 = time.perf_counter()
     hlo = compiled.as_text()
     return {"program": name, "compile_s": round(t1 - t0, 2), "memory": _memory(compiled),
-            "collectives": collectives_from_hlo(hlo)}
+            "collectives": collectives_from_hlo(hlo), "eigh": eigh_calls_from_hlo(hlo)}
 
 
 def _worker(args) -> list[dict]:
@@ -407,6 +424,11 @@ def markdown(results: list[dict], command: str) -> str:
     lines.append("")
     for prog, shape in shapes.items():
         lines.append(f"- `{prog}`: {shape}")
+    for r in results:
+        if r.get("eigh"):
+            calls = ", ".join(f"{c} x [{k}]" for k, c in r["eigh"].items())
+            lines.append(f"- `{r['program']}` on {r['devices']} devices: eigensolver calls "
+                         f"per device (count x [operand shape]): {calls}")
     lines.append("")
     lines.append("Conditional branches are numerical fallbacks (the SVD's TSQR) or periodic "
                  "refreshes (GaLore's projector, K-FAC's eigendecompositions); an op inside a "
