@@ -105,10 +105,10 @@ print(f"after 30 steps: GD {gd[-1]:.4f}, natural gradient {ng[-1]:.4f}")
 # %% [markdown]
 # ## K-FAC on a Flax NNX model
 #
-# `fisher.register_dense(model)` makes every `nnx.Linear` record its inputs and
-# output gradients (parameters and outputs unchanged);
-# `fisher.kfac_grads_and_stats` returns loss, gradient and the Kronecker factors in
-# one pass, and `optim.kfac` takes them as the extra argument `kfac_stats`.
+# Nothing to register: `fisher.kfac_grads_and_stats` finds the dense layers in the
+# trace of `apply_fn` (every `nnx.Linear`, named by its path: `"l1"`, `"l2"`),
+# returns loss, gradient and the Kronecker factors in one pass, and `optim.kfac`
+# takes them as the extra argument `kfac_stats`.
 
 # %%
 class MLP(nnx.Module):
@@ -120,7 +120,6 @@ class MLP(nnx.Module):
 
 def run(opt, use_kfac, steps=60):
     model = MLP(nnx.Rngs(0))
-    print("registered:", fisher.register_dense(model))
     graphdef, params = nnx.split(model, nnx.Param)
     apply = lambda p, x: nnx.merge(graphdef, p)(x)
     state = opt.init(params)

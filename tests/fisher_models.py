@@ -5,8 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from subjax import fisher
-
 
 def mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float32):
     params = {}
@@ -21,11 +19,11 @@ def mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float32):
 
 
 def mlp_apply(params, x):
-    """tanh MLP whose dense layers are tagged for K-FAC (names = param paths)."""
+    """tanh MLP as a pure function (K-FAC finds its layers "l0", "l1", ... by their kernels)."""
     n = len(params)
     for i in range(n):
         p = params[f"l{i}"]
-        x = fisher.tag_dense(f"l{i}", x, p["kernel"], p["bias"])
+        x = x @ p["kernel"] + p["bias"]
         if i < n - 1:
             x = jnp.tanh(x)
     return x

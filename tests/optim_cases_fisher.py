@@ -19,7 +19,7 @@ def _linear_params(key, dtype=jnp.float32):
 
 def _linear_apply(params, x):
     p = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    return fisher.tag_dense("dense", x, p["dense"]["kernel"], p["dense"]["bias"])
+    return x @ p["dense"]["kernel"] + p["dense"]["bias"]
 
 
 def _mlp_params(key, dtype=jnp.float32):
@@ -32,8 +32,8 @@ def _mlp_params(key, dtype=jnp.float32):
 
 def _mlp_apply(params, x):
     p = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    h = jnp.tanh(fisher.tag_dense("h", x, p["h"]["kernel"], p["h"]["bias"]))
-    return fisher.tag_dense("out", h, p["out"]["kernel"], p["out"]["bias"])
+    h = jnp.tanh(x @ p["h"]["kernel"] + p["h"]["bias"])
+    return h @ p["out"]["kernel"] + p["out"]["bias"]
 
 
 def _loss(apply_fn):

@@ -154,16 +154,15 @@ def _nnx_mlp():
 
 
 @pytest.mark.standard_promotion
-def test_nnx_register_dense_and_training_lowers_loss():
+def test_nnx_model_layers_are_found_and_training_lowers_loss():
     model = _nnx_mlp()
     x = jax.random.normal(jax.random.key(0), (64, 4))
     y = jnp.argmax(x[:, :3] + 0.3 * x[:, 1:], axis=1)
-    before = model(x)
-    names = fisher.register_dense(model)
-    assert names == ("blocks/0", "blocks/1")
-    np.testing.assert_array_equal(model(x), before)  # outputs unchanged
     graphdef, params = nnx.split(model, nnx.Param)
     apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+    _, _, stats = fisher.kfac_grads_and_stats(apply, params, x, y, fisher="empirical")
+    assert list(stats) == ["blocks/0", "blocks/1"]  # the kernels' paths, in order of use
+    assert all(type(b) is nnx.Linear for b in model.blocks)  # nothing registered or mutated
     opt = optim.kfac(0.3, damping=1e-2, norm_constraint=1e-2)
     state = opt.init(params)
 
@@ -253,6 +252,39 @@ def test_natural_gradient_axis_name_equals_full_batch(key):
         np.testing.assert_allclose(a[2], b, rtol=1e-3, atol=1e-5)
 
 
+def _mlp_apply_through_calls(p, x):
+    """``mlp_apply``'s network with its products in a jitted einsum (kernel first) and in a
+    ``jax.checkpoint`` block."""
+    first = jax.jit(lambda k, h: jnp.einsum("de,nd->ne", k, h))
+    h = jnp.tanh(first(p["l0"]["kernel"], x) + p["l0"]["bias"])
+    return jax.checkpoint(lambda h, k: h @ k)(h, p["l1"]["kernel"]) + p["l1"]["bias"]
+
+
+def test_capture_follows_calls_and_skips_kernels_with_other_uses(x64, key):
+    params = mlp_params(key, sizes=(3, 5, 4), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(14), (6, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(15), (6,), 0, 4)
+    run = lambda f: fisher.kfac_grads_and_stats(f, params, x, y, fisher="empirical")
+    _, grads, ref = run(mlp_apply)
+    _, grads_c, stats = run(_mlp_apply_through_calls)
+    assert list(stats) == ["l0", "l1"]
+    for name in ref:
+        np.testing.assert_allclose(stats[name].a, ref[name].a, rtol=1e-12)
+        np.testing.assert_allclose(stats[name].g, ref[name].g, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ravel_pytree(grads_c)[0], ravel_pytree(grads)[0], rtol=1e-12)
+
+    # l1's kernel also reaches the output another way: not a layer, no statistics
+    other = lambda p, xb: mlp_apply(p, xb) + 0.0 * jnp.sum(p["l1"]["kernel"])
+    _, g_other, st_other = run(other)
+    assert list(st_other) == ["l0"]
+    np.testing.assert_allclose(st_other["l0"].g, ref["l0"].g, rtol=1e-12, atol=1e-15)
+    opt = optim.kfac(0.1)
+    with pytest.raises(ValueError, match="no entry for dense layer 'l1'"):
+        opt.update(g_other, opt.init(params), params, kfac_stats=st_other)
+    opt_l0 = optim.kfac(0.1, layers=("l0",))  # the documented way out
+    opt_l0.update(g_other, opt_l0.init(params), params, kfac_stats=st_other)
+
+
 def test_kfac_capture_under_vmap(key):
     params = mlp_params(key, sizes=(3, 5, 4))
     xs = jax.random.normal(jax.random.key(12), (3, 6, 3))
@@ -312,11 +344,11 @@ def test_bad_inputs(key):
             make(0.0)
         with pytest.raises(ValueError, match="damping"):
             make(-1.0)
-    # a model without registered dense layers
-    plain = lambda p, xb: xb @ p["l0"]["kernel"] + p["l0"]["bias"]
-    with pytest.raises(ValueError, match="register_dense"):
-        fisher.kfac_grads_and_stats(plain, params, x, y, fisher="empirical")
-    with pytest.raises(ValueError, match="register_dense"):
+    # a model whose only kernel is not used as a layer (scaled first)
+    scaled = lambda p, xb: xb @ (2.0 * p["l0"]["kernel"]) + p["l0"]["bias"]
+    with pytest.raises(ValueError, match=r"no dense or convolution layer.*\['l0'\] have other"):
+        fisher.kfac_grads_and_stats(scaled, params, x, y, fisher="empirical")
+    with pytest.raises(ValueError, match="'kernel' leaf"):
         optim.kfac(0.1).init({"w": jnp.ones((3, 3))})
     opt = optim.kfac(0.1)
     st = opt.init(params)
@@ -332,8 +364,6 @@ def test_bad_inputs(key):
     ng = optim.natural_gradient(0.1)
     with pytest.raises(ValueError, match="apply_fn"):
         ng.update(params, ng.init(params), params)
-    with pytest.raises(TypeError, match="nnx.Module"):
-        fisher.register_dense({"kernel": jnp.ones((2, 2))})
 
 
 def test_kfac_adaptive_step_minimises_exact_quadratic_model(x64, key):
@@ -504,9 +534,9 @@ def _seq_head(p, h):
 
 def _seq_apply(p, x):
     """A dense layer shared over the T positions of (N, T, d) inputs, mean-pooled."""
-    h = jnp.tanh(fisher.tag_dense("proj", x, p["proj"]["kernel"], p["proj"]["bias"]))
+    h = jnp.tanh(x @ p["proj"]["kernel"] + p["proj"]["bias"])
     pooled = h.mean(axis=1)
-    return fisher.tag_dense("head", pooled, p["head"]["kernel"], p["head"]["bias"])
+    return pooled @ p["head"]["kernel"] + p["head"]["bias"]
 
 
 @pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
@@ -577,13 +607,13 @@ def _manual_patches(x, kh, kw, strides, pads):
 
 def test_conv_factors_equal_dense_definition_on_patches(x64):
     model = _conv_net()
-    assert fisher.register_dense(model) == ("conv", "head")
     graphdef, params = nnx.split(model, nnx.Param)
     apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
     n = 3
     x = jax.random.normal(jax.random.key(40), (n, 4, 5, 2), jnp.float64)
     y = jax.random.randint(jax.random.key(41), (n,), 0, 4)
     _, grads, stats = fisher.kfac_grads_and_stats(apply, params, x, y, fisher="empirical")
+    assert list(stats) == ["conv", "head"]
 
     kernel, bias = model.conv.kernel[...], model.conv.bias[...]
     patches = _manual_patches(x, 2, 3, (1, 2), ((1, 1), (0, 1)))

@@ -93,7 +93,6 @@ class MLP(nnx.Module):
 
 def test_kfac_data_parallel_equals_single_device(mesh):
     model = MLP(nnx.Rngs(0))
-    fisher.register_dense(model)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def apply_fn(p, x):

@@ -58,7 +58,7 @@ def _kfac_jax_stepper(x, opt=None):
     """A fresh kfac-jax run (new parameter buffers: kfac-jax donates them)."""
     from experiments.kfac.peers import make_kfac_jax, to_dict_params
 
-    _, p = make_model(0, register=False)
+    _, p = make_model(0)
     if opt is None:
         opt, _ = make_kfac_jax(initial_damping=1.0)
     rng = jax.random.key(0)

@@ -41,10 +41,8 @@ class AutoEncoder(nnx.Module):
         return x
 
 
-def make_model(seed: int = 0, register: bool = True):
+def make_model(seed: int = 0):
     model = AutoEncoder(nnx.Rngs(seed))
-    if register:
-        fisher.register_dense(model)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def apply_fn(p, x):

@@ -105,7 +105,7 @@ def run_cell(cfg, name, setting, x):
 def _run_kfac_jax(cfg, setting, x):
     from experiments.kfac.peers import make_kfac_jax, to_dict_params
 
-    _, p = make_model(cfg.seed, register=False)
+    _, p = make_model(cfg.seed)
     opt, _ = make_kfac_jax(initial_damping=setting["initial_damping"])
     rng = jax.random.key(cfg.seed)
     # compile on a throw-away copy (kfac-jax donates its parameter buffers)

@@ -1,7 +1,8 @@
 """subjax.fisher — Fisher information, curvature products, EWC and model merging.
 
 Pure functions over a model function ``apply_fn(params, inputs) -> outputs`` and a
-batch; K-FAC statistics capture for Flax NNX dense and convolution layers.
+batch; K-FAC statistics of the dense and convolution layers found in a model's trace
+(Flax NNX models and pure-JAX functions alike).
 Implementation lives in private modules (`_*.py`).
 """
 
@@ -21,10 +22,7 @@ from subjax.fisher._fwsvd import fisher_weighted_svd
 from subjax.fisher._kfac_capture import (
     KFACStats,
     Linearization,
-    conv_patches,
     kfac_grads_and_stats,
-    register_dense,
-    tag_dense,
 )
 from subjax.fisher._lowrank import fisher_operator, low_rank, rank_one
 from subjax.fisher._merge import average, ewc_loss, ewc_penalty, fisher_merge, task_arithmetic
@@ -35,7 +33,6 @@ __all__: list[str] = [
     "Linearization",
     "LowRankFisher",
     "average",
-    "conv_patches",
     "diag_empirical",
     "diag_true",
     "empirical_fvp",
@@ -53,8 +50,6 @@ __all__: list[str] = [
     "make_fvp",
     "per_example_grads",
     "rank_one",
-    "register_dense",
     "subspace_merge",
-    "tag_dense",
     "task_arithmetic",
 ]

@@ -1,12 +1,15 @@
-"""Capture of K-FAC statistics from dense layers, without rewriting the model.
+"""K-FAC statistics capture: dense and convolution layers found in the traced model.
 
-How it works. A *registered* dense layer computes ``y = x @ kernel + bias`` as
-usual; while a capture is active (only inside :func:`kfac_grads_and_stats`) it
-additionally records its input rows ``a = [x, 1]`` and adds a zero "tap" ``e``
-to its output, ``y + e``. Differentiating with respect to ``e`` gives the
-gradient of the loss with respect to the layer's pre-activations, so one forward
-and one (or two) backward passes give the parameter gradients *and* the
-Kronecker factors::
+How it works. :func:`kfac_grads_and_stats` traces ``apply_fn(params, inputs)`` to a
+jaxpr once and finds its *layers*: every ``dot_general`` or
+``conv_general_dilated`` whose weight operand is a ``kernel`` leaf of ``params``
+(possibly cast, as mixed precision and Flax's dtype promotion do). It then runs
+that jaxpr again with each product's output ``y`` replaced by ``y + e`` (a zero
+"tap") and with the product's input rows ``a = [x, 1]`` (a 1 appended when the
+layer has a ``bias``; input patches for a convolution) recorded on the side.
+Differentiating with respect to ``e`` gives the gradient of the loss with
+respect to the layer's outputs, so one forward and one (or two) backward passes
+give the parameter gradients *and* the Kronecker factors::
 
     A = (1/R) sum_rows a a^T                  (d_in + 1, d_in + 1)
     G = (1/N) sum_rows delta delta^T          (d_out, d_out)
@@ -19,25 +22,32 @@ for inputs with extra axes or a layer applied several times the rows are pooled,
 K-FAC-expand style, or averaged per example first with
 ``weight_sharing="reduce"``).
 
-Registering layers:
+Nothing is registered and nothing is mutated: the same rule covers a Flax NNX
+model (``apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)``; its
+``nnx.Linear`` / ``nnx.Conv`` layers compute exactly these products) and a
+pure-JAX function written with ``x @ params["enc"]["kernel"] + ...``. The
+layer's name is the path of its ``kernel`` leaf without the last key
+(:func:`param_paths` and :func:`subjax._core.path_name`: ``"encoder/0"``),
+the name :func:`subjax.optim.kfac` looks the statistics up by.
 
-- Flax NNX: :func:`register_dense(model)` turns every ``nnx.Linear`` of the
-  model (in place) into a recording layer named by its path (``"encoder/0"``).
-  Parameters, shapes and outputs are unchanged; outside a capture the layer is
-  exactly ``nnx.Linear``.
-- Pure JAX: call :func:`tag_dense(name, x, kernel, bias)` in place of
-  ``x @ kernel + bias``, with ``name`` the path of the layer's parameters in the
-  params pytree (``params["enc"]["kernel"]`` -> ``"enc"``).
+What counts as a layer. A ``kernel`` leaf (ndim >= 2; a convolution kernel is
+``(*window, c_in, c_out)``) every use of which is a product with the kernel's
+first axis (``d_in``) contracted against one axis of the other operand, or a
+convolution with the kernel in that window-input-output layout and no feature
+or batch groups. Calls of ``jax.jit`` functions and ``jax.checkpoint`` blocks
+that receive a kernel are followed (the capture inlines them). A kernel used in
+any other way (inside ``lax.scan``, a custom derivative, a reshape, a norm of
+the weights, ...) is not a layer: it gets no statistics.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 
 from subjax._core import choice, compute_dtype, path_name, static_int
 from subjax.fisher import _likelihood as lk
@@ -78,186 +88,219 @@ class KFACStats(NamedTuple):
     g: jax.Array
 
 
-_LOCAL = threading.local()
+def param_paths(tree) -> list[tuple]:
+    """Key path of every leaf, without the trailing ``.value`` of an NNX variable."""
+    paths = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        last = path[-1] if path else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("value", "raw_value"):
+            path = path[:-1]
+        paths.append(path)
+    return paths
 
 
-def _current():
-    stack = getattr(_LOCAL, "stack", None)
-    return stack[-1] if stack else None
+class KernelLeaves(NamedTuple):
+    """A candidate layer of a params pytree: its name and leaf indices."""
+
+    name: str  # path of the kernel without its last key, "/"-joined
+    kernel: int  # index of the kernel leaf in jax.tree.leaves(params)
+    bias: int | None  # index of the 1-D bias beside it, or None
 
 
-class _Capture:
+def kernel_leaves(params) -> tuple[KernelLeaves, ...]:
+    """Every ``kernel`` leaf of ndim >= 2 of ``params``, with its ``bias`` sibling.
+
+    The bias is the leaf ``bias`` under the same path, 1-D, of the kernel's last
+    size; the layer's name is the kernel's path without ``kernel``.
+    """
+    leaves = jax.tree.leaves(params)
+    paths = param_paths(params)
+    index = {path_name(p): i for i, p in enumerate(paths)}
+    found = []
+    for i, p in enumerate(paths):
+        if not p or path_name(p[-1:]) != "kernel" or jnp.ndim(leaves[i]) < 2:
+            continue
+        b = index.get(path_name(p[:-1] + (jax.tree_util.DictKey("bias"),)))
+        if b is not None and (jnp.ndim(leaves[b]) != 1
+                              or jnp.shape(leaves[b])[0] != jnp.shape(leaves[i])[-1]):
+            b = None
+        found.append(KernelLeaves(path_name(p[:-1]), i, b))
+    return tuple(found)
+
+
+# -- finding and tapping the layer products in the model's jaxpr --------------------------
+
+# a kernel keeps its identity through these (dtype casts, sharding annotations)
+_PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint",
+                           "mesh_cast", "reshard", "pvary", "pcast"})
+# calls the capture follows into (and inlines) when they receive a kernel
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2"})
+
+
+class _Product(NamedTuple):
+    name: str  # the layer
+    x: int  # position of the layer input among the equation's operands
+    kind: str  # "dense" | "conv"
+
+
+def _product(eqn, named: list) -> _Product | None:
+    """The layer product computed by ``eqn`` (``named``: kernel name of each operand)."""
+    ins = eqn.invars
+    if eqn.primitive.name == "dot_general" and len(ins) == 2:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        for k, ck, cx in ((1, rc, lc), (0, lc, rc)):
+            if (named[k] and not named[1 - k] and not lb and not rb and tuple(ck) == (0,)
+                    and len(cx) == 1 and ins[k].aval.ndim == 2):
+                return _Product(named[k], 1 - k, "dense")
+    if eqn.primitive.name == "conv_general_dilated" and named[1] and not named[0]:
+        p, nsp = eqn.params, ins[1].aval.ndim - 2
+        if (p["feature_group_count"] == 1 and p["batch_group_count"] == 1 and 1 <= nsp <= 3
+                and tuple(p["dimension_numbers"].rhs_spec) == (nsp + 1, nsp, *range(nsp))):
+            return _Product(named[1], 0, "conv")
+    return None
+
+
+def _out_perm(eqn, prod: _Product) -> tuple[int, ...]:
+    """Axes of the product's output in row order with ``d_out`` last."""
+    nd = eqn.outvars[0].aval.ndim
+    if prod.kind == "conv":
+        o = eqn.params["dimension_numbers"].out_spec
+        return (o[0], *o[2:], o[1])
+    return tuple(range(nd)) if prod.x == 0 else (*range(1, nd), 0)
+
+
+def _input_rows(eqn, prod: _Product, x) -> jax.Array:
+    """The layer's input rows ``(..., d_in)``, aligned with :func:`_out_perm` of its output.
+
+    A dense product contracts the kernel's ``d_in`` with one axis of ``x``, which goes
+    last. A convolution is the dense layer ``patches @ kernel.reshape(-1, c_out)`` at
+    every output position; its patches have features ordered like that reshape
+    (window position major, input channel minor).
+    """
+    x = jax.lax.stop_gradient(x)
+    if prod.kind == "dense":
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        return jnp.moveaxis(x, (lc if prod.x == 0 else rc)[0], -1)
+    p = eqn.params
+    lhs = p["dimension_numbers"].lhs_spec
+    window = tuple(eqn.invars[1].aval.shape[:-2])
+    nsp = len(window)
+    x = jnp.transpose(x, (lhs[0], *lhs[2:], lhs[1]))  # (N, *spatial, c_in)
+    spec = "N" + "DHW"[-nsp:] + "C"
+    patches = jax.lax.conv_general_dilated_patches(
+        x, window, p["window_strides"], p["padding"], lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"], dimension_numbers=(spec, spec[1:-1] + "IO", spec),
+        precision=jax.lax.Precision.HIGHEST)
+    patches = patches.reshape(patches.shape[:-1] + (x.shape[-1],) + window)  # channel major
+    patches = jnp.moveaxis(patches, nsp + 1, -1)
+    return patches.reshape(patches.shape[: nsp + 1] + (-1,))
+
+
+class _Tap(NamedTuple):
+    name: str
+    out: jax.ShapeDtypeStruct  # the product's output
+    perm: tuple[int, ...]  # its axes in row order, d_out last
+
+
+class _Recorder:
+    """What one run of the model's jaxpr saw; handed explicitly through :func:`_run`.
+
+    Analysis run (``eps=None``): the products of every kernel, in order, and the
+    kernels with another use. Tapped run: ``eps[key]`` added to the output of the
+    product ``key`` (``"name#i"``: the i-th product of layer ``name``) and its input
+    rows recorded.
+    """
+
     def __init__(self, eps=None):
         self.eps = eps
         self.counts: dict[str, int] = {}
-        self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
-        self.acts: dict[str, jax.Array] = {}
-        self.meta: dict[str, tuple[int, int, bool]] = {}
+        self.taps: dict[str, _Tap] = {}
+        self.rows: dict[str, jax.Array] = {}
+        self.other: set[str] = set()
 
-    def __enter__(self):
-        if not hasattr(_LOCAL, "stack"):
-            _LOCAL.stack = []
-        _LOCAL.stack.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        _LOCAL.stack.pop()
-
-    def record(self, name: str, x, y, has_bias: bool):
-        if not isinstance(name, str) or not name:
-            raise ValueError(
-                "a K-FAC-registered dense layer has no name: call "
-                "subjax.fisher.register_dense(model) on the whole model"
-            )
-        d_in, d_out = x.shape[-1], y.shape[-1]
-        prev = self.meta.get(name)
-        if prev is not None and prev != (d_in, d_out, has_bias):
-            raise ValueError(f"dense layer {name!r} was called with inconsistent shapes")
-        self.meta[name] = (d_in, d_out, has_bias)
-        i = self.counts.get(name, 0)
-        self.counts[name] = i + 1
-        key = f"{name}#{i}"
-        if self.eps is None:  # shape pass
-            self.shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    def tap(self, eqn, prod: _Product, y=None, x=None):
+        i = self.counts.get(prod.name, 0)
+        self.counts[prod.name] = i + 1
+        key = f"{prod.name}#{i}"
+        if self.eps is None:
+            aval = eqn.outvars[0].aval
+            self.taps[key] = _Tap(prod.name, jax.ShapeDtypeStruct(aval.shape, aval.dtype),
+                                  _out_perm(eqn, prod))
             return y
-        a = jax.lax.stop_gradient(x).reshape(-1, d_in).astype(compute_dtype(x.dtype))
-        if has_bias:
-            a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-        self.acts[key] = a
+        self.rows[key] = _input_rows(eqn, prod, x)
         return y + self.eps[key].astype(y.dtype)
 
 
-def tag_dense(name: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None):
-    """``x @ kernel + bias``, recorded for K-FAC when a capture is active.
+def _called(eqn):
+    """``(jaxpr, consts)`` of a call the capture follows into, or None."""
+    if eqn.primitive.name not in _CALLS:
+        return None
+    j = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(j, jcore.ClosedJaxpr):
+        return j.jaxpr, j.consts
+    if isinstance(j, jcore.Jaxpr):
+        return j, ()
+    return None
 
-    Args:
-      name: path of this layer's parameters in the params pytree, ``/``-joined
-        (``params["enc"][0]["kernel"]`` -> ``"enc/0"``).
-      x: inputs ``(..., d_in)``.
-      kernel: ``(d_in, d_out)``.
-      bias: ``(d_out,)`` or None.
 
-    Returns:
-      ``x @ kernel (+ bias)``.
+def _bind(eqn, args) -> list:
+    """The outputs of one equation applied to ``args`` (as ``jax.core.eval_jaxpr`` does)."""
+    prim = eqn.primitive
+    with eqn.ctx.manager:
+        ans = prim.bind(*args, **prim.get_bind_params(eqn.params))
+    return list(ans) if prim.multiple_results else [ans]
+
+
+def _run(jaxpr, consts, args, origin: dict, rec: _Recorder):
+    """Run (``args`` given) or only analyse (``args=None``) ``jaxpr`` with taps.
+
+    ``origin`` maps variables to the name of the kernel they hold (a params leaf,
+    or a cast of one). Returns the outputs (None when analysing) and the kernel
+    name of each output (or None).
     """
-    if jnp.ndim(kernel) != 2:
-        raise ValueError(f"`kernel` must be 2-D (d_in, d_out), got shape {jnp.shape(kernel)}")
-    y = x @ kernel
-    if bias is not None:
-        y = y + bias
-    cap = _current()
-    if cap is None:
-        return y
-    return cap.record(name, x, y, bias is not None)
+    env = {}
+    if args is not None:
+        env.update(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
 
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
 
-def conv_patches(conv, inputs) -> jax.Array:
-    """The input patches of an ``nnx.Conv``: rows ``a`` with ``conv(x) = a @ W + b``.
+    def name_of(v):
+        return origin.get(v) if isinstance(v, jcore.Var) else None
 
-    ``(N, *out_spatial, prod(kernel_size) * c_in)``, features in the order of
-    ``kernel.reshape(-1, c_out)`` (window position major, input channel minor), so
-    the convolution is the dense layer ``patches @ kernel.reshape(-1, c_out)``
-    applied at every output position.
-    """
-    ks = tuple(conv.kernel_size)
-    nsp = len(ks)
-    if conv.feature_group_count != 1:
-        raise ValueError(
-            "K-FAC capture supports nnx.Conv with feature_group_count=1 only, got "
-            f"{conv.feature_group_count}")
-    per_dim = lambda v: (1,) * nsp if v is None else (
-        (v,) * nsp if isinstance(v, int) else tuple(v))
-    x = inputs.reshape((-1,) + inputs.shape[inputs.ndim - nsp - 1:])
-    strides, dil = per_dim(conv.strides), per_dim(conv.kernel_dilation)
-    pad = conv.padding
-    if isinstance(pad, str) and pad.upper() in ("CIRCULAR", "REFLECT", "CAUSAL"):
-        raise ValueError(f"K-FAC capture does not support nnx.Conv padding={pad!r}")
-    if not isinstance(pad, str):
-        pad = [(p, p) if isinstance(p, int) else tuple(p) for p in per_dim(pad)]
-    spec = "N" + "DHW"[-nsp:] + "C"
-    p = jax.lax.conv_general_dilated_patches(
-        x, ks, strides, pad, lhs_dilation=per_dim(conv.input_dilation), rhs_dilation=dil,
-        dimension_numbers=(spec, "DHW"[-nsp:] + "IO", spec))
-    c = x.shape[-1]
-    p = p.reshape(p.shape[:-1] + (c,) + ks)  # features come out channel-major
-    p = jnp.moveaxis(p, p.ndim - nsp - 1, -1)
-    return p.reshape(p.shape[: 1 + nsp] + (-1,))
-
-
-_RECORDING_CLASSES: dict[type, type] = {}
-
-
-def _recording_class(base: type) -> type:
-    from flax import nnx
-
-    cls = _RECORDING_CLASSES.get(base)
-    if cls is not None:
-        return cls
-    rows = conv_patches if issubclass(base, nnx.Conv) else (lambda mod, x: x)
-
-    def __call__(self, inputs, *args, **kwargs):
-        y = base.__call__(self, inputs, *args, **kwargs)
-        cap = _current()
-        if cap is None:
-            return y
-        return cap.record(self.kfac_name, rows(self, inputs), y,
-                          getattr(self, "bias", None) is not None)
-
-    cls = type(
-        f"KFAC{base.__name__}",
-        (base,),
-        {"__call__": __call__, "__module__": __name__, "__qualname__": f"KFAC{base.__name__}",
-         "_kfac_recording": True},
-    )
-    _RECORDING_CLASSES[base] = cls
-    return cls
-
-
-def register_dense(model, include: Callable[[tuple, Any], bool] | None = None) -> tuple[str, ...]:
-    """Make every ``nnx.Linear`` and ``nnx.Conv`` of an NNX model record K-FAC statistics.
-
-    A convolution is recorded as the dense layer it is on its input patches
-    (:func:`conv_patches`): ``A`` over ``prod(kernel_size) * c_in + 1`` patch
-    features, ``G`` over ``c_out``, every output position a row (pooled by
-    ``weight_sharing`` as for sequences). Other layers (LayerNorm, embeddings, ...)
-    are not recorded and get the identity preconditioner in ``subjax.optim.kfac``.
-
-    Each selected layer's class becomes a recording subclass (same parameters,
-    same outputs) and it gets a static ``kfac_name`` attribute: its path in the
-    model (``"encoder/layers/0"``), which is also the path of its ``kernel`` in
-    ``nnx.split(model, nnx.Param)``. Call it once, before ``nnx.split``.
-
-    Args:
-      model: a Flax NNX module.
-      include: optional ``(path, layer) -> bool`` to register only some layers.
-
-    Returns:
-      The registered layer names, in traversal order.
-
-    Raises:
-      ValueError: if the model has no ``nnx.Linear`` / ``nnx.Conv`` layer (to select).
-    """
-    from flax import nnx
-
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}")
-    names = []
-    for path, mod in nnx.iter_modules(model):
-        if not isinstance(mod, nnx.Linear | nnx.Conv):
+    for eqn in jaxpr.eqns:
+        named = [name_of(v) for v in eqn.invars]
+        if not any(named):  # no kernel involved: as traced
+            if args is not None:
+                env.update(zip(eqn.outvars, _bind(eqn, map(read, eqn.invars)), strict=True))
             continue
-        if include is not None and not include(path, mod):
+        called = _called(eqn)
+        if called is not None:  # follow the kernel into the call
+            inner = {v: n for v, n in zip(called[0].invars, named, strict=True) if n}
+            ans, out_named = _run(called[0], called[1],
+                                  None if args is None else list(map(read, eqn.invars)),
+                                  inner, rec)
+            origin.update({v: n for v, n in zip(eqn.outvars, out_named, strict=True) if n})
+            if args is not None:
+                env.update(zip(eqn.outvars, ans, strict=True))
             continue
-        name = path_name(path)
-        if not getattr(type(mod), "_kfac_recording", False):
-            mod.__class__ = _recording_class(type(mod))
-        mod.kfac_name = name
-        names.append(name)
-    if not names:
-        raise ValueError(
-            "`model` has no nnx.Linear or nnx.Conv layer to register for K-FAC (only those "
-            "and their subclasses are supported; use subjax.fisher.tag_dense in custom layers)"
-        )
-    return tuple(names)
+        prod = _product(eqn, named)
+        if prod is None:
+            if eqn.primitive.name in _PASS_THROUGH and len(eqn.invars) == len(eqn.outvars):
+                origin.update({v: n for v, n in zip(eqn.outvars, named, strict=True) if n})
+            else:
+                rec.other.update(n for n in named if n)
+        if args is None:
+            if prod is not None:
+                rec.tap(eqn, prod)
+            continue
+        ans = _bind(eqn, map(read, eqn.invars))
+        if prod is not None:
+            ans = [rec.tap(eqn, prod, ans[0], read(eqn.invars[prod.x]))]
+        env.update(zip(eqn.outvars, ans, strict=True))
+    out_named = [name_of(v) for v in jaxpr.outvars]
+    return (None if args is None else [read(v) for v in jaxpr.outvars]), out_named
 
 
 def _varying_axes(tree) -> tuple:
@@ -314,8 +357,10 @@ def kfac_grads_and_stats(
     the labels (``fisher="empirical"``, no extra pass).
 
     Args:
-      apply_fn: ``(params, inputs) -> outputs``; must run at least one registered
-        dense layer (:func:`register_dense` / :func:`tag_dense`).
+      apply_fn: ``(params, inputs) -> outputs``, a Flax NNX model merged from
+        ``params`` or a pure-JAX function; its layers are found in its trace (module
+        docstring): each ``kernel`` leaf of ``params`` used only as ``x @ kernel``
+        or as a convolution kernel. There must be at least one.
       params: parameters (e.g. ``nnx.split(model, nnx.Param)[1]`` merged back
         inside ``apply_fn``).
       inputs: model inputs with a leading batch axis ``N``.
@@ -373,26 +418,34 @@ def kfac_grads_and_stats(
                 return loss, grads, stats, Linearization(out, f_jvp, likelihood)
             return loss, grads, stats
 
-    shape_cap = _Capture()
-    with shape_cap:
-        out_shape = jax.eval_shape(lambda p: apply_fn(p, inputs), params)
-    if not shape_cap.shapes:
-        raise ValueError(
-            "no K-FAC-registered dense layer ran in `apply_fn`: call "
-            "subjax.fisher.register_dense(model) on the NNX model before nnx.split, "
-            "or compute dense layers with subjax.fisher.tag_dense(name, x, kernel, bias)"
-        )
+    closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(params, inputs)
     lk.check_outputs(likelihood, out_shape)
     lk.check_labels(likelihood, out_shape, labels)
-    meta = dict(shape_cap.meta)
-    eps0 = {k: _vary_like(jnp.zeros(s.shape, s.dtype), inputs)
-            for k, s in shape_cap.shapes.items()}
+    table = {k.name: k for k in kernel_leaves(params)}
+
+    def origin(names):
+        return {closed.jaxpr.invars[k.kernel]: k.name for k in table.values() if k.name in names}
+
+    found = _Recorder()
+    _, out_named = _run(closed.jaxpr, closed.consts, None, origin(table), found)
+    found.other.update(n for n in out_named if n)
+    taps = {key: t for key, t in found.taps.items() if t.name not in found.other}
+    if not taps:
+        raise ValueError(
+            "`apply_fn` runs no dense or convolution layer for K-FAC: a layer is a 'kernel' "
+            "leaf of `params` (ndim >= 2, an optional 'bias' beside it) used only as "
+            "`x @ kernel` or as a convolution kernel; found kernels "
+            f"{sorted(table)}, of which {sorted(found.other)} have other uses")
+    layers = {t.name for t in taps.values()}
+    eps0 = {key: _vary_like(jnp.zeros(t.out.shape, t.out.dtype), inputs)
+            for key, t in taps.items()}
+    out_tree = jax.tree.structure(out_shape)
 
     def tapped(p, eps):
-        cap = _Capture(eps)
-        with cap:
-            out = apply_fn(p, inputs)
-        return out, cap.acts
+        rec = _Recorder(eps)
+        outs, _ = _run(closed.jaxpr, closed.consts, jax.tree.leaves((p, inputs)),
+                       origin(layers), rec)
+        return jax.tree.unflatten(out_tree, outs), rec.rows
 
     out, f_jvp, f_vjp, acts = _linear_pass(tapped, params, eps0, has_aux=True)
     loss, cot = jax.value_and_grad(lambda z: lk.mean_nll(likelihood, z, labels))(out)
@@ -402,24 +455,29 @@ def kfac_grads_and_stats(
         cot_s = jax.grad(lambda z: lk.mean_nll(likelihood, z, y_s))(out)
         _, eps_grads = f_vjp(cot_s.astype(out.dtype))
     stats = {}
-    for name, (_, d_out, _) in meta.items():
-        keys = [f"{name}#{i}" for i in range(shape_cap.counts[name])]
+    for name in dict.fromkeys(t.name for t in taps.values()):  # in order of first use
+        keys = [key for key, t in taps.items() if t.name == name]
+        rows, outs = [], []
+        for key in keys:
+            a = acts[key].astype(compute_dtype(acts[key].dtype))
+            if table[name].bias is not None:
+                a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+            d = jnp.transpose(eps_grads[key], taps[key].perm).astype(a.dtype)
+            if weight_sharing == "reduce" and (d.ndim < 2 or d.shape[0] != n):
+                raise ValueError(
+                    f"weight_sharing='reduce' groups a layer's rows by example: layer "
+                    f"{name!r} computed outputs of shape {d.shape} (rows, d_out last), whose "
+                    f"leading axis is not the batch axis ({n})")
+            rows.append(a)
+            outs.append(d)
         if weight_sharing == "expand":  # every row is an example
-            a = jnp.concatenate([acts[k] for k in keys], axis=0)
-            d = jnp.concatenate(
-                [eps_grads[k].reshape(-1, d_out).astype(a.dtype) for k in keys], axis=0)
+            a = jnp.concatenate([r.reshape(-1, r.shape[-1]) for r in rows], axis=0)
+            d = jnp.concatenate([o.reshape(-1, o.shape[-1]) for o in outs], axis=0)
         else:  # reduce: one row per example, inputs averaged, output gradients summed
-            for k in keys:
-                if len(shape_cap.shapes[k].shape) < 2 or shape_cap.shapes[k].shape[0] != n:
-                    raise ValueError(
-                        f"weight_sharing='reduce' groups a layer's rows by example: dense "
-                        f"layer {name!r} was called on outputs of shape "
-                        f"{shape_cap.shapes[k].shape}, whose leading axis is not the batch "
-                        f"axis ({n})")
-            a = jnp.concatenate([acts[k].reshape(n, -1, acts[k].shape[-1]) for k in keys],
+            a = jnp.concatenate([r.reshape(n, -1, r.shape[-1]) for r in rows],
                                 axis=1).mean(axis=1)
-            d = jnp.concatenate([eps_grads[k].reshape(n, -1, d_out) for k in keys],
-                                axis=1).sum(axis=1).astype(a.dtype)
+            d = jnp.concatenate([o.reshape(n, -1, o.shape[-1]) for o in outs],
+                                axis=1).sum(axis=1)
         a_f = (a.T @ a) / a.shape[0]
         g_f = (d.T @ d) * n  # delta = n * d  ->  (1/n) sum delta delta^T
         stats[name] = KFACStats(a=a_f, g=g_f)

@@ -38,7 +38,6 @@ from subjax._core import (
     compute_dtype,
     int_scalar,
     is_concrete,
-    path_name,
     positive,
     scalar,
     unit_interval,
@@ -49,22 +48,6 @@ from subjax.fisher import _likelihood as lk
 from subjax.optim import _curvature as cv
 
 Params = Any
-
-
-def param_paths(tree) -> list[tuple]:
-    """Key path of every leaf, without the trailing ``.value`` of an NNX variable."""
-    paths = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        last = path[-1] if path else None
-        if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("value", "raw_value"):
-            path = path[:-1]
-        paths.append(path)
-    return paths
-
-
-def param_names(tree) -> list[str]:
-    """:func:`subjax._core.path_name` of every leaf of ``tree`` (NNX ``.value`` dropped)."""
-    return [path_name(p) for p in param_paths(tree)]
 
 
 class DenseLayer(NamedTuple):
@@ -84,20 +67,12 @@ def find_dense_layers(params, layers=None) -> tuple[DenseLayer, ...]:
     ``kernel`` that is not a recorded layer out with ``layers=``.
     """
     leaves = jax.tree.leaves(params)
-    names = param_names(params)
-    index = {n: i for i, n in enumerate(names)}
     found = []
-    for i, p in enumerate(param_paths(params)):
-        if not p or path_name(p[-1:]) != "kernel" or jnp.ndim(leaves[i]) < 2:
+    for k in capture.kernel_leaves(params):
+        if layers is not None and k.name not in layers:
             continue
-        name = path_name(p[:-1])
-        if layers is not None and name not in layers:
-            continue
-        b = index.get(path_name(p[:-1] + (jax.tree_util.DictKey("bias"),)))
-        shape = jnp.shape(leaves[i])
-        if b is not None and (jnp.ndim(leaves[b]) != 1 or leaves[b].shape[0] != shape[-1]):
-            b = None
-        found.append(DenseLayer(name, i, b, math.prod(shape[:-1]), int(shape[-1])))
+        shape = jnp.shape(leaves[k.kernel])
+        found.append(DenseLayer(k.name, k.kernel, k.bias, math.prod(shape[:-1]), int(shape[-1])))
     if layers is not None:
         missing = sorted(set(layers) - {d.name for d in found})
         if missing:
@@ -108,9 +83,8 @@ def find_dense_layers(params, layers=None) -> tuple[DenseLayer, ...]:
     if not found:
         raise ValueError(
             "`params` has no layer for K-FAC (a 'kernel' leaf of ndim >= 2, optionally with a "
-            "'bias' beside it): build the model from nnx.Linear layers and call "
-            "subjax.fisher.register_dense(model), or name pure-JAX layers "
-            "{'kernel': ..., 'bias': ...} and compute them with subjax.fisher.tag_dense"
+            "'bias' beside it): build the model from nnx.Linear / nnx.Conv layers, or name "
+            "pure-JAX layers {'kernel': ..., 'bias': ...} and compute them as x @ kernel"
         )
     return tuple(found)
 
@@ -124,8 +98,9 @@ def check_stats(stats, dense: tuple[DenseLayer, ...], arg="kfac_stats"):
     for d in dense:
         if d.name not in stats:
             raise ValueError(
-                f"`{arg}` has no entry for dense layer {d.name!r}: register it "
-                "(subjax.fisher.register_dense / tag_dense) or leave it out with layers=..."
+                f"`{arg}` has no entry for dense layer {d.name!r}: the capture records a "
+                "'kernel' only where every use is `x @ kernel` or a convolution (not inside "
+                "lax.scan or a custom derivative, not reshaped); leave it out with layers=..."
             )
         a_dim = d.d_in + (d.bias is not None)
         s = stats[d.name]
@@ -376,9 +351,10 @@ def kfac(
     separate ``scale_by_kfac``: the updates are the parameter changes (zero when
     the learning rate is zero).
 
-    For Flax NNX models, ``fisher.register_dense(model)`` (before ``nnx.split``)
-    records every ``nnx.Linear`` and ``nnx.Conv``; ``apply_fn = lambda p, x:
-    nnx.merge(graphdef, p)(x)``.
+    The statistics come from ``fisher.kfac_grads_and_stats(apply_fn, ...)``, which
+    finds the layers in the trace of ``apply_fn``: for a Flax NNX model
+    ``apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)`` (every ``nnx.Linear`` and
+    ``nnx.Conv``), for a pure-JAX function the products ``x @ p[...]["kernel"]``.
 
     Args:
       learning_rate: step size ``alpha`` (float or schedule).
@@ -430,8 +406,8 @@ def kfac(
       >>> import jax, jax.numpy as jnp, optax
       >>> from subjax import fisher, optim
       >>> def apply_fn(p, x):
-      ...     h = jnp.tanh(fisher.tag_dense("l0", x, p["l0"]["kernel"], p["l0"]["bias"]))
-      ...     return fisher.tag_dense("l1", h, p["l1"]["kernel"], p["l1"]["bias"])
+      ...     h = jnp.tanh(x @ p["l0"]["kernel"] + p["l0"]["bias"])
+      ...     return h @ p["l1"]["kernel"] + p["l1"]["bias"]
       >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
       >>> params = {"l0": {"kernel": jax.random.normal(k0, (4, 8)), "bias": jnp.zeros(8)},
       ...           "l1": {"kernel": jax.random.normal(k1, (8, 3)), "bias": jnp.zeros(3)}}

@@ -259,13 +259,11 @@ def _fsdp_model(depth: int, d: int, ffn: int):
     """A stack of transformer-shaped dense blocks (no attention scores, no norms).
 
     Block: ``h = x + ((x Wq) * sigmoid(x Wk) + x Wv) Wo``, then
-    ``x = h + gelu(h W1) W2``; every product goes through ``subjax.fisher.tag_dense``
-    so that K-FAC records it. ``4 d^2 + 2 d ffn`` parameters per block.
+    ``x = h + gelu(h W1) W2``; every product is ``h @ kernel``, a layer K-FAC's
+    capture records. ``4 d^2 + 2 d ffn`` parameters per block.
     """
     import jax
     import jax.numpy as jnp
-
-    from subjax.fisher import tag_dense
 
     shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, ffn),
               "down": (ffn, d)}
@@ -273,9 +271,9 @@ def _fsdp_model(depth: int, d: int, ffn: int):
                for name, s in shapes.items()} for _ in range(depth)]
 
     def apply_fn(prm, x):
-        for i, blk in enumerate(prm):
-            def dense(name, h, blk=blk, i=i):
-                return tag_dense(f"{i}/{name}", h, blk[name]["kernel"])
+        for blk in prm:
+            def dense(name, h, blk=blk):
+                return h @ blk[name]["kernel"]
 
             a = dense("q", x) * jax.nn.sigmoid(dense("k", x)) + dense("v", x)
             x = x + dense("o", a)
