@@ -211,13 +211,14 @@ def test_eig_tree_split_over_devices(mesh):
         return jax.jit(f, in_shardings=(sh,), out_shardings=([rep] * 10, sh))
 
     ref = jax.jit(cv.eig_tree)(jax.device_get(factors))
-    got = eig(True)(factors)
+    compiled = eig(True).lower(factors).compile()
+    got = compiled(factors)
     # the very eigendecompositions of the one-device solver, bit for bit
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # each of the 8 devices decomposes 1 of the 8 stacked factors (and 1 of the
     # 5 x 5 padded with identities); the row-sharded factors are never gathered
-    hlo = eig(True).lower(factors).compile().as_text()
+    hlo = compiled.as_text()
     assert eigh_operands(hlo) == [(1, 5, 5), (1, 32, 32)]
     assert gathers(hlo) == []
     # replicated eigendecompositions: every device gathers and decomposes all 8
@@ -380,11 +381,12 @@ def test_manifold_muon_polar_factors_gather_nothing(mesh):
 
     state = opt.init(params)
     args = jax.device_put((grads, state, params), (sh.params, sh.opt_state, sh.params))
-    u, s = update(True)(*args)
+    compiled = update(True).lower(*args).compile()
+    u, s = compiled(*args)
     u_ref, s_ref = jax.jit(opt.update)(grads, state, params)
     assert_close(u, u_ref, rtol=1e-4, atol=1e-5)
     assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
     # msign by a sharded QR and a 16 x 16 SVD: the (64, 16) matrix is never gathered
-    assert gathers(update(True).lower(*args).compile().as_text()) == []
+    assert gathers(compiled.as_text()) == []
     # XLA alone gathers it for the SVD (the check can fail)
     assert (64, 16) in gathers(update(False).lower(*args).compile().as_text())

@@ -93,6 +93,16 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
+def _mesh_axes(mesh, axes, argname: str) -> tuple[str, ...]:
+    """``axes`` (a name, names, or None for every mesh axis) as a validated tuple."""
+    if axes is None:
+        return tuple(mesh.axis_names)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    for ax in axes:
+        check_axis(mesh, ax, argname=argname)
+    return axes
+
+
 def fsdp_shardings(
     params: PyTree,
     mesh: Mesh,
@@ -145,13 +155,7 @@ def fsdp_shardings(
     """
     n = check_axis(mesh, fsdp_axis, argname="fsdp_axis")
     min_size = static_int(min_size, "min_size", 0)
-    if batch_axes is None:
-        batch_axes = tuple(mesh.axis_names)
-    elif isinstance(batch_axes, str):
-        batch_axes = (batch_axes,)
-    batch_axes = tuple(batch_axes)
-    for ax in batch_axes:
-        check_axis(mesh, ax, argname="batch_axes")
+    batch_axes = _mesh_axes(mesh, batch_axes, "batch_axes")
 
     def own(x) -> NamedSharding:
         return NamedSharding(mesh, fsdp_spec(_shape(x), n, fsdp_axis=fsdp_axis,
@@ -212,14 +216,7 @@ def distributed_eigh(mesh: Mesh, axes: str | Sequence[str] | None = None) -> Ite
       ...     with distributed_eigh(mesh):
       ...         return opt.update(grads, state, params, kfac_stats=stats)
     """
-    if axes is None:
-        axes = tuple(mesh.axis_names)
-    elif isinstance(axes, str):
-        axes = (axes,)
-    axes = tuple(axes)
-    for ax in axes:
-        check_axis(mesh, ax, argname="axes")
-    with cv.distributed_eigh(mesh, axes):
+    with cv.distributed_eigh(mesh, _mesh_axes(mesh, axes, "axes")):
         yield
 
 
