@@ -390,3 +390,22 @@ def test_manifold_muon_polar_factors_gather_nothing(mesh):
     assert gathers(compiled.as_text()) == []
     # XLA alone gathers it for the SVD (the check can fail)
     assert (64, 16) in gathers(update(False).lower(*args).compile().as_text())
+
+
+def test_fismo_fsdp_eigendecompositions_split(mesh):
+    from subjax.optim import fismo
+
+    keys = jax.random.split(jax.random.key(0), 8)
+    params = {f"w{i}": 0.2 * jax.random.normal(k, (32, 32)) for i, k in enumerate(keys)}
+
+    def loss_fn(p, b):
+        h = jnp.concatenate([b["x"]] * 2, axis=1)  # 32 input features
+        for i in range(8):
+            h = jnp.tanh(h @ p[f"w{i}"])
+        return jnp.mean((h[:, :4] - jax.nn.one_hot(b["y"], 4)) ** 2)
+
+    hlo = []
+    p, _, pr, _, _ = compare(mesh, None, params, fismo(0.01), loss_fn, hlo=hlo)
+    assert_close(p, pr, rtol=1e-4, atol=1e-5)
+    # 16 factors of 32 x 32 (P and Q of each layer): 2 per device
+    assert eigh_operands(hlo[0]) == [(2, 32, 32)]
