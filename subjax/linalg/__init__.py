@@ -7,6 +7,7 @@ float32 and float64. ``docs/linalg.md`` describes the methods.
 
 from subjax.linalg._cg import CGResult, cg
 from subjax.linalg._completion import SNNResult, anchor_submatrix, msnn_impute, snn_impute
+from subjax.linalg._gcrodr import GCRODRResult, GMRESResult, gcro_dr, gmres
 from subjax.linalg._geometry import (
     principal_angles,
     project,
@@ -39,6 +40,8 @@ from subjax.linalg._weighted import WeightedLowRank, weighted_low_rank
 __all__ = [
     "CGResult",
     "EighResult",
+    "GCRODRResult",
+    "GMRESResult",
     "JointSVD",
     "LinearOperator",
     "ORTH_METHODS",
@@ -51,6 +54,8 @@ __all__ = [
     "aslinearoperator",
     "cg",
     "energy_rank",
+    "gcro_dr",
+    "gmres",
     "joint_svd",
     "lanczos_eigh",
     "marchenko_pastur_median",

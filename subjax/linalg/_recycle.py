@@ -11,8 +11,6 @@ from jax import lax
 
 from subjax._core import (
     fixed_point_loop,
-    floating_array,
-    optional_static_int,
     positive,
     static_int,
 )
@@ -109,18 +107,9 @@ def recycled_cg(
       Maiti, "Recycling Krylov subspaces for sequences of linear systems", SIAM J.
       Sci. Comput. 2006.
     """
-    b = floating_array(b, "b", ndim=1)
+    op, b = V.square_system(a, b, "recycled_cg")
     n = b.shape[0]
-    op = V.as_operator(a, "a", square=True, what="recycled_cg")
-    if op.shape[0] != n:
-        raise ValueError(f"`a` has shape {op.shape}, incompatible with `b` of size {n}")
-    k = optional_static_int(k, "k", 1)
-    if recycle is not None:
-        recycle = V.check_basis(recycle, n, "recycle", max_cols=n)
-        if k is not None and k != recycle.shape[1]:
-            raise ValueError(f"`k`={k} differs from the {recycle.shape[1]} columns of `recycle`")
-        k = recycle.shape[1]
-    k = 8 if k is None else k
+    recycle, k = V.recycle_basis(recycle, k, n, default=8)
     n_store = 4 * k if n_store is None else static_int(n_store, "n_store", 1)
     max_iters = 10 * n if max_iters is None else static_int(max_iters, "max_iters", 1)
     if k + n_store > n:
@@ -189,6 +178,24 @@ def _recycled_cg_impl(op, b, w, tol, *, n_store, max_iters):
     return RecycledCGResult(s.x, converged, out.n_iters, rnorm, out.errors, new_w)
 
 
+def whitening(gram, rtol=None):
+    """``c`` with ``c^T gram c = I`` on the kept directions and zero columns elsewhere.
+
+    ``gram = Y^T Y`` of a tall ``Y`` gives ``Y c`` with orthonormal (or zero)
+    columns: ``gram = V diag(f) V^T``, ``c = V diag(f^{-1/2})`` over the
+    eigenvalues ``f > rtol * max(f)`` (default ``16 k`` unit roundoffs for a
+    ``(k, k)`` Gram matrix), zero over the rest. Only the small ``(k, k)``
+    problem is solved; the tall products stay GEMMs.
+    """
+    dt = gram.dtype
+    if rtol is None:
+        rtol = 16 * gram.shape[0] * jnp.finfo(dt).eps
+    f, v = jnp.linalg.eigh((gram + gram.T) * jnp.asarray(0.5, dt))
+    keep = f > jnp.max(f) * rtol
+    scale = jnp.where(keep, lax.rsqrt(jnp.where(keep, f, 1)), 0)
+    return v * scale[None, :]
+
+
 def _update_recycle(w, aw, dirs, adirs, k):
     """The ``k`` smallest Ritz vectors of ``A`` on ``span[W, P]`` (orthonormal columns).
 
@@ -199,11 +206,8 @@ def _update_recycle(w, aw, dirs, adirs, k):
     """
     z = jnp.concatenate([w, dirs], axis=1)
     az = jnp.concatenate([aw, adirs], axis=1)
-    gram = z.T @ z
-    f, v = jnp.linalg.eigh((gram + gram.T) * jnp.asarray(0.5, z.dtype))
-    keep = f > jnp.max(f) * jnp.sqrt(jnp.finfo(z.dtype).eps)
-    scale = jnp.where(keep, lax.rsqrt(jnp.where(keep, f, 1)), 0)
-    c = v * scale[None, :]  # B = Z c
+    c = whitening(z.T @ z, jnp.sqrt(jnp.finfo(z.dtype).eps))  # B = Z c
+    keep = jnp.any(c != 0, axis=0)
     g = c.T @ (z.T @ az) @ c
     g = (g + g.T) * jnp.asarray(0.5, g.dtype)
     # dropped directions get a huge Ritz value so they are never kept

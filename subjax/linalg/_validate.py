@@ -5,7 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from subjax._core import bound_axis_size, check_finite_if_concrete, is_concrete, static_int
+from subjax._core import (
+    bound_axis_size,
+    check_finite_if_concrete,
+    floating_array,
+    is_concrete,
+    optional_static_int,
+    static_int,
+)
 from subjax.linalg._operator import LinearOperator, aslinearoperator, is_dense
 
 
@@ -91,3 +98,23 @@ def check_basis(q, m: int, name: str, max_cols: int | None = None):
         raise ValueError(f"`{name}` has {q.shape[1]} columns > {max_cols}")
     check_finite_if_concrete(q, name)
     return q
+
+
+def square_system(a, b, what: str):
+    """``(op, b)`` for a solver of ``A x = b``: ``b`` a real vector, ``a`` square and matching."""
+    b = floating_array(b, "b", ndim=1)
+    op = as_operator(a, "a", square=True, what=what)
+    if op.shape[0] != b.shape[0]:
+        raise ValueError(f"`a` has shape {op.shape}, incompatible with `b` of size {b.shape[0]}")
+    return op, b
+
+
+def recycle_basis(recycle, k, n: int, default: int):
+    """``(recycle, k)`` of a recycling solver: ``k`` from ``recycle``'s columns when given."""
+    k = optional_static_int(k, "k", 1)
+    if recycle is not None:
+        recycle = check_basis(recycle, n, "recycle", max_cols=n)
+        if k is not None and k != recycle.shape[1]:
+            raise ValueError(f"`k`={k} differs from the {recycle.shape[1]} columns of `recycle`")
+        k = recycle.shape[1]
+    return recycle, default if k is None else k
