@@ -50,7 +50,7 @@ NEWTON = METHODS[1:]
 class Config:
     seed: int = 0
     seeds: int = 5
-    sizes: tuple[int, ...] = (500, 1000, 2000, 4000)
+    sizes: tuple[int, ...] = (500, 1000, 2000)
     eps_times_n: float = 0.5
     tol: float = 1e-8
     warmup_steps: int = 20
@@ -256,6 +256,9 @@ class SNS(CellExperiment):
     quick = {"seeds": 2, "sizes": (200, 400), "sinkhorn_cap": 2000}
     full = {}
     figures = ("scaling.png",)
+    lead_columns = ("n", "method", "converged", "Sinkhorn sweeps", "Newton steps",
+                    "CG iterations", "total time (s)", "time / Newton step (s)",
+                    "work (n x m passes)")
     #: a cell depends on its own n, not on the list of sizes swept
     sweep_fields = ("seeds", "sizes")
 
@@ -320,7 +323,7 @@ class SNS(CellExperiment):
     def report(self, cfg, results, history, outdir):
         per = results["per_cell"]
         fig, axes = new_figure(1, 3, figsize=(12, 3.4))
-        for m, style in zip(METHODS, ("o-", "s-", "^-", "d-"), strict=True):
+        for i, (m, style) in enumerate(zip(METHODS, ("o-", "s-", "^-", "d-"), strict=True)):
             ns = sorted({r["n"] for r in per})
             for ax, key in zip(axes, ("time_s", "step_time_s", "work"), strict=True):
                 if key == "step_time_s" and m == "sinkhorn":
@@ -334,7 +337,8 @@ class SNS(CellExperiment):
                     continue
                 ax.errorbar(ns_ok, [e.mean for e in ests],
                             yerr=[e.half_width if math.isfinite(e.half_width) else 0
-                                  for e in ests], fmt=style, ms=4, label=m, capsize=2)
+                                  for e in ests], fmt=style, ms=4, label=m, capsize=2,
+                            color=f"C{i}")  # one colour per method in every panel
         titles = ("total time to tolerance (s)", "time per Newton step (s)",
                   "work (n x m passes)")
         for ax, title in zip(axes, titles, strict=True):
