@@ -643,3 +643,22 @@ def test_conv_factors_equal_dense_definition_on_patches(x64):
     np.testing.assert_allclose(-upd["conv"]["kernel"][...], d[:-1].reshape(kernel.shape),
                                rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(-upd["conv"]["bias"][...], d[-1], rtol=1e-6, atol=1e-10)
+
+
+def test_conv1d_circular_padding_input_factor_is_the_wrapped_patches(x64):
+    """The capture reads the padding the traced convolution uses (here Flax's explicit
+    wrap-around pad before a VALID convolution)."""
+    conv = nnx.Conv(2, 3, kernel_size=(3,), padding="CIRCULAR", param_dtype=jnp.float64,
+                    rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(conv, nnx.Param)
+    apply = lambda p, xb: nnx.merge(graphdef, p)(xb).mean(axis=1)
+    n, length = 4, 5
+    x = jax.random.normal(jax.random.key(42), (n, length, 2), jnp.float64)
+    y = jax.random.randint(jax.random.key(43), (n,), 0, 3)
+    _, grads, stats = fisher.kfac_grads_and_stats(apply, params, x, y, fisher="empirical")
+    ref_grads = jax.grad(lambda p: lk.mean_nll("categorical", apply(p, x), y))(params)
+    np.testing.assert_allclose(ravel_pytree(grads)[0], ravel_pytree(ref_grads)[0], rtol=1e-10)
+    xp = jnp.concatenate([x[:, -1:], x, x[:, :1]], axis=1)  # wrap one position each side
+    rows = jnp.stack([xp[:, i:i + 3].reshape(n, -1) for i in range(length)], axis=1)
+    rows = jnp.concatenate([rows.reshape(n * length, -1), jnp.ones((n * length, 1))], axis=1)
+    np.testing.assert_allclose(stats[""].a, rows.T @ rows / (n * length), rtol=1e-12)

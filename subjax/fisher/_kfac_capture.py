@@ -149,10 +149,11 @@ def _product(eqn, named: list) -> _Product | None:
     if eqn.primitive.name == "dot_general" and len(ins) == 2:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         for k, ck, cx in ((1, rc, lc), (0, lc, rc)):
-            if (named[k] and not named[1 - k] and not lb and not rb and tuple(ck) == (0,)
-                    and len(cx) == 1 and ins[k].aval.ndim == 2):
+            if (named[k] is not None and named[1 - k] is None and not lb and not rb
+                    and tuple(ck) == (0,) and len(cx) == 1 and ins[k].aval.ndim == 2):
                 return _Product(named[k], 1 - k, "dense")
-    if eqn.primitive.name == "conv_general_dilated" and named[1] and not named[0]:
+    if (eqn.primitive.name == "conv_general_dilated" and named[1] is not None
+            and named[0] is None):
         p, nsp = eqn.params, ins[1].aval.ndim - 2
         if (p["feature_group_count"] == 1 and p["batch_group_count"] == 1 and 1 <= nsp <= 3
                 and tuple(p["dimension_numbers"].rhs_spec) == (nsp + 1, nsp, *range(nsp))):
@@ -271,26 +272,29 @@ def _run(jaxpr, consts, args, origin: dict, rec: _Recorder):
 
     for eqn in jaxpr.eqns:
         named = [name_of(v) for v in eqn.invars]
-        if not any(named):  # no kernel involved: as traced
+        if all(n is None for n in named):  # no kernel involved: as traced
             if args is not None:
                 env.update(zip(eqn.outvars, _bind(eqn, map(read, eqn.invars)), strict=True))
             continue
         called = _called(eqn)
         if called is not None:  # follow the kernel into the call
-            inner = {v: n for v, n in zip(called[0].invars, named, strict=True) if n}
+            inner = {v: n for v, n in zip(called[0].invars, named, strict=True)
+                     if n is not None}
             ans, out_named = _run(called[0], called[1],
                                   None if args is None else list(map(read, eqn.invars)),
                                   inner, rec)
-            origin.update({v: n for v, n in zip(eqn.outvars, out_named, strict=True) if n})
+            origin.update({v: n for v, n in zip(eqn.outvars, out_named, strict=True)
+                           if n is not None})
             if args is not None:
                 env.update(zip(eqn.outvars, ans, strict=True))
             continue
         prod = _product(eqn, named)
         if prod is None:
             if eqn.primitive.name in _PASS_THROUGH and len(eqn.invars) == len(eqn.outvars):
-                origin.update({v: n for v, n in zip(eqn.outvars, named, strict=True) if n})
+                origin.update({v: n for v, n in zip(eqn.outvars, named, strict=True)
+                               if n is not None})
             else:
-                rec.other.update(n for n in named if n)
+                rec.other.update(n for n in named if n is not None)
         if args is None:
             if prod is not None:
                 rec.tap(eqn, prod)
@@ -428,7 +432,7 @@ def kfac_grads_and_stats(
 
     found = _Recorder()
     _, out_named = _run(closed.jaxpr, closed.consts, None, origin(table), found)
-    found.other.update(n for n in out_named if n)
+    found.other.update(n for n in out_named if n is not None)
     taps = {key: t for key, t in found.taps.items() if t.name not in found.other}
     if not taps:
         raise ValueError(
