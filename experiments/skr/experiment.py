@@ -201,6 +201,7 @@ class SKR(CellExperiment):
     quick = {"seeds": 3, "grid": 24, "n_systems": 10, "k": 8, "n_store": 32, "restart": 32}
     full = {"seeds": 10}
     figures = ("skr_iterations.png",)
+    lead_columns = ("method", "iterations / system", "ms / system", "quantity")
 
     def expected_cells(self, cfg):
         return cfg.seeds
