@@ -41,6 +41,7 @@ one training run (seed, method, strength) or the Gram spectrum of one seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -65,10 +66,10 @@ class Config:
     seed: int = 0
     seeds: int = 5
     n_tasks: int = 5                   # two classes per task
-    hidden: int = 256
+    hidden: int = 128
     diffusion_steps: int = 50
     beta_max: float = 0.2
-    steps_per_task: int = 800
+    steps_per_task: int = 500
     batch: int = 128
     lr: float = 1e-3
     rank: int = 8                      # low-rank EWC
@@ -76,8 +77,9 @@ class Config:
     samples_per_class: int = 100       # evaluation samples (and replay set) per class
     gram_examples: int = 64
     gram_levels: int = 10
-    strength_grid: tuple[float, ...] = (10.0, 100.0, 1000.0)
-    budget: int = 4                    # validation runs per method (grid + extensions)
+    strength_grid: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    budget: int = 5                    # validation runs per method (grid + extensions)
+    tune_seeds: int = 0                # seeds whose strengths are tuned (0: every seed)
     classifier_steps: int = 500
 
     def __post_init__(self):
@@ -95,6 +97,9 @@ class Config:
             raise ValueError("strength_grid must hold at least two positive values")
         if self.budget < len(self.strength_grid):
             raise ValueError(f"budget must be >= the grid size {len(self.strength_grid)}")
+        if not 0 <= self.tune_seeds <= self.seeds:
+            raise ValueError(f"tune_seeds must be in 0..seeds={self.seeds}, got "
+                             f"{self.tune_seeds}")
 
 
 # --------------------------------------------------------------------------- diffusion
@@ -148,6 +153,7 @@ def diffusion_batch(cfg: Config, key, x0, y):
     return _inputs(cfg, xt, y, t), eps
 
 
+@jax.jit(static_argnames=("cfg",))
 def sample(cfg: Config, params, key, labels):
     """DDPM ancestral sampling of images conditioned on ``labels``."""
     betas, ab = (jnp.asarray(v) for v in schedule(cfg))
@@ -175,11 +181,23 @@ def _loss(params, inputs, eps):
 # --------------------------------------------------------------------------- EWC
 
 
+def _pad_rows(x, rows):
+    return jnp.concatenate([x, jnp.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
+
+
 def task_fisher(cfg: Config, method: str, params, key, x0, y):
-    """The Fisher of ``method`` at ``params`` on one task's images."""
+    """The Fisher of ``method`` at ``params`` on one task's images: ``fisher_examples``
+    images drawn from ``x0`` (with replacement), each at a uniformly drawn noise level."""
+    rows = -(-x0.shape[0] // 256) * 256  # one compiled program for every task
+    return _task_fisher(cfg, method, params, key, _pad_rows(x0, rows),
+                        _pad_rows(y.astype(jnp.int32), rows), x0.shape[0])
+
+
+@jax.jit(static_argnames=("cfg", "method"))
+def _task_fisher(cfg: Config, method: str, params, key, x0, y, n):
+    """:func:`task_fisher` on images zero-padded past their first ``n`` rows."""
     kb, kr = jax.random.split(key)
-    idx = jax.random.choice(kb, x0.shape[0], (min(cfg.fisher_examples, x0.shape[0]),),
-                            replace=False)
+    idx = jax.random.randint(kb, (cfg.fisher_examples,), 0, n)
     inputs, eps = diffusion_batch(cfg, kb, x0[idx], y[idx])
     if method == "diagonal":
         return fisher.diag_empirical(denoise, params, inputs, eps, likelihood="gaussian")
@@ -199,13 +217,29 @@ def _penalty(params, anchors, fishers, active, strength):
     return jnp.sum(active * per)
 
 
-@jax.jit(static_argnames=("cfg",))
 def train_task(cfg: Config, params, key, x_new, y_new, x_old, y_old, anchors, fishers,
                active, strength):
-    """Adam on one task; half of each batch replayed from ``(x_old, y_old)`` when given."""
+    """Adam on one task; half of each batch replayed from ``(x_old, y_old)`` when given.
+
+    The image sets are zero-padded to sizes that do not depend on the task (new
+    images to a multiple of 256 rows, replayed ones to the replay set of the last
+    task), so every task of a method runs one compiled program.
+    """
+    rows_new = -(-x_new.shape[0] // 256) * 256
+    rows_old = max(2 * (cfg.n_tasks - 1) * cfg.samples_per_class, x_old.shape[0])
+    return _train_task(cfg, params, key, _pad_rows(x_new, rows_new),
+                       _pad_rows(y_new.astype(jnp.int32), rows_new), x_new.shape[0],
+                       _pad_rows(x_old, rows_old), _pad_rows(y_old.astype(jnp.int32), rows_old),
+                       x_old.shape[0], anchors, fishers, active, strength)
+
+
+@jax.jit(static_argnames=("cfg",))
+def _train_task(cfg: Config, params, key, x_new, y_new, n_new, x_old, y_old, n_old, anchors,
+                fishers, active, strength):
+    """:func:`train_task` on padded image sets holding ``n_new`` and ``n_old`` rows; with
+    no replayed images (``n_old = 0``) both halves of a batch are new images."""
     opt = optax.adam(cfg.lr)
-    replay = x_old.shape[0] > 0
-    half = cfg.batch // 2 if replay else cfg.batch
+    half = cfg.batch // 2
 
     def objective(p, inputs, eps):
         return _loss(p, inputs, eps) + _penalty(p, anchors, fishers, active, strength)
@@ -213,11 +247,11 @@ def train_task(cfg: Config, params, key, x_new, y_new, x_old, y_old, anchors, fi
     def body(carry, k):
         p, s = carry
         k1, k2, k3 = jax.random.split(k, 3)
-        i = jax.random.randint(k1, (half,), 0, x_new.shape[0])
-        x0, y = x_new[i], y_new[i]
-        if replay:
-            j = jax.random.randint(k2, (cfg.batch - half,), 0, x_old.shape[0])
-            x0, y = jnp.concatenate([x0, x_old[j]]), jnp.concatenate([y, y_old[j]])
+        i = jax.random.randint(k1, (cfg.batch,), 0, n_new)
+        j = jax.random.randint(k2, (cfg.batch - half,), 0, jnp.maximum(n_old, 1))
+        replay = n_old > 0
+        x0 = jnp.concatenate([x_new[i[:half]], jnp.where(replay, x_old[j], x_new[i[half:]])])
+        y = jnp.concatenate([y_new[i[:half]], jnp.where(replay, y_old[j], y_new[i[half:]])])
         inputs, eps = diffusion_batch(cfg, k3, x0, y)
         u, s = opt.update(jax.grad(objective)(p, inputs, eps), s, p)
         return (optax.apply_updates(p, u), s), None
@@ -242,14 +276,16 @@ def _classifier_loss(p, x, y):
     return softmax_nll(_logits(p, x), y)
 
 
-def _classifier(cfg: Config, data, seed):
-    """A 64-128-10 tanh classifier on the training split; returns ``features(x)`` and
-    ``predict(x)`` for images in [-1, 1]."""
+@functools.lru_cache(maxsize=4)
+def _classifier(steps: int, seed: int):
+    """A 64-128-10 tanh classifier trained for ``steps`` on the training split of
+    ``seed``; returns ``features(x)`` and ``predict(x)`` for images in [-1, 1]."""
+    data = digits(seed)
     k1, k2 = jax.random.split(jax.random.key(10_000 + seed))
     p = {"w1": jax.random.normal(k1, (64, 128)) / 8.0, "b1": jnp.zeros(128),
          "w2": jax.random.normal(k2, (128, 10)) / np.sqrt(128), "b2": jnp.zeros(10)}
     p = fit(_classifier_loss, p, jnp.asarray(2 * data.train.x - 1), jnp.asarray(data.train.y),
-            3e-3, cfg.classifier_steps)
+            3e-3, steps)
     return (lambda x: np.asarray(_features(p, jnp.asarray(x)), np.float64),
             lambda x: np.asarray(jnp.argmax(_logits(p, jnp.asarray(x)), -1)))
 
@@ -265,6 +301,15 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((ma - mb) ** 2) + np.trace(ca + cb - 2 * root))
 
 
+@jax.jit(static_argnames=("cfg",))
+def _gradient_matrix(cfg: Config, params, key, x0, y, level):
+    """The flattened per-sample gradients of the denoising loss at noise step ``level``."""
+    t = jnp.full((x0.shape[0],), level)
+    xt, eps = noised(cfg, key, x0, t)
+    g = fisher.per_example_grads(_loss, params, _inputs(cfg, xt, y, t), eps)
+    return jax.vmap(lambda tree: ravel_pytree(tree)[0])(g)
+
+
 def gram_spectrum(cfg: Config, params, key, x0, y) -> dict:
     """Top-eigenvalue share of the per-sample-gradient Gram matrix per noise level,
     and the cosine between the top eigenvector and the mean gradient."""
@@ -273,10 +318,8 @@ def gram_spectrum(cfg: Config, params, key, x0, y) -> dict:
                        ).astype(int)
     share, align = [], []
     for lvl in levels:
-        t = jnp.full((n,), int(lvl))
-        xt, eps = noised(cfg, jax.random.fold_in(key, int(lvl)), x0[:n], t)
-        g = fisher.per_example_grads(_loss, params, _inputs(cfg, xt, y[:n], t), eps)
-        G = np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(g), np.float64)
+        G = np.asarray(_gradient_matrix(cfg, params, jax.random.fold_in(key, int(lvl)),
+                                        x0[:n], y[:n], jnp.int32(lvl)), np.float64)
         w, v = np.linalg.eigh(G @ G.T)
         share.append(float(w[-1] / w.sum()))
         top = G.T @ v[:, -1]
@@ -296,7 +339,7 @@ def _task_classes(k):
 def run(cfg: Config, seed: int, method: str, strength: float) -> dict:
     """Class-incremental training with replay (and EWC); FD and sample accuracy."""
     data = digits(seed)
-    features, predict = _classifier(cfg, data, seed)
+    features, predict = _classifier(cfg.classifier_steps, seed)
     key = jax.random.key(seed)
     params = init_denoiser(jax.random.fold_in(key, 0), cfg.hidden)
     n_prev = cfg.n_tasks - 1
@@ -363,7 +406,7 @@ def gram_cell(cfg: Config, seed: int) -> dict:
     anchors = jax.tree.map(lambda x: jnp.zeros((n_prev,) + x.shape), params)
     params = train_task(cfg, params, jax.random.fold_in(jax.random.fold_in(key, 100), 2),
                         x_new, y_new, *empty, anchors, anchors, jnp.zeros((n_prev,)),
-                        jnp.asarray(0.0))
+                        jnp.asarray(0.0, jnp.float32))
     return gram_spectrum(cfg, params, jax.random.fold_in(key, 7), x_new, y_new)
 
 
@@ -378,11 +421,18 @@ class EWC(CellExperiment):
     quick = {"seeds": 1, "n_tasks": 3, "hidden": 128, "steps_per_task": 300,
              "samples_per_class": 50, "strength_grid": (10.0, 1000.0), "budget": 2,
              "fisher_examples": 128, "gram_levels": 6, "classifier_steps": 300}
-    full = {}
+    full = {"tune_seeds": 1}
+    #: a cell depends on its own seed and strength, not on how many seeds are swept or tuned
+    sweep_fields = ("seeds", "tune_seeds")
     figures = ("gram.png", "forgetting.png")
+    lead_columns = ("method", "FD earlier classes (test)", "FD all classes (test)",
+                    "samples classified as their class (earlier classes)", "strength (median)",
+                    "at grid edge", "noise step t", "SNR", "top-eigenvalue share",
+                    "cos(top eigenvector, mean gradient)")
 
     def expected_cells(self, cfg):
-        return cfg.seeds * (2 + len(PENALISED) * cfg.budget)
+        n_tuned = cfg.tune_seeds or cfg.seeds
+        return cfg.seeds * (2 + len(PENALISED)) + n_tuned * len(PENALISED) * (cfg.budget - 1)
 
     def run_cell(self, cfg, cell):
         if cell["kind"] == "gram":
@@ -394,14 +444,19 @@ class EWC(CellExperiment):
         gram = [cells(kind="gram", seed=s) for s in seeds]
         chosen = {m: [] for m in METHODS}
         tuned = {m: [] for m in PENALISED}
-        for s in seeds:
+        n_tuned = cfg.tune_seeds or cfg.seeds
+        for i, s in enumerate(seeds):
             chosen["replay"].append(cells(kind="run", seed=s, method="replay", strength=0.0))
             for m in PENALISED:
-                val = lambda v, s=s, m=m: cells(kind="run", seed=s, method=m,
-                                                strength=float(v))["val_fd_old"]
-                t = stats.tune(val, cfg.strength_grid, budget=cfg.budget, maximize=False)
-                tuned[m].append(t.to_dict())
-                chosen[m].append(cells(kind="run", seed=s, method=m, strength=float(t.best)))
+                if i < n_tuned:
+                    val = lambda v, s=s, m=m: cells(kind="run", seed=s, method=m,
+                                                    strength=float(v))["val_fd_old"]
+                    t = stats.tune(val, cfg.strength_grid, budget=cfg.budget, maximize=False)
+                    tuned[m].append(t.to_dict())
+                    best = t.best
+                else:  # the (lower) median of the strengths the tuned seeds chose
+                    best = sorted(t["best"] for t in tuned[m])[(n_tuned - 1) // 2]
+                chosen[m].append(cells(kind="run", seed=s, method=m, strength=float(best)))
         col = lambda m, key: [r[key] for r in chosen[m]]
         claims = []
         lo, hi = [g["share"][-1] for g in gram], [g["share"][0] for g in gram]
@@ -430,7 +485,7 @@ class EWC(CellExperiment):
                     stats.mean_ci(col(m, "sample_acc_old")).format(".3f"),
                 "strength (median)": "" if m == "replay" else
                     f"{np.median([r['strength'] for r in chosen[m]]):g}",
-                "at grid edge": "" if m == "replay" else f"{edge}/{len(seeds)}"})
+                "at grid edge": "" if m == "replay" else f"{edge}/{len(tuned[m])} tuned"})
         levels = gram[0]["levels"]
         spec = [{"noise step t": t, "SNR": f"{gram[0]['snr'][i]:.3g}",
                  "top-eigenvalue share": stats.mean_ci([g["share"][i] for g in gram]).format(),
