@@ -21,6 +21,8 @@ Programs (weak scaling: fixed work per device):
   mesh (``--fsdp-size`` devices on ``fsdp``, default all), with Adam, GaLore
   (subspace projector) and K-FAC; besides the compiled memory, the parameter and
   optimizer-state bytes each device holds (from the shardings) are reported.
+  ``--fsdp-programs galore_sharded`` compiles GaLore with
+  :func:`subjax.parallel.sharded_subspace_projector` (refresh under ``shard_map``).
   ``--fsdp-scan`` adds ``fsdp_adam_scan``: the same blocks stacked and run by a
   rematerialised ``jax.lax.scan`` (one block gathered at a time).
 
@@ -329,7 +331,7 @@ def _fsdp_programs(args, p: int) -> list[dict]:
 
     from subjax import fisher
     from subjax.optim import galore, kfac
-    from subjax.parallel import fsdp_shardings, fsdp_step
+    from subjax.parallel import fsdp_shardings, fsdp_step, sharded_subspace_projector
 
     fsdp = min(p, args.fsdp_size) if args.fsdp_size > 0 else p
     mesh = Mesh(np.array(jax.devices()).reshape(p // fsdp, fsdp), ("data", "fsdp"))
@@ -352,6 +354,9 @@ def _fsdp_programs(args, p: int) -> list[dict]:
         ("fsdp_adam", optax.adam(1e-4), loss_fn, None, "Adam"),
         ("fsdp_galore", galore(1e-4, rank=args.galore_rank, update_proj_gap=200), loss_fn,
          None, f"GaLore rank {args.galore_rank}, subspace projector"),
+        ("fsdp_galore_sharded", galore(1e-4, rank=args.galore_rank, update_proj_gap=200,
+                                       projector=sharded_subspace_projector(mesh)),
+         loss_fn, None, f"GaLore rank {args.galore_rank}, sharded_subspace_projector"),
         ("fsdp_kfac", kfac(1e-4, damping=1e-3, refresh_every=10), None, kfac_grad_fn,
          "K-FAC, eigendecomposition refresh every 10 steps"),
     ]
@@ -452,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks of the FSDP model (0: skip the FSDP programs)")
     ap.add_argument("--fsdp-width", type=int, default=4096)
     ap.add_argument("--fsdp-programs", nargs="+", default=["adam", "galore", "kfac"],
-                    choices=["adam", "galore", "kfac"], help="optimizers of the FSDP programs")
+                    choices=["adam", "galore", "galore_sharded", "kfac"],
+                    help="optimizers of the FSDP programs")
     ap.add_argument("--fsdp-scan", action="store_true",
                     help="also compile Adam on the blocks stacked under a rematerialised scan")
     ap.add_argument("--fsdp-size", type=int, default=0,
