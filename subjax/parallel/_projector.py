@@ -87,10 +87,11 @@ def sharded_subspace_projector(
 
     def iterate(g, q, steps):
         """``steps`` subspace steps and the Ritz rotation; ``g`` this device's rows."""
-        q = orth(q)
-        for _ in range(steps):
+        def step(_, q):
             w = orth(g @ q, axis_name)
-            q = orth(jax.lax.psum(g.T @ w, axis_name))
+            return orth(jax.lax.psum(g.T @ w, axis_name))
+
+        q = jax.lax.fori_loop(0, steps, step, orth(q))
         # Rayleigh-Ritz: the right singular vectors of the tall g Q = W R order the basis
         y = g @ q
         w = orth(y, axis_name)
