@@ -150,3 +150,21 @@ def test_ewc_stacked_penalty_sums_the_active_earlier_tasks():
         got = stacked(_stack(anchors), _stack(fishers))
         np.testing.assert_allclose(got, want, rtol=1e-5)
         assert float(want) > 0
+
+
+def test_kfac_settings_precondition_every_dense_and_convolution_layer():
+    """The kfac reproduction's CNN and transformer: every conv / dense layer gets Kronecker
+    factors of the dense size on its patches (CNN) or on every position (transformer)."""
+    import jax
+
+    from experiments.kfac import settings as S
+    from subjax import fisher
+
+    for setting, dims in (("cnn", {"conv1": (10, 8), "conv2": (73, 16), "head": (257, 10)}),
+                          ("transformer", {**{w: (33, 32) for w in ("wq", "wk", "wv", "wo")},
+                                           "w1": (33, 64), "w2": (65, 32), "out": (33, 16)})):
+        x, y = S.load(setting, 0).train
+        _, _, stats = jax.eval_shape(lambda p, x, y: fisher.kfac_grads_and_stats(  # noqa: B023
+            S.model_fn(setting), p, x, y, likelihood=S.likelihood(setting),  # noqa: B023
+            key=jax.random.key(0)), S.params(setting, 0), x[:4], y[:4])
+        assert {k: (v.a.shape[0], v.g.shape[0]) for k, v in stats.items()} == dims

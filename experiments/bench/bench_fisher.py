@@ -1,6 +1,6 @@
-"""Benchmarks of subjax's curvature optimizers on the digits deep autoencoder.
+"""Benchmarks of subjax's curvature optimizers on three models.
 
-Two cases, both full batch (1797 x 64), float32:
+On the digits deep autoencoder, two cases, both full batch (1797 x 64), float32:
 
 1. step time of one optimizer step (warm, compiled) for subjax K-FAC, subjax
    natural gradient (CG), FISMO, Adam, and kfac-jax's optimizer;
@@ -13,14 +13,23 @@ kfac-jax 0.0.8 needs one workaround on jax 0.10 (see experiments/kfac/peers.py:
 ``tag_graph_matcher.eval_jaxpr_eqn`` is replaced because ``get_bind_params`` now
 returns a single dict); its burn-in is disabled (``num_burnin_steps=0``) and it
 donates its parameter buffers, so each timed call continues from the last state.
+
+On the small digits CNN and the one-block transformer of the kfac reproduction
+(``experiments/kfac/settings.py``, seed 0, full batch on its train split), one case
+each: wall time and steps to the training loss Adam has after its budget, for subjax
+K-FAC (adaptive step), kfac-jax and Adam.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from experiments.bench import Case, Contender
+from experiments.kfac import settings
 from experiments.kfac.autoencoder import (
     bce_loss,
     kfac_step,
@@ -192,6 +201,73 @@ def _time_to_target_case(x, quick):
     )
 
 
+#: Adam's learning rate and step budget (quick, full) on the other two models; at most
+#: MODEL_MAX_STEPS second-order steps.
+MODEL_ADAM = {"cnn": (1e-2, (100, 300)), "transformer": (3e-3, (200, 600))}
+MODEL_MAX_STEPS = 300
+
+
+def _model_case(setting, quick):
+    lr, budgets = MODEL_ADAM[setting]
+    adam_steps = budgets[0 if quick else 1]
+    chunk = 5
+    x, y = settings.load(setting, 0).train
+    p0 = settings.params(setting, 0)
+    key = jax.random.key(0)
+    shared = {}
+    copy = functools.partial(jax.tree.map, jnp.array)  # kfac-jax donates its parameters
+
+    def adam_run():
+        run = settings.first_order_run(setting, "adam", chunk)
+        carry = (p0, optax.adam(1.0).init(p0))
+        for start in range(0, adam_steps, chunk):
+            carry, losses = run(carry, jnp.int32(start), (x, y, jnp.float32(lr)))
+        loss = float(losses[-1])  # the training loss before its last step
+        shared.setdefault("target", loss)
+        return adam_steps, loss
+
+    def kfac_run():
+        target, step = shared["target"], settings.kfac_step(setting)
+        carry = (p0, optim.kfac(**settings.KFAC).init(p0))
+        for i in range(MODEL_MAX_STEPS):
+            carry, loss = step(carry, jnp.int32(i), (x, y, key))
+            if float(loss[0]) <= target:
+                return i, float(loss[0])
+        return MODEL_MAX_STEPS, float(loss[0])
+
+    def kfac_jax_run():
+        target, opt = shared["target"], settings.kfac_jax_optimizer(setting)
+        p = copy(p0)
+        st = opt.init(p, key, (x, y))
+        for i in range(MODEL_MAX_STEPS):
+            p, st, stats = opt.step(p, st, jax.random.fold_in(key, i), batch=(x, y),
+                                    global_step_int=i)
+            if float(stats["loss"]) <= target:
+                return i, float(stats["loss"])
+        return MODEL_MAX_STEPS, float(stats["loss"])
+
+    steps = lambda o: o[0]  # noqa: E731
+    return Case(
+        name=f"{setting}: wall time to Adam's {adam_steps}-step training loss",
+        params={"adam_lr": lr, "adam_steps": adam_steps, "max_steps": MODEL_MAX_STEPS,
+                "train_examples": int(x.shape[0])},
+        contenders=[
+            Contender(f"adam ({adam_steps} steps)", adam_run, accuracy=steps,
+                      note="defines the target loss"),
+            Contender("subjax kfac", kfac_run, accuracy=steps,
+                      note="adaptive_step, LM damping from 1e-3 (factor 0.8), T=5"),
+            Contender("kfac-jax", kfac_jax_run, accuracy=steps,
+                      note="adaptive lr/momentum/damping, initial damping 1, T=5 (its state "
+                           "init is inside the timed run)"),
+        ],
+        reference="subjax kfac",
+        accuracy_label="steps to the target loss",
+        repeats=1 if quick else 3,
+        max_seconds=1.0 if quick else 120.0,
+    )
+
+
 def cases(quick: bool) -> list[Case]:
     x = load_digits_pixels()
-    return [_step_time_case(x, quick), _time_to_target_case(x, quick)]
+    return [_step_time_case(x, quick), _time_to_target_case(x, quick),
+            _model_case("cnn", quick), _model_case("transformer", quick)]

@@ -214,7 +214,9 @@ def _drive(run, carry, batch, steps: int, chunk: int, target: float | None):
 
 
 @functools.cache
-def _first_order_run(setting: str, name: str, chunk: int):
+def first_order_run(setting: str, name: str, chunk: int):
+    """Jitted ``chunk`` steps ``(carry, start, (x, y, lr)) -> (carry, losses)`` of Adam or
+    SGD with momentum; ``carry = (params, first_order(name, 1.0).init(params))``."""
     loss = loss_fn(setting, model_fn(setting))
 
     def update(carry, i, batch):
@@ -233,7 +235,7 @@ def train_first_order(setting: str, name: str, lr: float, seed: int, steps: int,
     p = params(setting, seed)
     x, y = load(setting, seed).train
     carry = (p, first_order(name, 1.0).init(p))
-    (p, _), losses, times = _drive(_first_order_run(setting, name, chunk), carry,
+    (p, _), losses, times = _drive(first_order_run(setting, name, chunk), carry,
                                    (x, y, jnp.float32(lr)), steps, chunk, None)
     return p, losses, times
 
@@ -247,7 +249,8 @@ KFAC = dict(learning_rate=1.0, damping=1e-3, adaptive_step=True, adaptive_dampin
 
 @functools.cache
 def kfac_step(setting: str):
-    """One jitted K-FAC step ``(carry, i, (x, y, key)) -> (carry, loss[None])``."""
+    """One jitted K-FAC step ``(carry, i, (x, y, key)) -> (carry, loss[None])``;
+    ``carry = (params, subjax.optim.kfac(**KFAC).init(params))``."""
     apply_fn, opt = model_fn(setting), optim.kfac(**KFAC)
     lik, unit = likelihood(setting), per_unit(setting)
 
