@@ -182,9 +182,12 @@ def manifold_muon(
       >>> opt = manifold_muon(lr, manifolds={"w": st})
       >>> params = {"w": st.random_point(jax.random.key(0))}
       >>> state = opt.init(params)
-      >>> for _ in range(100):
+      >>> @jax.jit
+      ... def step(params, state):
       ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...     params = optax.apply_updates(params, updates)
+      ...     return optax.apply_updates(params, updates), state
+      >>> for _ in range(100):
+      ...     params, state = step(params, state)
       >>> round(float(loss(params)), 2), bool(st.check(params["w"]) < 1e-5)
       (-11.0, True)
 
