@@ -68,6 +68,8 @@ class Config:
     refresh_every: int = 50
     lr_grid: tuple[float, ...] = (3e-3, 1e-2)
     budget: int = 3             # validation runs per method (pre-training and fine-tuning)
+    tune_seeds: int = 0         # seeds whose learning rates are tuned (0: every seed)
+    methods: tuple[str, ...] = METHODS  # pre-training methods run (adam and svd always)
     keep: float = 0.25          # factor parameters / dense block-matrix parameters
     ft_steps: int = 150
     ft_lr_grid: tuple[float, ...] = (1e-3, 3e-3)
@@ -80,6 +82,12 @@ class Config:
                   "n_val", "n_test"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not {"adam", "svd"} <= set(self.methods) <= set(METHODS):
+            raise ValueError(f"methods must include adam and svd, from {METHODS}; got "
+                             f"{self.methods}")
+        if not 0 <= self.tune_seeds <= self.seeds:
+            raise ValueError(f"tune_seeds must be in 0..seeds={self.seeds}, got "
+                             f"{self.tune_seeds}")
         _ = (self.task, self.arch)  # validates them
         if not 0 < self.keep < 1:
             raise ValueError(f"keep must be in (0, 1), got {self.keep}")
@@ -286,8 +294,14 @@ class GaLoreWeLore(CellExperiment):
     config_cls = Config
     quick = {"seeds": 2, "layers": 2, "steps": 120, "batch": 16, "ft_steps": 60,
              "budget": 2, "n_val": 128, "n_test": 256}
-    full = {"seeds": 5}
+    full = {"seeds": 5, "tune_seeds": 1, "methods": METHODS[:4]}
+    #: a cell depends on its own seed and rates, not on how many seeds are swept or tuned
+    sweep_fields = ("seeds", "tune_seeds", "methods")
     figures = ("galore_pretraining.png", "welore_ranks.png")
+    lead_columns = ("method", "test loss", "optimizer state (KiB)", "time per step vs adam",
+                    "lr (median)", "lr at grid edge", "allocation", "factor parameters",
+                    "ranks min–max (mean over seeds)", "test loss, truncated",
+                    "test loss, factors fine-tuned", "ft lr (median)")
 
     def run_cell(self, cfg, cell):
         if cell["stage"] == "pretrain":
@@ -297,18 +311,29 @@ class GaLoreWeLore(CellExperiment):
 
     def sweep(self, cfg, cells):
         seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        n_tuned = cfg.tune_seeds or cfg.seeds
+
+        def choose(s, evaluate, grid, earlier):
+            """Tune on seed ``s``'s validation split, or, past the first ``n_tuned``
+            seeds, reuse the (lower) median of the rates those seeds chose."""
+            if s < cfg.seed + n_tuned:
+                t = stats.tune(evaluate, grid, budget=cfg.budget, maximize=False).to_dict()
+                return t["best"], t
+            rate = sorted(earlier)[(len(earlier) - 1) // 2]
+            return rate, {"best": rate, "reused from tuned seeds": sorted(earlier)}
+
         pre, wel = [], []
         for s in seeds:
             row = {}
-            for m in METHODS:
+            for m in cfg.methods:
                 def val(lr, s=s, m=m):
                     return _finite(cells(stage="pretrain", seed=s, method=m, lr=lr)["val"])
 
-                tuned = stats.tune(val, cfg.lr_grid, budget=cfg.budget, maximize=False)
-                tried = [cells(stage="pretrain", seed=s, method=m, lr=lr)
-                         for lr, _ in tuned.tried]
-                best = cells(stage="pretrain", seed=s, method=m, lr=tuned.best)
-                row[m] = {**best, "lr": tuned.best, "tuning": tuned.to_dict(),
+                lr, tuning = choose(s, val, cfg.lr_grid, [r[m]["lr"] for r in pre[:n_tuned]])
+                tried = [cells(stage="pretrain", seed=s, method=m, lr=v)
+                         for v, _ in tuning.get("tried", [(lr, None)])]
+                best = cells(stage="pretrain", seed=s, method=m, lr=lr)
+                row[m] = {**best, "lr": lr, "tuning": tuning,
                           "seconds": float(np.median([r["seconds"] for r in tried])),
                           "state bytes": state_bytes(cfg, m)}
             pre.append(row)
@@ -318,10 +343,11 @@ class GaLoreWeLore(CellExperiment):
                     return _finite(cells(stage="welore", seed=s, pre_lr=pre_lr, allocation=a,
                                          ft_lr=lr)["val"])
 
-                tuned = stats.tune(fval, cfg.ft_lr_grid, budget=cfg.budget, maximize=False)
+                ft_lr, tuning = choose(s, fval, cfg.ft_lr_grid,
+                                       [r[a]["ft lr"] for r in wel[:n_tuned]])
                 best = cells(stage="welore", seed=s, pre_lr=row["adam"]["lr"], allocation=a,
-                             ft_lr=tuned.best)
-                wrow[a] = {**best, "ft lr": tuned.best, "tuning": tuned.to_dict()}
+                             ft_lr=ft_lr)
+                wrow[a] = {**best, "ft lr": ft_lr, "tuning": tuning}
             wel.append(wrow)
 
         q, tol = cells.quick, cfg.tolerance
@@ -330,6 +356,8 @@ class GaLoreWeLore(CellExperiment):
                 ("svd", "adam", "GaLore (SVD) trains as well as Adam"),
                 ("subspace", "svd", "warm subspace iteration matches the exact SVD projector"),
                 ("dct", "svd", "the SVD-free DCT projector matches the SVD projector")):
+            if m not in cfg.methods:
+                continue
             shifted = [v - tol for v in _col(pre, m, "test")]
             cmp = stats.compare(shifted, _col(pre, ref, "test"), claim="less", quick=q)
             claims.append(stats.claim(
@@ -348,7 +376,7 @@ class GaLoreWeLore(CellExperiment):
                 names=("welore", "uniform")))
 
         table = []
-        for m in METHODS:
+        for m in cfg.methods:
             table.append({
                 "method": m if m == "adam" else f"galore {m}",
                 "test loss": stats.mean_ci(_col(pre, m, "test")).format(),
@@ -356,7 +384,8 @@ class GaLoreWeLore(CellExperiment):
                 "time per step vs adam": stats.mean_ci(
                     [r[m]["seconds"] / r["adam"]["seconds"] for r in pre]).format(".2f"),
                 "lr (median)": float(np.median(_col(pre, m, "lr"))),
-                "lr at grid edge": f"{sum(r[m]['tuning']['at_edge'] for r in pre)}/{len(pre)}",
+                "lr at grid edge": f"{sum(r[m]['tuning'].get('at_edge', 0) for r in pre)}/"
+                                   f"{min(n_tuned, len(pre))} tuned",
             })
         wtable = []
         for a in ALLOCATIONS:
@@ -383,7 +412,7 @@ class GaLoreWeLore(CellExperiment):
     def readme_tables(self, summary):
         results = summary.get("results", {})
         parts = [claims_table(results.get("claims") or [])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}"
+        parts += [f"**{t}**\n\n{markdown_table(r, self.table_columns(r))}"
                   for t, r in (results.get("tables") or {}).items()]
         parts.append(run_cost(summary))
         return "\n\n".join(parts)
@@ -392,7 +421,7 @@ class GaLoreWeLore(CellExperiment):
         pre, wel = results["pretrain"], results["welore"]
         fig, ax = new_figure(figsize=(5.5, 3.4))
         xs = np.linspace(0, cfg.steps, len(pre[0]["adam"]["curve"]))
-        for m in METHODS:
+        for m in cfg.methods:
             ax.plot(xs, np.mean(_col(pre, m, "curve"), 0),
                     label=m if m == "adam" else f"galore {m}")
         ax.axhline(np.mean(_col(pre, "adam", "first-order floor")), color="gray", ls="--",
@@ -423,7 +452,8 @@ class GaLoreWeLore(CellExperiment):
         img2 = save_figure(fig2, outdir, "welore_ranks.png", "WeLore ranks and spectra")
         parts = [f"{cfg.seeds} seeds; intervals are 95% t-intervals over seeds.",
                  claims_table(results["claims"])]
-        parts += [f"**{t}**\n\n{markdown_table(r)}" for t, r in results["tables"].items()]
+        parts += [f"**{t}**\n\n{markdown_table(r, self.table_columns(r))}"
+                  for t, r in results["tables"].items()]
         parts += [img1, img2]
         return "\n\n".join(parts) + "\n"
 
