@@ -307,7 +307,8 @@ def cases(quick: bool) -> list[Case]:
     if quick:
         return [_svd_case(2048, with_dense=False), _defaults_case(2048, 1024, "slow"),
                 _lanczos_case(20000), _lanczos_case(10000, tol=1e-6, kind="laplacian")]
-    defaults = [_defaults_case(m, n, decay) for m, n in ((2048, 2048), (4096, 1024), (1024, 4096))
+    defaults = [_defaults_case(m, n, decay)
+                for m, n in ((2048, 1024), (2048, 2048), (4096, 1024), (1024, 4096))
                 for decay in ("slow", "fast")]
     return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False), *defaults,
             _lanczos_case(20000), _lanczos_case(20000, tol=1e-6),

@@ -18,7 +18,7 @@ from subjax._core import (
     static_int,
 )
 from subjax.linalg import _validate as V
-from subjax.linalg._recycle import whitening
+from subjax.linalg._recycle import RecycledCGResult, whitening
 
 __all__ = ["GCRODRResult", "GMRESResult", "gcro_dr", "gmres"]
 
@@ -40,23 +40,16 @@ class GMRESResult(NamedTuple):
     errors: jax.Array
 
 
-class GCRODRResult(NamedTuple):
-    """Result of :func:`gcro_dr`.
+class GCRODRResult(RecycledCGResult):
+    """Result of :func:`gcro_dr`: the fields of :class:`GMRESResult` and ``recycle``.
 
-    Attributes:
-      x, converged, n_iters, residual_norm, errors: as :class:`GMRESResult`.
-      recycle: ``(n, k)`` recycled basis ``U``: approximate invariant subspace of
-        ``A`` for the ``k`` harmonic Ritz values of smallest magnitude (zero
-        columns where fewer than ``k`` directions were found). Pass it as
-        ``recycle`` to the next solve of the sequence.
+    ``recycle`` is the ``(n, k)`` recycled basis ``U``: an approximate invariant
+    subspace of ``A`` for the ``k`` harmonic Ritz values of smallest magnitude (zero
+    columns where fewer than ``k`` directions were found). Pass it as ``recycle`` to
+    the next solve of the sequence.
     """
 
-    x: jax.Array
-    converged: jax.Array
-    n_iters: jax.Array
-    residual_norm: jax.Array
-    errors: jax.Array
-    recycle: jax.Array
+    __slots__ = ()
 
 
 def _prepare(a, b, x0, restart, tol, max_iters, what):
