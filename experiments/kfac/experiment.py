@@ -218,6 +218,7 @@ class KFAC(CellExperiment):
                 ax.set_ylabel("training loss")
             axes[0, j].set_title(setting)
             axes[0, j].set_xscale("symlog", linthresh=10)
+            axes[0, j].set_xlim(left=0)
             axes[0, j].set_xlabel("step")
             axes[1, j].set_xlabel("wall time (s, warm)")
         axes[0, 0].legend(fontsize=7)
