@@ -421,9 +421,10 @@ class EWC(CellExperiment):
     quick = {"seeds": 1, "n_tasks": 3, "hidden": 128, "steps_per_task": 300,
              "samples_per_class": 50, "strength_grid": (10.0, 1000.0), "budget": 2,
              "fisher_examples": 128, "gram_levels": 6, "classifier_steps": 300}
-    full = {"tune_seeds": 1}
-    #: a cell depends on its own seed and strength, not on how many seeds are swept or tuned
-    sweep_fields = ("seeds", "tune_seeds")
+    full = {"tune_seeds": 1, "budget": 7}
+    #: a cell depends on its own seed and strength, not on how many seeds are swept or
+    #: tuned, nor on the grid and budget that choose its strength
+    sweep_fields = ("seeds", "tune_seeds", "strength_grid", "budget")
     figures = ("gram.png", "forgetting.png")
     lead_columns = ("method", "FD earlier classes (test)", "FD all classes (test)",
                     "samples classified as their class (earlier classes)", "strength (median)",
