@@ -113,7 +113,7 @@ class KFAC(CellExperiment):
     config_cls = Config
     quick = {"seeds": 2, "first_order_steps": (150, 40, 80),
              "second_order_steps": (40, 20, 40), "kfac_jax": (), "adam_grid": (3e-3, 1e-2),
-             "sgd_grid": (3e-2, 1e-1), "budget": 2}
+             "sgd_grid": (3e-2, 1e-1), "budget": 2, "chunk": 1}
     full = {}
     figures = ("curves.png",)
     lead_columns = ("method", "lr", "lr at grid edge", "reached target",
