@@ -168,17 +168,23 @@ def _norm(x, g):
     return g * x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
 
 
+def causal_attention(q, k, v):
+    """Causal softmax attention: ``(n, t, heads, dh)`` queries, keys and values to the
+    heads' outputs side by side, ``(n, t, heads * dh)``."""
+    n, t, _, dh = q.shape
+    att = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(dh)
+    att = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e9), -1)
+    return jnp.reshape(jnp.einsum("nhqk,nkhd->nqhd", att, v), (n, t, -1))
+
+
 def logits(arch: Arch, p, tokens):
     n, t = tokens.shape
     h = p["emb"][tokens] + p["pos"][:t]
-    mask = jnp.tril(jnp.ones((t, t), bool))
     dh = arch.d_model // arch.heads
     for b in p["blocks"]:
         x = _norm(h, b["ln1"])
         q, k, v = (jnp.reshape(x @ b[w], (n, t, arch.heads, dh)) for w in ("wq", "wk", "wv"))
-        att = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(dh)
-        att = jax.nn.softmax(jnp.where(mask, att, -1e9), -1)
-        h = h + jnp.reshape(jnp.einsum("nhqk,nkhd->nqhd", att, v), (n, t, -1)) @ b["wo"]
+        h = h + causal_attention(q, k, v) @ b["wo"]
         h = h + jax.nn.gelu(_norm(h, b["ln2"]) @ b["w1"]) @ b["w2"]
     return _norm(h, p["ln"]) @ p["unemb"]
 

@@ -124,9 +124,7 @@ class Block(nnx.Module):
         dh = d // self.heads
         x = self.ln1(h)
         q, k, v = (w(x).reshape(n, t, self.heads, dh) for w in (self.wq, self.wk, self.wv))
-        att = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(dh)
-        att = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e9), -1)
-        h = h + self.wo(jnp.einsum("nhqk,nkhd->nqhd", att, v).reshape(n, t, d))
+        h = h + self.wo(lm.causal_attention(q, k, v))
         return h + self.w2(jax.nn.gelu(self.w1(self.ln2(h))))
 
 
