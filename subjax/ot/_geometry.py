@@ -152,7 +152,9 @@ class Geometry:
     def mean_cost(self) -> jax.Array:
         n, m = self.shape
         total = self.row_sum(self.map_rows(lambda c, _: jnp.sum(c, axis=1)))
-        size = n * m if self.axis_name is None else lax.psum(n * m, self.axis_name)
+        size = float(n) * float(m)  # a Python int n * m overflows int32 past 46,341^2
+        if self.axis_name is not None:
+            size = lax.psum(jnp.asarray(size, total.dtype), self.axis_name)
         return total / size
 
 
