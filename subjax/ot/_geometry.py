@@ -293,8 +293,10 @@ class PointCloud(Geometry):
         block = lambda xb, idx: fn(pairwise(xb, self.y, self.cost), idx)
         full = n // bs
         xs = (self.x[:full * bs].reshape(full, bs, -1), jnp.arange(full * bs).reshape(full, bs))
-        _, part0 = jax.eval_shape(block, *jax.tree_util.tree_map(lambda v: v[0], xs))
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), part0)
+        # zeros typed like one block's partial sums, their varying mesh axes included
+        # (inside shard_map); the traced block is dead code after this
+        _, part0 = block(*jax.tree_util.tree_map(lambda v: v[0], xs))
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, part0)
 
         def body(total, args):
             rows, part = block(*args)

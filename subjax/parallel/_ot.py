@@ -48,10 +48,10 @@ def _sharded(prepare, cost, a, b, epsilon, *, mesh, axis_name, rho_a, rho_b, eps
         cost_spec = PointCloud.tree_unflatten((cost.cost, cost.block_size, None), (rows, rep))
     else:
         cost_spec = rows
-    # The forward pass runs per device; the implicit backward pass runs on the whole
-    # (sharded) arrays. check_vma=False: the Newton system's CG closes over local rows
-    # and replicated columns alike.
-    forward = jax.shard_map(prep.forward, mesh=mesh, check_vma=False,
+    # The forward pass runs per device, typed by shard_map's varying-axes check (local
+    # rows varying, columns replicated); the implicit backward pass runs on the whole
+    # (sharded) arrays.
+    forward = jax.shard_map(prep.forward, mesh=mesh,
                             in_specs=(cost_spec, rows, rep, rep, rep, rep),
                             out_specs=(rows, rep, rep))
     return finish(prep, forward)
