@@ -15,6 +15,13 @@ A suite is a module ``experiments/bench/bench_<family>.py`` with a function
    and writes ``results/bench/<suite>.json`` and ``.md``, and
    ``results/bench/BENCH.md`` over every suite present.
 
+A contender whose full run is too long to repeat (an iteration with a fixed cost
+per step run thousands of times) can time a fixed number of steps and declare a
+:class:`Scale`: its reported times are the measured ones times ``factor`` (e.g.
+the steps to tolerance, counted once in an untimed run, over the steps timed),
+labelled as such in the table; a ``lower_bound`` scale (the count stopped at a
+cap) makes its time a lower bound and the ratio a bound.
+
 Run with ``python -m experiments.bench [suite ...] [--quick]`` or ``make bench``.
 """
 
@@ -40,6 +47,23 @@ PEERS = ("ott", "ot", "sklearn", "kfac_jax", "pymanopt", "geoopt", "torch")
 
 
 @dataclasses.dataclass
+class Scale:
+    """A declared factor from the timed work to the reported work.
+
+    Attributes:
+      factor: reported time = measured time * factor (> 0).
+      lower_bound: the reported work is itself a lower bound (e.g. a step count
+        stopped at its cap), so is the reported time.
+      what: how the factor was obtained, shown in the table, e.g.
+        ``"per-sweep time x 12,345 sweeps (counted untimed)"``.
+    """
+
+    factor: float
+    lower_bound: bool = False
+    what: str = ""
+
+
+@dataclasses.dataclass
 class Contender:
     """One implementation in a case.
 
@@ -50,12 +74,16 @@ class Contender:
       accuracy: optional ``output -> float`` error figure (lower is better unless
         the case's ``accuracy_label`` says otherwise).
       note: free text shown in the table (settings, caveats, workarounds).
+      scale: a :class:`Scale`, or a zero-argument callable returning one, called
+        once after the warm-up and outside the timing (it may run the untimed
+        count); ``None``: the times are reported as measured.
     """
 
     name: str
     fn: Callable[[], Any]
     accuracy: Callable[[Any], float] | None = None
     note: str = ""
+    scale: Scale | Callable[[], Scale] | None = None
 
 
 @dataclasses.dataclass
@@ -70,6 +98,7 @@ class Case:
     repeats: int | None = None
     max_seconds: float = 60.0  # per contender: fewer repeats when one call is slow
     note: str = ""
+    warmup: bool = True  # False: contenders are compiled already; no uncounted first call
 
 
 def _block(out):
@@ -103,12 +132,20 @@ def run_case(case: Case, repeats: int, log=print) -> dict:
         raise ValueError(f"case {case.name!r}: reference {case.reference!r} not in {names}")
     repeats = case.repeats or repeats
     outputs, times, errors, rounds = {}, {c.name: [] for c in case.contenders}, {}, {}
+    scales: dict[str, Scale] = {}
     for c in case.contenders:  # warm-up (compile); its time decides how many rounds fit
         try:
-            _, t_warm = _call(c.fn)
+            if case.warmup:
+                _call(c.fn)
             outputs[c.name], t_second = _call(c.fn)
             rounds[c.name] = max(1, min(repeats, int(case.max_seconds / max(t_second, 1e-9))))
             times[c.name].append(t_second)
+            if c.scale is not None:
+                scale = c.scale() if callable(c.scale) else c.scale
+                if not (isinstance(scale, Scale) and scale.factor > 0):
+                    raise ValueError(f"scale of {c.name!r} must be a Scale with factor > 0, "
+                                     f"got {scale!r}")
+                scales[c.name] = scale
         except Exception as err:
             errors[c.name] = f"{type(err).__name__}: {str(err)[:300]}"
             log(f"  {c.name}: FAILED during warm-up: {errors[c.name]}")
@@ -126,23 +163,39 @@ def run_case(case: Case, repeats: int, log=print) -> dict:
             except Exception as err:
                 errors[c.name] = f"{type(err).__name__}: {str(err)[:300]}"
     rows = []
-    ref_med = statistics.median(times[case.reference]) if times[case.reference] else None
+    no_scale = Scale(1.0)
+    factor = {name: scales.get(name, no_scale).factor for name in names}
+    bound = {name: scales.get(name, no_scale).lower_bound for name in names}
+    ref_ts = times[case.reference]
+    ref_med = statistics.median(ref_ts) * factor[case.reference] if ref_ts else None
     for c in case.contenders:
         ts = times[c.name]
         row: dict[str, Any] = {"contender": c.name, "note": c.note}
         if c.name in errors:
             row["error"] = errors[c.name]
         if ts:
-            med = statistics.median(ts)
+            k = factor[c.name]
+            med = statistics.median(ts) * k
             row.update(
                 median_s=med,
-                q25_s=_quantile(ts, 0.25),
-                q75_s=_quantile(ts, 0.75),
-                min_s=min(ts),
+                q25_s=_quantile(ts, 0.25) * k,
+                q75_s=_quantile(ts, 0.75) * k,
+                min_s=min(ts) * k,
                 n=len(ts),
                 ratio=(ref_med / med) if (ref_med is not None and c.name != case.reference)
                 else (1.0 if c.name == case.reference else None),
             )
+            if c.name in scales:
+                row.update(measured_median_s=statistics.median(ts), scale=k,
+                           scale_what=scales[c.name].what, lower_bound=bound[c.name])
+            if c.name != case.reference and row["ratio"] is not None:
+                # reference / this: this time a lower bound -> the ratio an upper bound
+                if bound[c.name] and bound[case.reference]:
+                    row["ratio"] = None
+                elif bound[c.name]:
+                    row["ratio_bound"] = "<="
+                elif bound[case.reference]:
+                    row["ratio_bound"] = ">="
         if c.accuracy is not None and c.name in outputs:
             try:
                 row["accuracy"] = float(c.accuracy(outputs[c.name]))
@@ -184,15 +237,25 @@ def case_markdown(rec: dict) -> str:
         lines.append("")
     table = []
     for row in rec["rows"]:
+        scaled = "scale" in row
+        note = row.get("error") and f"FAILED: {row['error']}" or row.get("note", "")
+        if scaled:
+            note = (f"time = measured {_fmt_time(row['measured_median_s'])} x "
+                    f"{row['scale']:.4g}" + (" (a lower bound)" if row["lower_bound"] else "")
+                    + (f": {row['scale_what']}" if row["scale_what"] else "")
+                    + (f"; {note}" if note else ""))
+        ratio = row.get("ratio")
         table.append({
             "contender": row["contender"],
-            "median": _fmt_time(row.get("median_s")),
+            "median": ("≥ " if row.get("lower_bound") else "") + _fmt_time(row.get("median_s")),
             "IQR": (f"{_fmt_time(row['q25_s'])} – {_fmt_time(row['q75_s'])}"
                     if "q25_s" in row else ""),
             "n": row.get("n"),
-            f"{ref} / this": (f"{row['ratio']:.3g}x" if row.get("ratio") is not None else ""),
+            f"{ref} / this": ("" if ratio is None else
+                              {"<=": "≤ ", ">=": "≥ "}.get(row.get("ratio_bound"), "")
+                              + f"{ratio:.3g}x" + (" (scaled)" if scaled else "")),
             rec["accuracy_label"]: row.get("accuracy", row.get("accuracy_error", "")),
-            "note": row.get("error") and f"FAILED: {row['error']}" or row.get("note", ""),
+            "note": note,
         })
     lines.append(markdown_table(table, floatfmt=".3g"))
     if rec.get("note"):

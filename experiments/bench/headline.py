@@ -69,6 +69,7 @@ def headline_rows(record: dict) -> list[dict]:
                 "reference": case["reference"],
                 "peer": name,
                 "ratio": None if failed else row.get("ratio"),
+                "ratio_bound": row.get("ratio_bound", ""),
                 "reference_s": ref.get("median_s"),
                 "peer_s": row.get("median_s"),
                 "accuracy_label": case.get("accuracy_label", "error"),
@@ -97,7 +98,8 @@ def render(records: list[dict]) -> str:
         ]
         for r in headline_rows(record):
             ratio = "failed" if r["failed"] else (
-                "—" if r["ratio"] is None else f"{r['ratio']:.2g}x")
+                "—" if r["ratio"] is None else
+                {"<=": "≤ ", ">=": "≥ "}.get(r["ratio_bound"], "") + f"{r['ratio']:.2g}x")
             lines.append(
                 f"| {r['case']} | {r['reference']} | {r['peer']} | {ratio} "
                 f"| {_time(r['reference_s'])} | {_time(r['peer_s'])} "
