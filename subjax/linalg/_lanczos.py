@@ -270,20 +270,26 @@ class _Cycle(NamedTuple):
 def _normalize_rows(w, basis, wnorm):
     """``w = L q`` with orthonormal rows ``q`` (``w`` already orthogonal to ``basis``).
 
-    Cholesky-QR2 on the ``(b, b)`` Gram; when ``w`` lost more than three digits to
-    the projection (or is rank deficient: an exhausted Krylov space) the robust
-    orthonormalisation of :func:`orth_robust` against ``basis`` takes over, whose
-    result is orthogonal to ``basis`` whatever ``w`` is.
+    One row: ``L = ||w||``. A block: Cholesky-QR2 on the ``(b, b)`` Gram. When ``w``
+    lost more than three digits to the projection (or is rank deficient: an
+    exhausted Krylov space) the robust orthonormalisation of :func:`orth_robust`
+    against ``basis`` takes over, whose result is orthogonal to ``basis`` whatever
+    ``w`` is.
     """
+    if w.shape[0] == 1:
+        lo = jnp.sqrt(jnp.sum(jnp.square(w)))[None, None]
+        q = w / lo
+        d = lo[0]
+    else:
 
-    def chol(x):
-        lo = jnp.linalg.cholesky(x @ x.T)
-        return lax.linalg.triangular_solve(lo, x, left_side=True, lower=True), lo
+        def chol(x):
+            lo = jnp.linalg.cholesky(x @ x.T)
+            return lax.linalg.triangular_solve(lo, x, left_side=True, lower=True), lo
 
-    q1, l1 = chol(w)
-    q, l2 = chol(q1)
-    lo = l1 @ l2
-    d = jnp.abs(jnp.diagonal(l1))
+        q1, l1 = chol(w)
+        q, l2 = chol(q1)
+        lo = l1 @ l2
+        d = jnp.abs(jnp.diagonal(l1))
     ok = all_finite(lo, q) & (jnp.min(d) > 1e-3 * wnorm)
 
     def robust(w):
@@ -307,36 +313,54 @@ def _project(w, vr):
     return w - lax.dot_general(ht, vr, (((0,), (0,)), ((), ()))), ht.T
 
 
+def _row_norms(w):
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=1))
+
+
 def _extend(op, vr, t, locked, j0, m, b):
     """Block Lanczos steps ``j = j0, j0 + b, ..., m - b`` on the rows of ``vr`` (``m + b`` rows).
 
-    Row block ``j`` is ``q_j``; ``A q_j`` is orthogonalised against the whole basis
-    twice (classical Gram–Schmidt; rows not yet built are zero), whose coefficients
-    fill column block ``j`` of ``t = V^T A V`` (mirrored; rows of locked pairs
-    decoupled), and the remainder ``L_j q_{j+1}`` gives the next block (rows
-    ``m:m + b`` hold the final residual block: ``A V^T = V^T T + q^T L E^T``).
-    Returns ``(vr, t, asym)``, ``asym`` the largest difference between the computed
-    ``(A q_j) . q_{j-1}`` (or, first, the restart coupling) and its prediction.
+    Row block ``j`` is ``q_j``. A step takes from ``A q_j`` the part the recurrence
+    predicts (row block ``j`` of ``t``: ``L_{j-b}`` on ``q_{j-b}``, or after a
+    restart the coupling to the kept Ritz vectors) and the diagonal block
+    ``q_j A q_j^T``; one classical Gram–Schmidt pass against the whole basis
+    (rows not yet built are zero) then removes what rounding left, and a second
+    pass runs only when that one cancelled more than ``1 - 1/sqrt(2)`` of the norm
+    (the Daniel–Gragg–Kaufman–Stewart test): the local step plays the part of
+    the first of the two passes of full reorthogonalisation at the price of a
+    few vector operations. The coefficients fill column block ``j`` of
+    ``t = V^T A V`` (mirrored; rows of locked pairs decoupled), and the remainder
+    ``L_j q_{j+1}`` gives the next block (rows ``m:m + b`` hold the final
+    residual block: ``A V^T = V^T T + q^T L E^T``). Returns ``(vr, t, asym)``,
+    ``asym`` the largest difference between the computed ``(A q_j) . q_i`` and its
+    prediction over the predicted rows, and between ``q_j A q_j^T`` and its
+    transpose.
     """
     rows = jnp.arange(vr.shape[0], dtype=jnp.int32)
+    half = jnp.asarray(0.5, t.dtype)
 
-    def step(i, carry):
+    def step(j, carry, pred_rows):
         vr, t, asym = carry
-        j = i * b
         q = lax.dynamic_slice_in_dim(vr, j, b)
         w = op.matmat(q.T).T
-        wnorm = jnp.max(jnp.sqrt(jnp.sum(jnp.square(w), axis=1)))
-        w, h = _project(w, vr)
-        w, h2 = _project(w, vr)
-        h = h + h2  # h[a, i] = (A q_{j+a}) . v_i
-        diag = lax.dynamic_slice_in_dim(h, j, b, axis=1)
+        wnorm = jnp.max(_row_norms(w))
+        pred = lax.dynamic_slice_in_dim(t, j, b)  # (b, m + b): zero from column j on
+        w = w - pred_rows(pred, vr, j)
+        diag = w @ q.T if b > 1 else jnp.sum(w * q)[None, None]
         asym = jnp.maximum(asym, jnp.max(jnp.abs(diag - diag.T)))
-        h = jnp.where(locked[None, :], jnp.zeros_like(h), h)
-        h = lax.dynamic_update_slice_in_dim(h, (diag + diag.T) * jnp.asarray(0.5, h.dtype), j, 1)
-        lo = jnp.where(j > j0, j - b, 0)  # predicted: L_{j-b}, or the restart coupling
-        band = (rows >= lo) & (rows < j)
-        pred = lax.dynamic_slice_in_dim(t, j, b)
-        asym = jnp.maximum(asym, jnp.max(jnp.where(band[None, :], jnp.abs(h - pred), 0)))
+        diag = (diag + diag.T) * half
+        w = w - diag @ q if b > 1 else w - diag[0, 0] * q
+        before = jnp.min(_row_norms(w))
+        w, h = _project(w, vr)
+        again = jnp.min(_row_norms(w)) < before * jnp.asarray(0.7071, t.dtype)
+        w, h2 = lax.cond(again, _project, lambda w, vr: (w, jnp.zeros_like(h)), w, vr)
+        h = jnp.where(locked[None, :], jnp.zeros_like(h), h + h2)
+        # for a symmetric A the passes find only rounding on the predicted rows
+        band = (rows < j) & ~locked
+        asym = jnp.maximum(asym, jnp.max(jnp.where(band[None, :], jnp.abs(h), 0)))
+        h = h + pred
+        rest = lax.dynamic_slice_in_dim(h, j, b, axis=1)  # rounding left on q_j itself
+        h = lax.dynamic_update_slice_in_dim(h, diag + (rest + rest.T) * half, j, 1)
         t = lax.dynamic_update_slice_in_dim(t, h.T, j, 1)
         t = lax.dynamic_update_slice_in_dim(t, h, j, 0)
         qn, lmat = _normalize_rows(w, vr, wnorm)
@@ -345,7 +369,15 @@ def _extend(op, vr, t, locked, j0, m, b):
         t = lax.dynamic_update_slice(t, lmat, (j, j + b))
         return vr, t, asym
 
-    return lax.fori_loop(j0 // b, m // b, step, (vr, t, jnp.zeros((), t.dtype)))
+    def full(pred, vr, j):  # after a restart: coupling to every kept vector
+        return pred[0] @ vr if b == 1 else pred @ vr
+
+    def local(pred, vr, j):  # inside a cycle: L_{j-b} on q_{j-b} only
+        i = jnp.maximum(j - b, 0)
+        return lax.dynamic_slice_in_dim(pred, i, b, axis=1) @ lax.dynamic_slice_in_dim(vr, i, b)
+
+    carry = step(j0, (vr, t, jnp.zeros((), t.dtype)), full)
+    return lax.fori_loop(j0 // b + 1, m // b, lambda i, c: step(i * b, c, local), carry)
 
 
 def _ritz(t, rank, m, b, which):
