@@ -267,19 +267,19 @@ class _Cycle(NamedTuple):
     asym: jax.Array  # largest asymmetry of the projection seen so far
 
 
-def _normalize_rows(w, basis, wnorm):
+def _normalize_rows(w, basis, wnorm, norms):
     """``w = L q`` with orthonormal rows ``q`` (``w`` already orthogonal to ``basis``).
 
-    One row: ``L = ||w||``. A block: Cholesky-QR2 on the ``(b, b)`` Gram. When ``w``
-    lost more than three digits to the projection (or is rank deficient: an
-    exhausted Krylov space) the robust orthonormalisation of :func:`orth_robust`
-    against ``basis`` takes over, whose result is orthogonal to ``basis`` whatever
-    ``w`` is.
+    One row: ``L = ||w||`` (``norms``, already computed). A block: Cholesky-QR2 on
+    the ``(b, b)`` Gram. When ``w`` lost more than three digits to the projection
+    (or is rank deficient: an exhausted Krylov space) the robust orthonormalisation
+    of :func:`orth_robust` against ``basis`` takes over, whose result is orthogonal
+    to ``basis`` whatever ``w`` is.
     """
     if w.shape[0] == 1:
-        lo = jnp.sqrt(jnp.sum(jnp.square(w)))[None, None]
+        lo = norms[:, None]
         q = w / lo
-        d = lo[0]
+        ok = all_finite(lo) & (norms[0] > 1e-3 * wnorm)  # a non-finite w has a non-finite norm
     else:
 
         def chol(x):
@@ -290,7 +290,7 @@ def _normalize_rows(w, basis, wnorm):
         q, l2 = chol(q1)
         lo = l1 @ l2
         d = jnp.abs(jnp.diagonal(l1))
-    ok = all_finite(lo, q) & (jnp.min(d) > 1e-3 * wnorm)
+        ok = all_finite(lo, q) & (jnp.min(d) > 1e-3 * wnorm)
 
     def robust(w):
         qc, r = orth_robust(w.T, basis.T)
@@ -343,27 +343,35 @@ def _extend(op, vr, t, locked, j0, m, b):
         vr, t, asym = carry
         q = lax.dynamic_slice_in_dim(vr, j, b)
         w = op.matmat(q.T).T
-        wnorm = jnp.max(_row_norms(w))
         pred = lax.dynamic_slice_in_dim(t, j, b)  # (b, m + b): zero from column j on
         w = w - pred_rows(pred, vr, j)
         diag = w @ q.T if b > 1 else jnp.sum(w * q)[None, None]
         asym = jnp.maximum(asym, jnp.max(jnp.abs(diag - diag.T)))
         diag = (diag + diag.T) * half
         w = w - diag @ q if b > 1 else w - diag[0, 0] * q
-        before = jnp.min(_row_norms(w))
         w, h = _project(w, vr)
-        again = jnp.min(_row_norms(w)) < before * jnp.asarray(0.7071, t.dtype)
-        w, h2 = lax.cond(again, _project, lambda w, vr: (w, jnp.zeros_like(h)), w, vr)
-        h = jnp.where(locked[None, :], jnp.zeros_like(h), h + h2)
-        # for a symmetric A the passes find only rounding on the predicted rows
-        band = (rows < j) & ~locked
-        asym = jnp.maximum(asym, jnp.max(jnp.where(band[None, :], jnp.abs(h), 0)))
-        h = h + pred
+        norms = _row_norms(w)
+        # the pass took h from w: ||w|| fell below 1/sqrt(2) of its norm before the
+        # pass iff ||w|| < ||h|| (the two are orthogonal); then project once more
+        again = jnp.any(norms < _row_norms(h))
+
+        def second(w):
+            w, h2 = _project(w, vr)
+            return w, h2, _row_norms(w)
+
+        w, h2, norms = lax.cond(again, second, lambda w: (w, jnp.zeros_like(h), norms), w)
+        h = h + h2 + pred  # h[a, i] = (A q_{j+a}) . v_i
         rest = lax.dynamic_slice_in_dim(h, j, b, axis=1)  # rounding left on q_j itself
         h = lax.dynamic_update_slice_in_dim(h, diag + (rest + rest.T) * half, j, 1)
+        # ||A q_{j+a}||: its coefficients on the basis and the remainder are orthogonal
+        wnorm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(h), axis=1) + jnp.square(norms)))
+        # for a symmetric A the passes find only rounding on the predicted rows
+        band = (rows < j) & ~locked
+        asym = jnp.maximum(asym, jnp.max(jnp.where(band[None, :], jnp.abs(h - pred), 0)))
+        h = jnp.where(locked[None, :], jnp.zeros_like(h), h)
         t = lax.dynamic_update_slice_in_dim(t, h.T, j, 1)
         t = lax.dynamic_update_slice_in_dim(t, h, j, 0)
-        qn, lmat = _normalize_rows(w, vr, wnorm)
+        qn, lmat = _normalize_rows(w, vr, wnorm, norms)
         vr = lax.dynamic_update_slice_in_dim(vr, qn, j + b, 0)
         t = lax.dynamic_update_slice(t, lmat.T, (j + b, j))
         t = lax.dynamic_update_slice(t, lmat, (j, j + b))
