@@ -35,6 +35,8 @@ the subjax source / ott-jax version), so a rerun times only.
     SUBJAX_BENCH_OT_ONLINE=10000,2,0.001 python -m experiments.bench ot      # one online case
     SUBJAX_BENCH_OT_SKIP=newton,ott python -m experiments.bench ot           # drop contenders
     SUBJAX_BENCH_OT_SWEEP_ENTRIES=5e10 ...                                   # smaller caps
+    SUBJAX_BENCH_OT_SWEEPS=path ...            # the count cache (default results/bench/ot_sweeps.json)
+    SUBJAX_BENCH_OT_ANY_VERSION=1 ...          # reuse counts taken with other subjax sources
     python -m experiments.bench.bench_ot --counts [--quick] [--only TEXT]    # counts only
 """
 
@@ -109,10 +111,14 @@ def counted(solver, problem, tol, cap, run, log=print):
                       "version": _solver_version(solver)}, sort_keys=True)
     path = _cache_path()
     cache = json.loads(path.read_text()) if path.exists() else {}
-    want = {k: v for k, v in json.loads(key).items() if k != "cap"}
-    for other, got in cache.items():  # a count that converged under another cap holds too
+    # SUBJAX_BENCH_OT_ANY_VERSION=1: counts taken with other subjax sources hold too
+    any_version = os.environ.get("SUBJAX_BENCH_OT_ANY_VERSION") == "1"
+    drop = ("cap", "version") if any_version else ("cap",)
+    want = {k: v for k, v in json.loads(key).items() if k not in drop}
+    for other, got in cache.items():  # a count under another cap holds if it converged
         k = json.loads(other)
-        if got["converged"] and got["sweeps"] <= cap and k.pop("cap") and k == want:
+        same = {a: v for a, v in k.items() if a not in drop} == want
+        if same and (k["cap"] == cap or (got["converged"] and got["sweeps"] <= cap)):
             return got
     if key not in cache:
         log(f"    counting {solver} sweeps on {problem} (cap {cap}) ...")
