@@ -35,9 +35,9 @@ the subjax source / ott-jax version), so a rerun times only.
     SUBJAX_BENCH_OT_ONLINE=10000,2,0.001 python -m experiments.bench ot      # one online case
     SUBJAX_BENCH_OT_SKIP=newton,ott python -m experiments.bench ot           # drop contenders
     SUBJAX_BENCH_OT_SWEEP_ENTRIES=5e10 ...                                   # smaller caps
-    SUBJAX_BENCH_OT_SWEEPS=path ...            # the count cache (default results/bench/ot_sweeps.json)
+    SUBJAX_BENCH_OT_SWEEPS=path ...            # the count cache (results/bench/ot_sweeps.json)
     SUBJAX_BENCH_OT_ANY_VERSION=1 ...          # reuse counts taken with other subjax sources
-    python -m experiments.bench.bench_ot --counts [--quick] [--only TEXT]    # counts only
+    python -m experiments.bench.bench_ot --counts [--only "dense 2000"]       # counts only
 """
 
 from __future__ import annotations
