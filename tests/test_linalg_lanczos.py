@@ -80,3 +80,42 @@ def test_lanczos_shift_invert_finds_interior_eigenvalues(problem, x64):
         sl.lanczos_eigh(a, 3, key=jax.random.key(0), sigma=0.1)
     with pytest.raises(ValueError, match="`which` must be 'LM'"):
         sl.lanczos_eigh(a, 3, key=jax.random.key(0), sigma=0.1, solve=lambda x: x, which="LA")
+
+
+def _tridiag_gap(n):
+    """Symmetric with a cluster at the top (slow Lanczos: many restarts, locking)."""
+    d = np.concatenate([[10.0, 9.999, 9.998], np.linspace(0.0, 9.0, n - 3)])
+    return d
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_lanczos_restarted_pairs_match_dense_eigh(block_size, rng, x64):
+    # a clustered top spectrum forces several restarts with locking; the pairs and the
+    # orthonormality of the returned vectors are checked against LAPACK
+    n = 120
+    d = _tridiag_gap(n)
+    a = _symmetric(rng, n, d)
+    res = sl.lanczos_eigh(jnp.asarray(a), 3, key=jax.random.key(0), tol=1e-10,
+                          block_size=block_size, basis_size=12, max_restarts=200)
+    assert bool(res.converged) and int(res.n_iters) > 2
+    np.testing.assert_allclose(res.eigenvalues, [10.0, 9.999, 9.998], rtol=1e-12)
+    v = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-12)
+    r = a @ v - v * np.asarray(res.eigenvalues)
+    assert np.max(np.linalg.norm(r, axis=0)) <= 1e-10 * 10.0 * 1.01
+
+
+def test_lanczos_flags_a_slightly_asymmetric_operator(rng, x64):
+    # A = S + 1e-5 N: its Ritz pairs meet tol=1e-3 by their true residuals, but the
+    # projection is not symmetric: `converged` must be False
+    n = 80
+    s = _symmetric(rng, n, np.linspace(1.0, 5.0, n))
+    e = rng.standard_normal((n, n))
+    a = jnp.asarray(s + 1e-5 * (e - e.T))
+    op = sl.LinearOperator((n, n), jnp.float64, matmat=lambda x: a @ x, symmetric=True)
+    res = sl.lanczos_eigh(op, 3, key=jax.random.key(0), tol=1e-3)
+    assert float(res.errors[int(res.n_iters) - 1]) <= 1e-3
+    assert not bool(res.converged)
+    sym = sl.LinearOperator((n, n), jnp.float64, matmat=lambda x: (a + a.T) / 2 @ x,
+                            symmetric=True)
+    assert bool(sl.lanczos_eigh(sym, 3, key=jax.random.key(0), tol=1e-3).converged)
