@@ -196,6 +196,34 @@ def test_subspace_iteration_fixed_iterations_jit_vmap(rng):
         sl.subspace_iteration(mats[0], q0, orth_method="mgs")
 
 
+def test_subspace_iteration_right_side_matches_dense_svd(rng, x64):
+    """side="right" iterates on the (n, k) right basis: float64 dense SVD reference."""
+    m, n, k = 90, 40, 4
+    s = np.concatenate([[3.0, 2.5, 2.0, 1.6], 0.6 * 0.9 ** np.arange(n - k)])
+    a, u, _, v = _known_spectrum(rng, m, n, s)
+    q0 = jnp.asarray(rng.standard_normal((n, k)))
+    res = sl.subspace_iteration(jnp.asarray(a), q0, max_iters=200, tol=1e-10, side="right")
+    assert bool(res.converged) and int(res.n_iters) < 200
+    assert res.u.shape == (m, k) and res.vt.shape == (k, n)
+    np.testing.assert_allclose(np.asarray(res.s), s[:k], rtol=1e-10)
+    assert _max_angle(res.vt.T, v[:, :k]) < 1e-8
+    assert _max_angle(res.u, u[:, :k]) < 1e-8
+    assert _orth_err(res.vt.T) < 1e-12 and _orth_err(res.u) < 1e-12
+    # u diag(s) vt is the rank-k truncation of a
+    ref = (u[:, :k] * s[:k]) @ v[:, :k].T
+    np.testing.assert_allclose(np.asarray(res.u * res.s) @ np.asarray(res.vt), ref, atol=1e-9)
+    # the same iteration as side="left" on a^T, with the roles of u and vt swapped
+    left = sl.subspace_iteration(jnp.asarray(a.T), q0, max_iters=200, tol=1e-10)
+    assert int(left.n_iters) == int(res.n_iters)
+    np.testing.assert_allclose(np.asarray(left.s), np.asarray(res.s), rtol=1e-12)
+    sgn = np.sign(np.sum(np.asarray(left.u) * np.asarray(res.vt).T, axis=0))
+    np.testing.assert_allclose(np.asarray(left.u) * sgn, np.asarray(res.vt).T, atol=1e-10)
+    with pytest.raises(ValueError, match="`q0`"):
+        sl.subspace_iteration(jnp.asarray(a), jnp.ones((m, k)), side="right")
+    with pytest.raises(ValueError, match="side"):
+        sl.subspace_iteration(jnp.asarray(a), q0, side="top")
+
+
 def test_subspace_iteration_not_converged_is_reported(rng):
     n = 60
     s = np.ones(n)  # no gap at all: the subspace never settles

@@ -8,7 +8,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import subjax.linalg as sl
-from subjax.linalg import orthonormalize, randomized_svd, subspace_iteration
+from subjax.linalg import (
+    SubspaceIterationResult,
+    orthonormalize,
+    randomized_svd,
+    subspace_iteration,
+)
 from subjax.parallel import (
     sharded_orthonormalize,
     sharded_randomized_svd,
@@ -180,6 +185,29 @@ def test_axis_name_randomized_primitives_equal_single_device(mesh):
         sgn = np.sign(np.sum(np.asarray(vecs) * np.asarray(r.eigenvectors), axis=0))
         np.testing.assert_allclose(np.asarray(vecs) * sgn, r.eigenvectors, atol=1e-4)
         np.testing.assert_allclose(lam, 0.49 ** np.arange(4), rtol=1e-4)
+
+
+def test_axis_name_right_subspace_iteration_equals_single_device(mesh):
+    """subspace_iteration(side="right") on a row-sharded matrix: the (n, k) basis is
+    replicated, A Q row-sharded; 8 devices give the one-device iteration and result."""
+    a = decaying(256, 32, decay=0.7)
+    q0 = jax.random.normal(jax.random.key(6), (32, 3))
+
+    def it(a, q0):
+        r = sl.subspace_iteration(a, q0, max_iters=25, tol=1e-4, side="right", axis_name="rows")
+        return r.u, r.s, r.vt, r.n_iters, r.converged, r.errors
+
+    f = jax.jit(jax.shard_map(it, mesh=mesh, in_specs=(P("rows"), P()),
+                              out_specs=(P("rows"), P(), P(), P(), P(), P())))
+    u, s, vt, n_iters, converged, errors = f(a, q0)
+    ref = sl.subspace_iteration(a, q0, max_iters=25, tol=1e-4, side="right")
+    assert bool(converged) and bool(ref.converged)
+    assert int(n_iters) == int(ref.n_iters) < 25
+    np.testing.assert_allclose(errors, ref.errors, rtol=1e-3, atol=1e-6)
+    assert u.sharding.spec == P("rows") and u.addressable_shards[0].data.shape == (32, 3)
+    res = SubspaceIterationResult(u, s, vt, n_iters, converged, errors)
+    assert_same_svd(res, ref, atol=1e-4)
+    np.testing.assert_allclose(s, 0.7 ** np.arange(3), rtol=1e-4)
 
 
 def test_axis_name_cg_equals_single_device(mesh):

@@ -369,7 +369,12 @@ def orth_robust(y, kmat=None, axis=None):
     factors only. Accepted when finite and the second pass was a near-identity
     correction (``|diag(R_2) - 1| < 0.1``): then the first pass left ``q``
     well-conditioned and the second projection removed whatever the first
-    normalisation amplified in ``span(kmat)``. Otherwise (``cond(y) >~ u^{-1/2}``,
+    normalisation amplified in ``span(kmat)``. With ``kmat``, a failed check is first
+    met by one more projected pass on the two-pass ``q`` (accepted under the same
+    test): a block whose part outside ``span(kmat)`` is at rounding level — an
+    exhausted direction of a quickly decaying spectrum in a Krylov basis — leaves
+    ``span(kmat)`` components of that same size after the second projection, which a
+    third removes ("twice is enough" once more). Otherwise (``cond(y) >~ u^{-1/2}``,
     or a projected block that nearly vanished) a ``lax.cond`` runs shifted
     CholeskyQR3 (Fukaya et al. 2020), projecting in every pass, and if even that
     fails (exact rank deficiency: fewer non-zero rows than ``l``, an exhausted
@@ -391,4 +396,11 @@ def orth_robust(y, kmat=None, axis=None):
         q3, r3, ok3 = _passes(y, kmat, (True, False, False), axis)
         return lax.cond(ok3, lambda y: (q3, r3), householder_fallback, y)
 
-    return lax.cond(ok, lambda y: (q, r), shifted, y)
+    if kmat is None:
+        return lax.cond(ok, lambda y: (q, r), shifted, y)
+
+    def once_more(y):
+        q3, r3, ok3 = _passes(q, kmat, (False,), axis)
+        return lax.cond(ok3, lambda y: (q3, r3 @ r), shifted, y)
+
+    return lax.cond(ok, lambda y: (q, r), once_more, y)

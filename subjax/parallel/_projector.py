@@ -4,22 +4,20 @@ Under :func:`subjax.parallel.fsdp_step` a GaLore / ``projected`` gradient is spl
 over the ``fsdp`` axis along its long side, i.e. by the rows of its canonical
 tall form ``g`` (``M x N``, ``M >= N``). :func:`sharded_subspace_projector` runs
 the subspace projector's refresh inside ``jax.shard_map`` on those row blocks:
-every tall product is local and every sum over rows a ``psum`` — the tall
-orthonormalization is :func:`subjax.linalg.orthonormalize` with ``axis_name``
-(Cholesky-QR2 on ``psum``-ed ``r x r`` Grams) — so no device gathers the
-gradient or a thin ``M x r`` block, and the refreshed ``N x r`` basis comes out
-replicated.
+it is :func:`subjax.linalg.subspace_iteration` with ``side="right"`` and
+``axis_name``, whose tall products are local and whose sums over rows are
+``psum``-s, so no device gathers the gradient or a thin ``M x r`` block, and the
+refreshed ``N x r`` basis comes out replicated.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from subjax._core import as_compute, choice, static_int
-from subjax.linalg import ORTH_METHODS, orthonormalize
+from subjax.linalg import ORTH_METHODS, subspace_iteration
 from subjax.optim._projectors import ALIGN_NAMES, Projector, _align, subspace_projector
 from subjax.parallel._data import check_axis
 
@@ -42,9 +40,11 @@ def sharded_subspace_projector(
     (``init_steps`` times from a seeded Gaussian start at the first refresh),
     a Rayleigh–Ritz rotation, then alignment with the previous basis — run
     inside ``jax.shard_map`` with the rows of the tall gradient ``g`` split over
-    ``axis_name``: ``g_d Q`` is local, its orthonormalization is Cholesky-QR2 on
-    a ``psum`` of ``r x r`` Grams, ``g^T W = psum_d g_d^T W_d`` (``N x r``), and
-    the short ``N x r`` orthonormalization runs redundantly on every device.
+    ``axis_name``, as :func:`subjax.linalg.subspace_iteration` ``(g, Q,
+    side="right", axis_name=axis_name)``: ``g_d Q`` is local, its
+    orthonormalization is Cholesky-QR2 on a ``psum`` of ``r x r`` Grams,
+    ``g^T W = psum_d g_d^T W_d`` (``N x r``), and the short ``N x r``
+    orthonormalization runs redundantly on every device.
     Per refresh step a device moves two ``r x r`` Grams and one ``N x r`` block
     (all-reduces); nothing is gathered. The result equals the one-device
     projector's up to rounding (the Ritz rotation up to column signs; with
@@ -82,21 +82,10 @@ def sharded_subspace_projector(
     choice(orth_method, "orth_method", ORTH_METHODS)
     local = subspace_projector(subspace_steps, init_steps, align, orth_method)
 
-    def orth(x, axis=None):
-        return orthonormalize(x, orth_method, axis_name=axis)
-
     def iterate(g, q, steps):
         """``steps`` subspace steps and the Ritz rotation; ``g`` this device's rows."""
-        def step(_, q):
-            w = orth(g @ q, axis_name)
-            return orth(jax.lax.psum(g.T @ w, axis_name))
-
-        q = jax.lax.fori_loop(0, steps, step, orth(q))
-        # Rayleigh-Ritz: the right singular vectors of the tall g Q = W R order the basis
-        y = g @ q
-        w = orth(y, axis_name)
-        _, _, vt = jnp.linalg.svd(jax.lax.psum(w.T @ y, axis_name))
-        return q @ vt.T
+        return subspace_iteration(g, q, max_iters=steps, orth_method=orth_method,
+                                  axis_name=axis_name, side="right").vt.T
 
     def sharded(g, q, q_rand, first):
         q_new = jax.lax.cond(first, lambda: iterate(g, q_rand, init_steps),
