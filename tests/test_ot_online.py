@@ -154,3 +154,62 @@ def test_two_level_top_k_selects_the_largest_entries(m, k):
     assert idx.shape == (5, k)
     assert all(len(set(row)) == k for row in np.asarray(idx).tolist())
     np.testing.assert_array_equal(jnp.take_along_axis(q, idx, axis=1), jax.lax.top_k(q, k)[0])
+
+
+def test_sparse_operator_has_the_plans_marginals(x64):
+    """SNS's operator (the top-k entries plus the missed mass as a rank-one term) is
+    the plan ``P_k + r c^T / sum(r)``: exact marginals, adjoint products, a PSD
+    Hessian whose null direction is the exact one's (1, -1)."""
+    from subjax.ot._newton import _top_k_indices, sparse_operator
+
+    n, m, k = 9, 7, 3
+    P = jax.random.uniform(jax.random.key(3), (n, m), jnp.float64) ** 4
+    idx = _top_k_indices(P, k)
+    vals = jnp.take_along_axis(P, idx, axis=1)
+    rows, cols = P.sum(1), P.sum(0)
+    mv, rmv = sparse_operator(ot.Dense(P), vals, idx, m, rows, cols)
+    Pk = jnp.zeros((n, m)).at[jnp.arange(n)[:, None], idx].set(vals)
+    r, c = rows - Pk.sum(1), cols - Pk.sum(0)
+    ref = Pk + jnp.outer(r, c) / r.sum()
+    M = jax.vmap(mv, in_axes=1, out_axes=1)(jnp.eye(m))
+    MT = jax.vmap(rmv, in_axes=1, out_axes=1)(jnp.eye(n))
+    np.testing.assert_allclose(M, ref, atol=1e-15)
+    np.testing.assert_allclose(MT, ref.T, atol=1e-15)
+    np.testing.assert_allclose(mv(jnp.ones(m)), rows, rtol=1e-14)
+    np.testing.assert_allclose(rmv(jnp.ones(n)), cols, rtol=1e-14)
+    H = jnp.block([[jnp.diag(rows), M], [M.T, jnp.diag(cols)]])
+    w = jnp.linalg.eigvalsh(H)
+    assert float(w[0]) > -1e-14 and float(w[1]) > 1e-6  # one null direction
+    np.testing.assert_allclose(H @ jnp.concatenate([jnp.ones(n), -jnp.ones(m)]), 0, atol=1e-14)
+
+
+def test_fused_selection_equals_a_separate_pass(x64):
+    """The pattern selected in the evaluation pass is the separate pass's."""
+    from subjax.ot import _common as cm
+    from subjax.ot._newton import Options, evaluate, sparsity_pattern
+
+    x, y = _clouds(37, 23)
+    prob = cm.Problem(ot.PointCloud(x, y, block_size=8), jnp.full(37, 1 / 37),
+                      jnp.full(23, 1 / 23), jnp.asarray(0.05))
+    f = jax.random.normal(jax.random.key(1), (37,), jnp.float64) * 0.1
+    g = jax.random.normal(jax.random.key(2), (23,), jnp.float64) * 0.1
+    opts = Options(sparse=True, materialize=False, budget=5, cg_max_iters=10, max_backtracks=5)
+    pt, pattern = evaluate(prob, f, g, prob.epsilon, opts, select=True)
+    plain = evaluate(prob, f, g, prob.epsilon, opts)
+    np.testing.assert_array_equal(pattern, sparsity_pattern(prob, plain, prob.epsilon, 5))
+    np.testing.assert_array_equal(pt.rows, plain.rows)
+    np.testing.assert_array_equal(pt.cols, plain.cols)
+
+
+def test_online_sns_with_a_poor_pattern_converges(x64):
+    """One entry per row at small epsilon: the sparse steps are poor and online no
+    exact step replaces them unless the line search fails; the run still meets a
+    tight tolerance and matches the dense Newton solution."""
+    x, y = _clouds()
+    pc = ot.PointCloud(x, y, block_size=8)
+    kw = dict(epsilon=0.01, tol=1e-10)
+    out = ot.sparse_newton_sinkhorn(pc, row_budget=1, **kw)
+    ref = ot.sinkhorn_newton(ot.cost_matrix(x, y), **kw)
+    assert bool(out.converged) and float(out.error) <= 1e-10
+    np.testing.assert_allclose(float(out.error), float(sum(out.marginal_errors())), atol=1e-13)
+    np.testing.assert_allclose(out.reg_ot_cost, ref.reg_ot_cost, rtol=1e-10)

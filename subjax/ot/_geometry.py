@@ -116,16 +116,23 @@ class Geometry:
             return fn(p, c)
         return self.map_rows(block)
 
-    def plan_marginals(self, f, g, log_a, log_b, eps):
-        """``(P 1, P^T 1)`` in one pass over the rows of the plan."""
+    def plan_marginals(self, f, g, log_a, log_b, eps, row_fn: Callable | None = None):
+        """``(P 1, P^T 1)`` in one pass over the rows of the plan.
+
+        With ``row_fn``, ``(P 1, P^T 1, row_fn(plan_rows))`` from the same pass
+        (the per-row outputs stacked by row).
+        """
         def block(c, idx):
             p = jnp.exp(log_plan(c, _rows(f, idx), g, _rows(log_a, idx), log_b, eps))
-            return jnp.sum(p, axis=1), jnp.sum(p, axis=0)
+            per_row = jnp.sum(p, axis=1) if row_fn is None else (jnp.sum(p, axis=1), row_fn(p))
+            return per_row, jnp.sum(p, axis=0)
 
-        rows, cols = self.map_blocks(block)
+        per_row, cols = self.map_blocks(block)
         if self.axis_name is not None:
             cols = lax.psum(cols, self.axis_name)
-        return rows, cols
+        if row_fn is None:
+            return per_row, cols
+        return per_row[0], cols, per_row[1]
 
     def plan_entries(self, f, g, log_a, log_b, eps, cols) -> jax.Array:
         """``P[i, cols[i, l]]`` for an ``(n, k)`` array of column indices (``O(n k)``)."""

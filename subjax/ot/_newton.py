@@ -12,9 +12,10 @@ the shared fixed-point loop. The Hessian products per CG iteration come from a
   plan is never held. Evaluating a point (both marginals, the dual) is one
   blockwise pass; Sinkhorn–Newton recomputes ``P v`` / ``P^T u`` block by block
   in every CG iteration; SNS selects the top-``k`` entries of each row in the
-  pass of one continuation level, reads the plan's entries there from the
-  potentials at each step (``O(n k)``), and falls back to the blockwise exact
-  step (and a new selection) only when the sparse step fails.
+  evaluation pass that starts a continuation level, reads the plan's entries
+  there from the potentials at each step (``O(n k)``, the missed mass added
+  back as a rank-one term), and falls back to the blockwise exact step (and a
+  new selection) only when the sparse step fails its line search.
   Memory ``O((n + m) k + block m)``.
 """
 
@@ -31,6 +32,9 @@ from subjax.ot import _common as cm
 from subjax.ot._sinkhorn import Prepared, all_finite, finish, guarded_problem, sinkhorn_loop
 
 __all__ = ["sinkhorn_newton", "sparse_newton_sinkhorn"]
+
+
+SLOW_STEPS = 4  # SNS online: sparse steps in a row without halving the error before an exact one
 
 
 class Point(NamedTuple):
@@ -53,6 +57,7 @@ class NewtonState(NamedTuple):
     pattern: Any  # SNS: (rows, k) column indices of the sparse Hessian, else None
     n_linear: jax.Array  # CG iterations so far
     stalled: jax.Array  # the last line search failed
+    slow: Any = 0  # SNS online: consecutive sparse steps that did not halve the error
 
 
 class LineSearchState(NamedTuple):
@@ -72,29 +77,40 @@ class Options(NamedTuple):
     threshold: Any = 0.0
 
 
-def evaluate(prob: cm.Problem, f, g, eps, opts: Options) -> Point:
-    """:class:`Point` at ``(f, g)`` and epsilon ``eps``: one pass over the plan."""
+def evaluate(prob: cm.Problem, f, g, eps, opts: Options, select: bool = False):
+    """:class:`Point` at ``(f, g)`` and epsilon ``eps``: one pass over the plan.
+
+    With ``select``, ``(point, pattern)``: SNS's sparsity pattern at the point
+    (:func:`sparsity_pattern`) selected in the same pass.
+    """
     geom, la, lb = prob.geom, prob.log_a, prob.log_b
-    P = None
+    P = pattern = None
     if opts.materialize:
         P = geom.plan(f, g, la, lb, eps)
         rows, cols = cm.dense_operator(geom, P)[2:]
+        if select:
+            pattern = _select(P, opts.budget)
+    elif select:
+        rows, cols, pattern = geom.plan_marginals(f, g, la, lb, eps,
+                                                  lambda p: _select(p, opts.budget))
     else:
         rows, cols = geom.plan_marginals(f, g, la, lb, eps)
     pe = prob._replace(epsilon=eps)
     dual = cm.dual_value(pe, f, g, geom.row_sum(rows))
     ga, gb, err = cm.marginal_error(pe, f, g, rows, cols)
-    return Point(f, g, P, rows, cols, dual, ga, gb, err)
+    pt = Point(f, g, P, rows, cols, dual, ga, gb, err)
+    return (pt, pattern) if select else pt
 
 
-def restart(prob: cm.Problem, pt: Point, eps, opts: Options) -> Point:
+def restart(prob: cm.Problem, pt: Point, eps, opts: Options, select: bool = False):
     """The point at a new continuation level ``eps``: ``g`` re-fitted to ``f`` (one
-    column half-sweep, so the column marginal is exact) before evaluating.
+    column half-sweep, so the column marginal is exact) before evaluating
+    (with ``select``, also the new level's sparsity pattern, in the same pass).
 
     Lowering epsilon at fixed potentials can scale the plan by orders of
     magnitude; Newton would spend several damped steps undoing that."""
     g = cm.lam(prob.rho_b, eps) * prob.geom.col_lse(pt.f, prob.log_a, eps)
-    return evaluate(prob, pt.f, g, eps, opts)
+    return evaluate(prob, pt.f, g, eps, opts, select)
 
 
 def _top_k_indices(q, k: int):
@@ -119,44 +135,67 @@ def _top_k_indices(q, k: int):
     return jnp.take_along_axis(top_buckets, pos // s, axis=1) * s + pos % s
 
 
+def _select(p, budget: int):
+    """The pattern of a block of plan rows, selected on a float32 copy (XLA's
+    top-k is far slower in float64)."""
+    return _top_k_indices(p.astype(jnp.float32), budget)
+
+
 def sparsity_pattern(prob: cm.Problem, pt: Point, eps, budget: int):
     """Column indices of the ``budget`` largest entries of each row of the plan at
-    ``pt`` (one blockwise pass online). The selection runs on a float32 copy
-    (XLA's top-k is far slower in float64)."""
-    select = lambda p: _top_k_indices(p.astype(jnp.float32), budget)
+    ``pt`` (one blockwise pass online)."""
     if pt.plan is not None:
-        return select(pt.plan)
-    return prob.geom.plan_map(pt.f, pt.g, prob.log_a, prob.log_b, eps, lambda p, _: select(p))
+        return _select(pt.plan, budget)
+    return prob.geom.plan_map(pt.f, pt.g, prob.log_a, prob.log_b, eps,
+                              lambda p, _: _select(p, budget))
 
 
-def sparse_operator(geom, vals, idx, m: int):
-    """``P v``, ``P^T u`` of a plan given by ``k`` entries per row."""
+def sparse_operator(geom, vals, idx, m: int, rows=None, cols=None):
+    """``P v``, ``P^T u`` of a plan given by ``k`` entries per row.
+
+    With the plan's exact marginals ``rows``, ``cols``, the mass the pattern
+    misses (``r = rows - vals 1`` by row, ``c = cols - vals^T 1`` by column) is
+    added back as the rank-one plan ``r c^T / sum(r)``: the operator's plan then
+    has the exact marginals (so the sparsified Hessian keeps the null direction
+    of the exact one) at ``O(n + m)`` more per product.
+    """
     ax = geom.axis_name
+    psum = (lambda x: x) if ax is None else (lambda x: lax.psum(x, ax))
 
-    def rmatvec(u):
-        out = jnp.zeros((m,), vals.dtype).at[idx].add(vals * u[:, None])
-        return out if ax is None else lax.psum(out, ax)
+    def scatter(u):
+        return psum(jnp.zeros((m,), vals.dtype).at[idx].add(vals * u[:, None]))
 
-    return (lambda v: jnp.sum(vals * v[idx], axis=1)), rmatvec
+    sparse_mv = lambda v: jnp.sum(vals * v[idx], axis=1)
+    if rows is None:
+        return sparse_mv, scatter
+    r = jnp.maximum(rows - jnp.sum(vals, axis=1), 0)
+    c = jnp.maximum(cols - scatter(jnp.ones_like(rows)), 0)
+    mass = geom.row_sum(r)
+    scale = jnp.where(mass > 0, 1 / jnp.where(mass > 0, mass, 1), 0)
+    mv = lambda v: sparse_mv(v) + r * (scale * jnp.vdot(c, v))
+    rmv = lambda u: scatter(u) + c * (scale * geom.row_sum(r * u))
+    return mv, rmv
 
 
-def _operators(prob: cm.Problem, pt: Point, eps, opts: Options, pattern):
-    """``(primary, fallback)`` Hessian operators ``(Pv, PTu)`` of the step at ``pt``.
-
-    SNS's sparse Hessian holds the plan's entries at ``pattern`` (recomputed from
-    the potentials: ``O(n k)``, no pass over the plan); entries below
-    ``threshold`` times the largest of their row are dropped."""
-    geom = prob.geom
-    m = pt.g.shape[0]
+def _exact_operator(prob: cm.Problem, pt: Point, eps, opts: Options):
+    """The exact Hessian products ``(Pv, PTu)`` at ``pt``: two GEMVs on the held
+    plan, or two blockwise passes over the plan online."""
     if opts.materialize:
-        exact = cm.dense_operator(geom, pt.plan)[:2]
-    else:
-        exact = cm.plan_operator(prob, pt.f, pt.g, eps, materialize=False)[:2]
-    if not opts.sparse:
-        return exact, None
+        return cm.dense_operator(prob.geom, pt.plan)[:2]
+    geom, la, lb = prob.geom, prob.log_a, prob.log_b
+    return (lambda v: geom.plan_matvec(pt.f, pt.g, la, lb, eps, v),
+            lambda u: geom.plan_rmatvec(pt.f, pt.g, la, lb, eps, u))
+
+
+def _sparse_operator(prob: cm.Problem, pt: Point, eps, opts: Options, pattern):
+    """SNS's Hessian products at ``pt``: the plan's entries at ``pattern``
+    (recomputed from the potentials: ``O(n k)``, no pass over the plan; entries
+    below ``threshold`` times the largest of their row dropped) plus the missed
+    mass as a rank-one term (:func:`sparse_operator`)."""
+    geom = prob.geom
     vals = geom.plan_entries(pt.f, pt.g, prob.log_a, prob.log_b, eps, pattern)
     vals = jnp.where(vals >= opts.threshold * jnp.max(vals, axis=1, keepdims=True), vals, 0)
-    return sparse_operator(geom, vals, pattern, m), exact
+    return sparse_operator(geom, vals, pattern, pt.g.shape[0], pt.rows, pt.cols)
 
 
 def _direction(prob: cm.Problem, pt: Point, eps, ops, cg_max_iters):
@@ -215,38 +254,57 @@ def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, eps_target, de
                  level_tol):
     """One damped Newton step at the current level, then the continuation."""
     pt, e = s.point, s.eps
-    primary, fallback = _operators(prob, pt, e, opts, s.pattern)
 
     def update(ops):
         df, dg, slope, k = _direction(prob, pt, e, ops, opts.cg_max_iters)
         ok, new = _line_search(prob, pt, df, dg, slope, e, opts)
         return ok, new, k
 
-    ok, new, k = update(primary)
     refresh = jnp.array(False)
-    if fallback is not None:
-        # The sparse step "fails to improve": line search failed, or the marginal
-        # error did not halve. Then take the exact step (and select a new pattern).
-        refresh = ~(ok & (new.err < 0.5 * pt.err))
+    if opts.sparse:
+        ok, new, k = update(_sparse_operator(prob, pt, e, opts, s.pattern))
+        # A failed sparse step is replaced by the exact step, and a new pattern is
+        # selected. With the plan held, an exact CG product is two GEMVs: the sparse
+        # step fails when it does not halve the marginal error. Online it is two
+        # passes over the plan: the sparse step fails only when its line search does.
+        # Online, after SLOW_STEPS such steps in a row the exact step is taken
+        # (a poor pattern would otherwise leave only linear convergence).
+        halved = new.err < 0.5 * pt.err
+        if opts.materialize:
+            refresh = ~(ok & halved)
+        else:
+            refresh = ~ok | (~halved & (s.slow + 1 >= SLOW_STEPS))
+        slow = jnp.where(refresh | halved, 0, s.slow + 1)
 
         def exact():
-            ok2, new2, k2 = update(fallback)
+            ok2, new2, k2 = update(_exact_operator(prob, pt, e, opts))
             return ok2, new2, k + k2
 
         ok, new, k = lax.cond(refresh, exact, lambda: (ok, new, k))
+    else:
+        ok, new, k = update(_exact_operator(prob, pt, e, opts))
+        slow = s.slow
     recorded = new.err
+    pattern = s.pattern
+    keep = lambda: pattern
+    if opts.sparse:
+        keep = lambda: lax.cond(refresh, lambda: sparsity_pattern(prob, new, e, opts.budget),
+                                lambda: pattern)
     if decay is not None:
-        # Continuation: once this level is solved to level_tol, move to the next epsilon.
+        # Continuation: once this level is solved to level_tol, move to the next epsilon
+        # (a new level's pattern is selected in its restart's evaluation pass).
         advance = (e > eps_target) & (new.err <= level_tol)
         e_next = jnp.where(advance, jnp.maximum(eps_target, e * decay), e)
-        new = lax.cond(advance, lambda: restart(prob, new, e_next, opts), lambda: new)
-        refresh = refresh | advance
+        if opts.sparse:
+            new, pattern = lax.cond(advance, lambda: restart(prob, new, e_next, opts, True),
+                                    lambda: (new, keep()))
+        else:
+            new = lax.cond(advance, lambda: restart(prob, new, e_next, opts), lambda: new)
+        slow = jnp.where(advance, 0, slow)
         e = e_next
-    pattern = s.pattern
-    if opts.sparse:
-        pattern = lax.cond(refresh, lambda: sparsity_pattern(prob, new, e, opts.budget),
-                           lambda: pattern)
-    return NewtonState(e, new, pattern, s.n_linear + k, ~ok), recorded
+    else:
+        pattern = keep()
+    return NewtonState(e, new, pattern, s.n_linear + k, ~ok, slow), recorded
 
 
 def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts: Options,
@@ -265,14 +323,21 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
                          max_iters=warmup_steps, history=warmup_steps)
     pt = evaluate(prob, warm.f, warm.g, eps0, opts)
     e_start = eps0
+    pattern = None
     if decay is not None:
         # Warm-up may already meet the level tolerance: step the continuation once.
         advance = (eps0 > eps) & (pt.err <= level_tol)
         e_start = jnp.where(advance, jnp.maximum(eps, eps0 * decay), eps0)
-        pt = lax.cond(advance, lambda: restart(prob, pt, e_start, opts), lambda: pt)
-
-    pattern = sparsity_pattern(prob, pt, e_start, opts.budget) if opts.sparse else None
-    init = NewtonState(e_start, pt, pattern, jnp.zeros((), jnp.int32), jnp.array(False))
+        if opts.sparse:
+            pt, pattern = lax.cond(
+                advance, lambda: restart(prob, pt, e_start, opts, True),
+                lambda: (pt, sparsity_pattern(prob, pt, e_start, opts.budget)))
+        else:
+            pt = lax.cond(advance, lambda: restart(prob, pt, e_start, opts), lambda: pt)
+    elif opts.sparse:
+        pattern = sparsity_pattern(prob, pt, e_start, opts.budget)
+    init = NewtonState(e_start, pt, pattern, jnp.zeros((), jnp.int32), jnp.array(False),
+                       jnp.zeros((), jnp.int32))
     step = lambda s, it: _newton_step(prob, s, opts, eps, decay, level_tol)
     stop = lambda s, _: ((s.eps <= eps) & (s.point.err <= tol)) | s.stalled
     skip = LoopOutput(init, jnp.zeros((), jnp.int32), pt.err, -jnp.ones((max_iters,), dtype))
@@ -435,13 +500,13 @@ def sparse_newton_sinkhorn(
     tol: float | jax.Array = 1e-6,
     max_iters: int = 500,
     warmup_steps: int = 20,
-    row_budget: int = 16,
+    row_budget: int | None = None,
     threshold: float | jax.Array = 0.0,
     cg_max_iters: int = 1000,
     max_backtracks: int = 40,
-    epsilon_scaling: float | None = 0.5,
+    epsilon_scaling: float | None = 0.3,
     epsilon_init: float | jax.Array | None = None,
-    level_tol: float | jax.Array = 1e-2,
+    level_tol: float | jax.Array = 5e-2,
     rho_a: float | jax.Array | None = None,
     rho_b: float | jax.Array | None = None,
     implicit_max_iters: int = 2000,
@@ -452,16 +517,20 @@ def sparse_newton_sinkhorn(
 
     Sinkhorn warm-up, then Newton steps in which the off-diagonal blocks of the
     Hessian use only the ``row_budget`` largest entries of each row of ``P``
-    (entries below ``threshold`` times the row maximum dropped too); the diagonal
-    blocks ``diag(P1), diag(P^T1)`` stay exact, so the sparsified Hessian remains
-    positive semi-definite. CG products then cost ``O(n * row_budget)``. If the
-    sparse step fails the line search or does not halve the marginal error, the
-    exact Sinkhorn–Newton step is taken. Online (a :class:`~subjax.ot.PointCloud`
-    with ``block_size``) the top-``k`` rows are built in one blockwise pass per
-    step and the line search is blockwise: the plan is never held.
+    (entries below ``threshold`` times the row maximum dropped too) plus the
+    mass they miss as one rank-one term, so the sparsified plan has the exact
+    marginals: the Hessian stays positive semi-definite with the exact one's
+    null direction. CG products then cost ``O((n + m) * row_budget)``. The
+    pattern is selected once per continuation level. With a dense cost a sparse
+    step that fails the line search or does not halve the marginal error is
+    replaced by the exact Sinkhorn–Newton step. Online (a
+    :class:`~subjax.ot.PointCloud` with ``block_size``) only a failed line search
+    does (an exact CG product is two passes over the plan there); the pattern
+    is selected in the pass that evaluates a new level's first point, and each
+    line-search trial is one blockwise pass: the plan is never held.
 
     Args:
-      row_budget: entries kept per row (static, ``<= m``).
+      row_budget: entries kept per row (static, ``<= m``; default ``min(64, m)``).
       threshold: relative per-row threshold in [0, 1) (traced).
     {args}
     Returns:
@@ -481,6 +550,8 @@ def sparse_newton_sinkhorn(
     """
     shape = cost.shape if hasattr(cost, "shape") else jnp.shape(cost)
     m = shape[1] if len(shape) == 2 else 0
+    if row_budget is None:
+        row_budget = min(64, m) if m else 64
     row_budget = static_int(row_budget, "row_budget", minimum=1)
     if m and row_budget > m:
         raise ValueError(f"argument `row_budget`={row_budget} exceeds the number of columns m={m}")
