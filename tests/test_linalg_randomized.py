@@ -148,6 +148,26 @@ def test_randomized_svd_bad_input(rng):
 # ----------------------------------------------------------- range finder, subspace iteration
 
 
+def test_orth_robust_block_at_rounding_level_outside_basis(rng):
+    """A Krylov block of a quickly decaying spectrum: almost all of it in span(K), the
+    parts outside graded from 1e-1 down to float32 rounding level (two projected
+    CholeskyQR passes do not suffice here). The result is orthonormal, orthogonal to
+    K, and q r is the part of y outside span(K)."""
+    from subjax.linalg._orth import orth_robust
+
+    kmat, _ = np.linalg.qr(rng.standard_normal((300, 40)))
+    outside = np.logspace(-1, -8, 10) * rng.standard_normal((300, 10))
+    y = kmat @ rng.standard_normal((40, 10)) + outside
+    k32, y32 = jnp.asarray(kmat, jnp.float32), jnp.asarray(y, jnp.float32)
+    q, r = jax.jit(orth_robust)(y32, k32)
+    q64, r64, k64 = (np.asarray(x, np.float64) for x in (q, r, k32))
+    assert _orth_err(q64) < 1e-5
+    assert np.abs(k64.T @ q64).max() < 1e-5
+    y64 = np.asarray(y32, np.float64)
+    outside = y64 - k64 @ (k64.T @ y64)
+    assert np.linalg.norm(outside - q64 @ r64) < 1e-5 * np.linalg.norm(y64)
+
+
 def test_range_finder_captures_range(rng):
     a, u, s, _ = _known_spectrum(rng, 120, 90, SPECTRA["fast"](90), np.float32)
     q = sl.randomized_range_finder(jnp.asarray(a), 20, key=jax.random.key(0), n_steps=2)
