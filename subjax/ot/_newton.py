@@ -181,10 +181,27 @@ def _exact_operator(prob: cm.Problem, pt: Point, eps, opts: Options):
     """The exact Hessian products ``(Pv, PTu)`` at ``pt``: two GEMVs on the held
     plan, or two blockwise passes over the plan online."""
     if opts.materialize:
+        if pt.plan.dtype == jnp.float64 and pt.plan.size >= MIXED_MIN_SIZE:
+            return _mixed_operator(prob.geom, pt.plan)
         return cm.dense_operator(prob.geom, pt.plan)[:2]
     geom, la, lb = prob.geom, prob.log_a, prob.log_b
     return (lambda v: geom.plan_matvec(pt.f, pt.g, la, lb, eps, v),
             lambda u: geom.plan_rmatvec(pt.f, pt.g, la, lb, eps, u))
+
+
+MIXED_MIN_SIZE = 1 << 18  # float64 plans with this many entries: float32 CG products
+
+
+def _mixed_operator(geom, P):
+    """The products of a float64 plan held in float32 (half the memory traffic of a
+    GEMV). Only the Newton direction sees them: it is inexact anyway (CG's relative
+    residual is ``>= sqrt(error)``, far above float32's rounding until the error is
+    ``1e-12``), while the line search, the marginals and the reported error stay
+    in float64."""
+    P32 = P.astype(jnp.float32)
+    mv, rmv = cm.dense_operator(geom, P32)[:2]
+    return (lambda v: mv(v.astype(jnp.float32)).astype(P.dtype),
+            lambda u: rmv(u.astype(jnp.float32)).astype(P.dtype))
 
 
 def _sparse_operator(prob: cm.Problem, pt: Point, eps, opts: Options, pattern):
