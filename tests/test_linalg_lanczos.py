@@ -119,3 +119,46 @@ def test_lanczos_flags_a_slightly_asymmetric_operator(rng, x64):
     sym = sl.LinearOperator((n, n), jnp.float64, matmat=lambda x: (a + a.T) / 2 @ x,
                             symmetric=True)
     assert bool(sl.lanczos_eigh(sym, 3, key=jax.random.key(0), tol=1e-3).converged)
+
+
+@pytest.mark.parametrize("width", [None, 1, 3])
+def test_sparse_rows_operator_products_match_dense(width, rng, x64):
+    import scipy.sparse as sp
+
+    # rectangular, an empty row, rows longer than the padded width, duplicate entries
+    a = sp.random(30, 20, density=0.2, random_state=1, format="lil")
+    a[4, :] = 0
+    a[7, :15] = rng.standard_normal(15)
+    coo = a.tocoo()
+    dup = sp.coo_matrix((np.r_[coo.data, [1.5]], (np.r_[coo.row, [7]], np.r_[coo.col, [0]])),
+                        shape=a.shape)
+    dense = dup.toarray()
+    op = sl.sparse_rows_operator(dup, width=width)
+    x = rng.standard_normal((20, 3))
+    y = rng.standard_normal((30, 2))
+    np.testing.assert_allclose(op.matmat(jnp.asarray(x)), dense @ x, atol=1e-12)
+    np.testing.assert_allclose(op.rmatmat(jnp.asarray(y)), dense.T @ y, atol=1e-12)
+    np.testing.assert_allclose(op.matvec(jnp.asarray(x[:, 0])), dense @ x[:, 0], atol=1e-12)
+    s = sp.csr_matrix(dense[:20] + dense[:20].T)
+    bcoo = jsparse.BCOO.fromdense(jnp.asarray(s.toarray()))
+    sym = sl.sparse_rows_operator(bcoo, width=width, symmetric=True)
+    np.testing.assert_allclose(sym.matmat(jnp.asarray(x)), s @ x, atol=1e-12)
+    np.testing.assert_allclose(sym.rmatmat(jnp.asarray(x)), s @ x, atol=1e-12)
+    with pytest.raises(ValueError, match="`width`"):
+        sl.sparse_rows_operator(dup, width=0)
+    with pytest.raises(ValueError, match="square `a`"):
+        sl.sparse_rows_operator(dup, symmetric=True)
+    with pytest.raises(TypeError, match="`a` must be a scipy sparse"):
+        sl.sparse_rows_operator(dense)
+
+
+def test_lanczos_on_a_sparse_rows_operator_matches_dense(rng, x64):
+    import scipy.sparse as sp
+
+    s = sp.random(300, 300, density=0.03, random_state=2)
+    s = sp.csr_matrix(s + s.T)
+    op = sl.sparse_rows_operator(s, symmetric=True)
+    res = sl.lanczos_eigh(op, 4, key=jax.random.key(0), tol=1e-10)
+    w = np.linalg.eigvalsh(s.toarray())[::-1][:4]
+    assert bool(res.converged)
+    np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-9)

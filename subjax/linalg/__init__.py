@@ -17,7 +17,7 @@ from subjax.linalg._geometry import (
 )
 from subjax.linalg._joint import JointSVD, joint_svd
 from subjax.linalg._lanczos import lanczos_eigh
-from subjax.linalg._operator import LinearOperator, aslinearoperator
+from subjax.linalg._operator import LinearOperator, aslinearoperator, sparse_rows_operator
 from subjax.linalg._orth import ORTH_METHODS, orthonormalize
 from subjax.linalg._randomized import (
     EighResult,
@@ -72,6 +72,7 @@ __all__ = [
     "recycled_cg",
     "residual_norms",
     "snn_impute",
+    "sparse_rows_operator",
     "subspace_distance",
     "subspace_iteration",
     "weighted_low_rank",

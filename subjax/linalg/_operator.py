@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import sparse as jsparse
 
-__all__ = ["LinearOperator", "aslinearoperator"]
+__all__ = ["LinearOperator", "aslinearoperator", "sparse_rows_operator"]
 
 
 def _dense_matmat(ops, x):
@@ -321,6 +321,104 @@ def aslinearoperator(a: Any, *, transpose_once: bool = False, name: str = "a") -
             (a, at), a.shape, a.dtype, _dense_t_matmat, _dense_t_rmatmat
         )
     return LinearOperator._from_operands((a,), a.shape, a.dtype, _dense_matmat, _dense_rmatmat)
+
+
+def _rows_product(cols, vals, rrow, rcol, rval, x):
+    """``A x`` from the padded rows ``(cols, vals)`` (``(w, m)``) and the row-sorted rest."""
+    y = vals[0][:, None] * x[cols[0]]
+    for i in range(1, cols.shape[0]):  # w gathers of one entry per row, no scatter
+        y = y + vals[i][:, None] * x[cols[i]]
+    if rrow.shape[0]:
+        y = y.at[rrow].add(rval[:, None] * x[rcol], indices_are_sorted=True)
+    return y
+
+
+def _rows_matmat(ops, x):
+    return _rows_product(*ops[:5], x)
+
+
+def _rows_rmatmat(ops, x):
+    return _rows_product(*ops[5:], x)
+
+
+def _padded_rows(csr, width, dtype):
+    """``(cols, vals, rest_rows, rest_cols, rest_vals)`` of a scipy CSR matrix (numpy)."""
+    import numpy as np
+
+    m = csr.shape[0]
+    counts = np.diff(csr.indptr)
+    row = np.repeat(np.arange(m, dtype=np.int32), counts)
+    pos = np.arange(csr.nnz) - np.repeat(csr.indptr[:-1], counts)
+    head = pos < width
+    cols = np.zeros((width, m), np.int32)
+    vals = np.zeros((width, m), dtype)
+    cols[pos[head], row[head]] = csr.indices[head]
+    vals[pos[head], row[head]] = csr.data[head]
+    rest = ~head
+    return (jnp.asarray(cols), jnp.asarray(vals), jnp.asarray(row[rest]),
+            jnp.asarray(csr.indices[rest].astype(np.int32)), jnp.asarray(csr.data[rest]))
+
+
+def sparse_rows_operator(a: Any, *, width: int | None = None, symmetric: bool = False,
+                         name: str = "a") -> LinearOperator:
+    """A concrete sparse matrix as a :class:`LinearOperator` with a fast product on CPU.
+
+    The first ``width`` entries of every row are stored as ``width`` padded columns
+    (``A x`` is then ``width`` gathers of one entry per row and fused multiply-adds)
+    and the entries beyond them as a row-sorted COO remainder added by one
+    scatter. On XLA:CPU, where a scatter-add is the slow part of a BCOO product,
+    this measured about 2x faster than BCOO's single-vector product on random
+    sparse matrices and graph Laplacians of 1e4 to 1e5 rows (docs/linalg.md).
+    Built once on the host; its arrays are the operator's operands.
+
+    Args:
+      a: ``(m, n)`` scipy sparse matrix (any format) or a concrete BCOO matrix.
+      width: padded entries per row; default the mean number of entries per row,
+        rounded (most rows fit, little padding).
+      symmetric: declare ``A == A^T``: the transposed product reuses the forward
+        one; otherwise the transpose is stored as well.
+      name: argument name used in error messages.
+
+    Returns:
+      A :class:`LinearOperator` of ``a``'s shape and floating dtype.
+
+    Example:
+      >>> import numpy as np, scipy.sparse as sp
+      >>> from subjax.linalg import sparse_rows_operator
+      >>> a = sp.diags([1.0, 2.0, 3.0]).tocsr()
+      >>> sparse_rows_operator(a, symmetric=True).matvec(np.ones(3)).tolist()
+      [1.0, 2.0, 3.0]
+    """
+    import numpy as np
+    import scipy.sparse as sps
+
+    if isinstance(a, jsparse.BCOO):
+        if a.ndim != 2 or a.n_batch or a.n_dense:
+            raise ValueError(f"`{name}` must be a 2-D BCOO matrix, got shape {a.shape}")
+        idx = np.asarray(a.indices)
+        a = sps.coo_matrix((np.asarray(a.data), (idx[:, 0], idx[:, 1])), shape=a.shape)
+    if not sps.issparse(a):
+        raise TypeError(f"`{name}` must be a scipy sparse or BCOO matrix, got {type(a).__name__}")
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise ValueError(f"`{name}` must be a 2-D sparse matrix with m, n >= 1, got {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"`{name}` must have a floating dtype, got {a.dtype}")
+    if symmetric and a.shape[0] != a.shape[1]:
+        raise ValueError(f"`symmetric=True` needs a square `{name}`, got shape {a.shape}")
+    csr = sps.csr_matrix(a)
+    csr.sum_duplicates()
+    if width is None:
+        width = max(1, round(csr.nnz / csr.shape[0]))
+    elif not isinstance(width, (int, np.integer)) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"`width` must be an int >= 1, got {width!r}")
+    dtype = jax.dtypes.canonicalize_dtype(csr.dtype)  # float64 only where jax has x64
+    ops = _padded_rows(csr, int(width), dtype)
+    rmm = None
+    if not symmetric:
+        ops = ops + _padded_rows(sps.csr_matrix(csr.T), int(width), dtype)
+        rmm = _rows_rmatmat
+    return LinearOperator._from_operands(ops, csr.shape, dtype, _rows_matmat, rmm,
+                                         symmetric=symmetric)
 
 
 def is_dense(a) -> bool:
