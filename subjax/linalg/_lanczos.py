@@ -55,10 +55,12 @@ def lanczos_eigh(
     Krylov–Schur form of thick restart (Stewart 2001; Wu & Simon 2000), in one
     jitted loop. A cycle extends the basis ``V`` (``m = basis_size`` vectors, rows
     of an ``(m + b, n)`` array) by block Lanczos steps of ``b = block_size``
-    vectors: each new ``A q_j`` is orthogonalised against the whole basis twice
-    (classical Gram–Schmidt, matrix-vector products for ``b = 1``) and the
-    coefficients fill ``T = V^T A V``. Rayleigh–Ritz on ``T`` (``m x m``) gives the
-    Ritz pairs and, from the last block's coupling, every residual norm
+    vectors: from each new ``A q_j`` the terms the recurrence predicts are
+    subtracted, then one classical Gram–Schmidt pass against the whole basis
+    (matrix-vector products for ``b = 1``) removes what rounding left, a second
+    one only when the first cancelled more than ``1 - 1/sqrt(2)`` of the norm
+    (the DGKS test), and the coefficients fill ``T = V^T A V``. Rayleigh–Ritz on
+    ``T`` (``m x m``) gives the Ritz pairs and, from the last block's coupling, every residual norm
     ``||A y_i - theta_i y_i||`` without a product with ``A``. The restart keeps
     the ``keep`` wanted Ritz vectors (about halfway between ``rank`` and ``m``)
     and the residual block, so ``A V = V T + q L E^T`` holds again with ``T``
