@@ -60,8 +60,8 @@ def lanczos_eigh(
     (matrix-vector products for ``b = 1``) removes what rounding left, a second
     one only when the first cancelled more than ``1 - 1/sqrt(2)`` of the norm
     (the DGKS test), and the coefficients fill ``T = V^T A V``. Rayleigh–Ritz on
-    ``T`` (``m x m``) gives the Ritz pairs and, from the last block's coupling, every residual norm
-    ``||A y_i - theta_i y_i||`` without a product with ``A``. The restart keeps
+    ``T`` (``m x m``) gives the Ritz pairs and, from the last block's coupling,
+    every residual norm ``||A y_i - theta_i y_i||`` without a product with ``A``. The restart keeps
     the ``keep`` wanted Ritz vectors (about halfway between ``rank`` and ``m``)
     and the residual block, so ``A V = V T + q L E^T`` holds again with ``T``
     diagonal plus the coupling row; Ritz pairs whose residual already meets the
