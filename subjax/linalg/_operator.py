@@ -366,10 +366,11 @@ def sparse_rows_operator(a: Any, *, width: int | None = None, symmetric: bool = 
     The first ``width`` entries of every row are stored as ``width`` padded columns
     (``A x`` is then ``width`` gathers of one entry per row and fused multiply-adds)
     and the entries beyond them as a row-sorted COO remainder added by one
-    scatter. On XLA:CPU, where a scatter-add is the slow part of a BCOO product,
-    this measured about 2x faster than BCOO's single-vector product on random
-    sparse matrices and graph Laplacians of 1e4 to 1e5 rows (docs/linalg.md).
-    Built once on the host; its arrays are the operator's operands.
+    scatter. On XLA:CPU, where BCOO's product scatters every entry, this took
+    0.45-0.7x a BCOO single-vector product on four of the five benchmark matrices
+    of docs/linalg.md (random sparse and graph Laplacians, 1e4 to 1e5 rows) and
+    about as long on the fifth. Built once on the host; its arrays are the
+    operator's operands.
 
     Args:
       a: ``(m, n)`` scipy sparse matrix (any format) or a concrete BCOO matrix.
