@@ -32,7 +32,8 @@ Cases (float32, warm, interleaved, one process):
   (subjax: block Krylov, 10 oversamples, 3 steps since ``min(m, n) >= 1000``, i.e.
   8 block products; scikit-learn: 10 oversamples, ``n_iter='auto'``, i.e. 7 power
   iterations at this rank, 16 products, LU normalisation), on slowly (``1/i``) and
-  quickly (``exp(-(i-1)/8)``) decaying spectra and square, tall and wide shapes.
+  quickly (``exp(-(i-1)/8)``) decaying spectra and square, tall and wide shapes;
+  subjax with ``n_steps=4`` (10 products) is timed alongside.
 
 Run: ``PYTHONPATH=. .venv/bin/python -m experiments.bench linalg [--quick]``.
 """
