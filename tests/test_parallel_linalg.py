@@ -210,6 +210,23 @@ def test_axis_name_right_subspace_iteration_equals_single_device(mesh):
     np.testing.assert_allclose(s, 0.7 ** np.arange(3), rtol=1e-4)
 
 
+def test_sharded_subspace_iteration_right_side_wrapper(mesh):
+    """sharded_subspace_iteration(side="right") takes an (n, k) replicated start and
+    equals the one-device right-subspace iteration; a row-shaped q0 is refused."""
+    a = decaying(128, 32, decay=0.7)
+    q0 = jax.random.normal(jax.random.key(7), (32, 3))
+    res = sharded_subspace_iteration(a, q0, mesh=mesh, axis_name="rows", max_iters=25, tol=1e-4,
+                                     side="right")
+    ref = subspace_iteration(a, q0, max_iters=25, tol=1e-4, side="right")
+    assert bool(res.converged) and int(res.n_iters) == int(ref.n_iters) < 25
+    assert_same_svd(res, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="q0"):
+        sharded_subspace_iteration(a, jnp.ones((128, 3)), mesh=mesh, axis_name="rows",
+                                   side="right")
+    with pytest.raises(ValueError, match="side"):
+        sharded_subspace_iteration(a, q0, mesh=mesh, axis_name="rows", side="up")
+
+
 def test_axis_name_cg_equals_single_device(mesh):
     rng = np.random.default_rng(0)
     g = rng.standard_normal((64, 64)).astype(np.float32)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from subjax._core import choice
 from subjax.linalg import ORTH_METHODS, orthonormalize, randomized_svd, subspace_iteration
 from subjax.linalg._randomized import RandomizedSVDResult, SubspaceIterationResult
 from subjax.parallel._data import check_axis
@@ -94,7 +95,7 @@ def sharded_randomized_svd(
     mesh: Mesh,
     axis_name: str = "data",
     oversample: int = 10,
-    n_steps: int = 4,
+    n_steps: int | None = None,
     method: str = "block_krylov",
 ) -> RandomizedSVDResult:
     r"""Randomized SVD of a tall matrix whose rows are split over a mesh axis.
@@ -117,7 +118,8 @@ def sharded_randomized_svd(
       mesh: the device mesh.
       axis_name: mesh axis the rows are split over.
       oversample: extra sketch columns (static).
-      n_steps: power / Krylov steps (static).
+      n_steps: power / Krylov steps (static); ``None``: ``randomized_svd``'s
+        default for the global shape.
       method: ``"block_krylov"`` or ``"subspace"`` (as in ``randomized_svd``).
 
     Returns:
@@ -164,6 +166,7 @@ def sharded_subspace_iteration(
     max_iters: int = 10,
     tol: float | jax.Array | None = None,
     orth_method: str = "cholesky_qr2",
+    side: str = "left",
 ) -> SubspaceIterationResult:
     r"""Block power iteration on a row-sharded tall matrix (warm-startable).
 
@@ -177,11 +180,15 @@ def sharded_subspace_iteration(
 
     Args:
       a: ``(m, n)`` matrix, ``m`` divisible by the axis size.
-      q0: ``(m, k)`` starting basis (sharded like ``a``'s rows).
+      q0: ``(m, k)`` starting basis (sharded like ``a``'s rows) for ``side="left"``;
+        ``(n, k)`` (replicated) for ``side="right"``.
       mesh, axis_name: where the rows live.
       max_iters: iteration cap (static).
       tol: optional tolerance on the subspace change (may be traced).
       orth_method: one of ``subjax.linalg.ORTH_METHODS`` (``"householder"`` is TSQR here).
+      side: ``"left"`` iterates the left singular subspace (the row-sharded
+        ``u`` side), ``"right"`` the right one, ``Q_{t+1} = orth(A^T orth(A Q_t))``
+        with the basis replicated (as in ``subspace_iteration``).
 
     Returns:
       ``SubspaceIterationResult(u, s, vt, n_iters, converged, errors)``; ``u`` is
@@ -208,14 +215,19 @@ def sharded_subspace_iteration(
       Demmel et al., "Communication-optimal parallel and sequential QR and LU
       factorizations", 2012.
     """
+    choice(side, "side", ("left", "right"))
     a = _rows_on(a, mesh, axis_name)
-    if getattr(q0, "ndim", None) != 2 or q0.shape[0] != a.shape[0]:
-        raise ValueError(f"`q0` must have shape ({a.shape[0]}, k), got {getattr(q0, 'shape', q0)}")
-    q0 = _rows_on(q0, mesh, axis_name, "q0")
+    rows = a.shape[0] if side == "left" else a.shape[1]
+    if getattr(q0, "ndim", None) != 2 or q0.shape[0] != rows:
+        raise ValueError(f"`q0` must have shape ({rows}, k), got {getattr(q0, 'shape', q0)}")
+    q_spec = P(axis_name) if side == "left" else P()
+    if side == "left":
+        q0 = _rows_on(q0, mesh, axis_name, "q0")
     f = jax.shard_map(
         lambda a, q0, tol: tuple(subspace_iteration(a, q0, max_iters=max_iters, tol=tol,
-                                                    orth_method=orth_method, axis_name=axis_name)),
-        mesh=mesh, in_specs=(P(axis_name), P(axis_name), P()),
+                                                    orth_method=orth_method, axis_name=axis_name,
+                                                    side=side)),
+        mesh=mesh, in_specs=(P(axis_name), q_spec, P()),
         out_specs=(P(axis_name), P(), P(), P(), P(), P()),
     )
     return SubspaceIterationResult(*f(a, q0, tol))
