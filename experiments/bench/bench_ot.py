@@ -25,7 +25,7 @@ Counts are capped at ``SWEEP_ENTRIES / (n m)`` sweeps (default 2e11 cost
 entries, at least 20 sweeps); a count that hits its cap makes that time a lower
 bound and the ratio a bound. Its accuracy column is the error of the counted run.
 Counts do not depend on the machine's load: they are cached in
-``results/bench/ot_sweeps.json`` (keyed by problem, tolerance, cap, solver and
+``results/bench/cache/ot_sweeps.json`` (keyed by problem, tolerance, cap, solver and
 the subjax source / ott-jax version), so a rerun times only.
 
     python -m experiments.bench ot --quick     # about five minutes on 2 cores
@@ -35,7 +35,7 @@ the subjax source / ott-jax version), so a rerun times only.
     SUBJAX_BENCH_OT_ONLINE=10000,2,0.001 python -m experiments.bench ot      # one online case
     SUBJAX_BENCH_OT_SKIP=newton,ott python -m experiments.bench ot           # drop contenders
     SUBJAX_BENCH_OT_SWEEP_ENTRIES=5e10 ...                                   # smaller caps
-    SUBJAX_BENCH_OT_SWEEPS=path ...            # the count cache (results/bench/ot_sweeps.json)
+    SUBJAX_BENCH_OT_SWEEPS=path ...            # count cache (results/bench/cache/ot_sweeps.json)
     SUBJAX_BENCH_OT_ANY_VERSION=1 ...          # reuse counts taken with other subjax sources
     python -m experiments.bench.bench_ot --counts [--only "dense 2000"]       # counts only
 """
@@ -92,7 +92,7 @@ def _sweep_cap(n, m, default):
 
 def _cache_path():
     return pathlib.Path(os.environ.get("SUBJAX_BENCH_OT_SWEEPS",
-                                       DEFAULT_RESULTS / "bench" / "ot_sweeps.json"))
+                                       DEFAULT_RESULTS / "bench" / "cache" / "ot_sweeps.json"))
 
 
 def _solver_version(solver):
