@@ -72,6 +72,7 @@ def headline_rows(record: dict) -> list[dict]:
                 "ratio_bound": row.get("ratio_bound", ""),
                 "reference_s": ref.get("median_s"),
                 "peer_s": row.get("median_s"),
+                "peer_scaled": "scale" in row,
                 "accuracy_label": case.get("accuracy_label", "error"),
                 "reference_accuracy": ref.get("accuracy"),
                 "peer_accuracy": row.get("accuracy"),
@@ -102,11 +103,16 @@ def render(records: list[dict]) -> str:
                 {"<=": "≤ ", ">=": "≥ "}.get(r["ratio_bound"], "") + f"{r['ratio']:.2g}x")
             lines.append(
                 f"| {r['case']} | {r['reference']} | {r['peer']} | {ratio} "
-                f"| {_time(r['reference_s'])} | {_time(r['peer_s'])} "
+                f"| {_time(r['reference_s'])} | {_time(r['peer_s'])}"
+                f"{' (scaled)' if r.get('peer_scaled') else ''} "
                 f"| {_number(r['reference_accuracy'])} / {_number(r['peer_accuracy'])} |")
         labels = {c["case"]: c.get("accuracy_label", "error") for c in record["cases"]
                   if not all(_is_subjax(r["contender"]) for r in c["rows"])
                   and any("accuracy" in r for r in c["rows"])}
+        if any(r.get("peer_scaled") for r in headline_rows(record)):
+            lines += ["", "(scaled): a peer time measured over a fixed number of sweeps and "
+                      "multiplied by the sweeps to tolerance counted in an untimed run (the "
+                      "suite's record names the count)."]
         if len(set(labels.values())) == 1:
             lines += ["", f"Accuracy: {next(iter(labels.values()))}."]
         elif labels:
