@@ -18,8 +18,8 @@ def choose_method(cost) -> str:
     """The solver :func:`solve` uses for ``cost`` with ``method="auto"``."""
     if not hasattr(cost, "is_online"):  # a dense array
         return "newton"
-    # SNS needs more columns than its default row budget (16) to be sparse at all
-    return "sns" if cost.is_online and cost.shape[1] > 16 else "newton"
+    # SNS needs more columns than its default row budget (64) to be sparse at all
+    return "sns" if cost.is_online and cost.shape[1] > 64 else "newton"
 
 
 def solve(
@@ -40,9 +40,9 @@ def solve(
       without ``block_size``): :func:`~subjax.ot.sinkhorn_newton`. At large
       epsilon its Sinkhorn warm-up converges first (then no Newton step runs);
       at small epsilon it beats Sinkhorn by one to two orders of magnitude.
-      SNS can be faster still at very small epsilon (``docs/ot.md``, section
-      *Measured*: 1.4x at ``0.001`` times the mean cost, n = 500) and slower
-      at moderate epsilon (1.8x at ``0.01``): name it when that applies;
+      On dense costs SNS was slower than Newton in every case measured
+      (``docs/ot.md``, section *Measured*: 1.4x to 3.4x Newton's time, n = 500
+      to 2000, epsilon 0.1 to 0.001 times the mean cost);
     - an online :class:`~subjax.ot.PointCloud` (with ``block_size``):
       :func:`~subjax.ot.sparse_newton_sinkhorn`, whose CG products never touch
       the ``n x m`` plan (dense-product Newton recomputes it blockwise in every
