@@ -184,9 +184,7 @@ def _exact_operator(prob: cm.Problem, pt: Point, eps, opts: Options):
         if pt.plan.dtype == jnp.float64 and pt.plan.size >= MIXED_MIN_SIZE:
             return _mixed_operator(prob.geom, pt.plan)
         return cm.dense_operator(prob.geom, pt.plan)[:2]
-    geom, la, lb = prob.geom, prob.log_a, prob.log_b
-    return (lambda v: geom.plan_matvec(pt.f, pt.g, la, lb, eps, v),
-            lambda u: geom.plan_rmatvec(pt.f, pt.g, la, lb, eps, u))
+    return cm.plan_operator(prob, pt.f, pt.g, eps, materialize=False)[:2]
 
 
 MIXED_MIN_SIZE = 1 << 18  # float64 plans with this many entries: float32 CG products
@@ -338,21 +336,19 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
     warm_tol = jnp.where(eps0 > eps, jnp.maximum(tol, level_tol), tol)
     warm = sinkhorn_loop(prob._replace(epsilon=eps0), jnp.zeros_like(prob.a), tol=warm_tol,
                          max_iters=warmup_steps, history=warmup_steps)
-    pt = evaluate(prob, warm.f, warm.g, eps0, opts)
+    # SNS: the pattern at the warm-up's point is selected in the pass that evaluates it
+    pt, pattern = (evaluate(prob, warm.f, warm.g, eps0, opts, True) if opts.sparse
+                   else (evaluate(prob, warm.f, warm.g, eps0, opts), None))
     e_start = eps0
-    pattern = None
     if decay is not None:
         # Warm-up may already meet the level tolerance: step the continuation once.
         advance = (eps0 > eps) & (pt.err <= level_tol)
         e_start = jnp.where(advance, jnp.maximum(eps, eps0 * decay), eps0)
         if opts.sparse:
-            pt, pattern = lax.cond(
-                advance, lambda: restart(prob, pt, e_start, opts, True),
-                lambda: (pt, sparsity_pattern(prob, pt, e_start, opts.budget)))
+            pt, pattern = lax.cond(advance, lambda: restart(prob, pt, e_start, opts, True),
+                                   lambda: (pt, pattern))
         else:
             pt = lax.cond(advance, lambda: restart(prob, pt, e_start, opts), lambda: pt)
-    elif opts.sparse:
-        pattern = sparsity_pattern(prob, pt, e_start, opts.budget)
     init = NewtonState(e_start, pt, pattern, jnp.zeros((), jnp.int32), jnp.array(False),
                        jnp.zeros((), jnp.int32))
     step = lambda s, it: _newton_step(prob, s, opts, eps, decay, level_tol)
@@ -542,7 +538,8 @@ def sparse_newton_sinkhorn(
     step that fails the line search or does not halve the marginal error is
     replaced by the exact Sinkhorn–Newton step. Online (a
     :class:`~subjax.ot.PointCloud` with ``block_size``) only a failed line search
-    does (an exact CG product is two passes over the plan there); the pattern
+    does, or four sparse steps in a row that do not halve the error (an exact CG
+    product is two passes over the plan there); the pattern
     is selected in the pass that evaluates a new level's first point, and each
     line-search trial is one blockwise pass: the plan is never held.
 
