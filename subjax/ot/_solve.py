@@ -18,8 +18,9 @@ def choose_method(cost) -> str:
     """The solver :func:`solve` uses for ``cost`` with ``method="auto"``."""
     if not hasattr(cost, "is_online"):  # a dense array
         return "newton"
-    # SNS needs more columns than its default row budget (64) to be sparse at all
-    return "sns" if cost.is_online and cost.shape[1] > 64 else "newton"
+    # online: SNS, whose CG products read its held top-k rows instead of making two
+    # passes over the costs; a handful of columns (<= 16): Newton
+    return "sns" if cost.is_online and cost.shape[1] > 16 else "newton"
 
 
 def solve(
