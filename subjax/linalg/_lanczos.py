@@ -12,6 +12,7 @@ from jax import lax
 
 from subjax._core import (
     all_finite,
+    bound_axis_size,
     check_key,
     choice,
     compute_dtype,
@@ -23,9 +24,11 @@ from subjax._core import (
 from subjax.linalg import _validate as V
 from subjax.linalg._cg import cg
 from subjax.linalg._operator import LinearOperator
-from subjax.linalg._orth import orth_robust
+from subjax.linalg._orth import orth_robust, psum
 from subjax.linalg._randomized import (
     EighResult,
+    _all_finite,
+    _local_rows,
     _relative_residual,
     _scaled,
     _select,
@@ -49,6 +52,7 @@ def lanczos_eigh(
     which: str = "LA",
     sigma: float | None = None,
     solve: Callable | None = None,
+    axis_name: str | None = None,
 ) -> EighResult:
     r"""A few extreme eigenpairs of a symmetric matrix by thick-restarted (block) Lanczos.
 
@@ -98,6 +102,23 @@ def lanczos_eigh(
         eigenvalues of ``a`` nearest ``sigma``, ``lambda = sigma + 1 / theta``,
         ordered by distance to ``sigma`` (``which`` must be ``"LM"``). ``errors``
         and ``tol`` then refer to the inverted operator.
+      axis_name: mesh axis the rows are split over, inside ``shard_map``. Every
+        basis vector is then row-sharded like ``A`` (this device holds its ``n_d``
+        rows of each), every inner product and norm over the ``n`` rows is a
+        ``psum`` (Gram–Schmidt coefficients, norms, the block Cholesky Gram, the
+        scale estimate, the true residuals; the robust block normalisation falls
+        back to TSQR), and the ``m x m`` Rayleigh–Ritz work is repeated, identical,
+        on every device. An array / operator ``a`` is this device's ``(n_d, n)`` row
+        block (the input of each product is gathered); ``a`` may also be a
+        callable mapping this device's ``(n_d,)`` block of ``x`` to that of
+        ``A x`` (doing its own communication), which then needs ``v0`` and
+        computes in ``v0``'s dtype; ``solve`` likewise maps local blocks to local
+        blocks. ``v0`` is the local ``(n_d, block_size)`` block; the random start
+        from ``key`` is the single-device one's rows, so a sharded run repeats the
+        single-device one up to summation order. ``eigenvectors`` come back as the
+        local ``(n_d, rank)`` rows, the rest replicated. A dense ``a`` is not
+        checked for symmetry here (an asymmetric one shows in ``converged``), and
+        the sharded run is forward-only (no implicit gradient).
 
     Returns:
       :class:`EighResult` with ``errors[c]`` the largest relative residual after
@@ -129,7 +150,26 @@ def lanczos_eigh(
       Large Eigenvalue Problems", 2011.
     """
     choice(which, "which", ("LM", "LA", "SA"))
-    op = V.as_symmetric_operator(a, None)
+    n_dev = 1 if axis_name is None else bound_axis_size(axis_name)
+    gather = axis_name is not None
+    if axis_name is not None and callable(a) and not hasattr(a, "shape"):
+        # a callable on local blocks: its local size and dtype come from `v0`
+        if v0 is None:
+            raise ValueError(
+                "a callable `a` with `axis_name` needs `v0`, this device's "
+                "(n_d, block_size) start block (it fixes the local size n_d)"
+            )
+        if jnp.ndim(v0) != 2:
+            raise ValueError(
+                "`v0` must be this device's (n_d, block_size) start block, got shape "
+                f"{jnp.shape(v0)}"
+            )
+        v0 = V.check_basis(v0, jnp.shape(v0)[0], "v0")
+        n_loc = v0.shape[0]
+        op = LinearOperator((n_loc, n_loc), compute_dtype(v0.dtype), matvec=a, symmetric=True)
+        gather = False
+    else:
+        op = V.as_symmetric_operator(a, axis_name)
     if (sigma is None) != (solve is None):
         raise ValueError("shift-and-invert needs both `sigma` and `solve` (or neither)")
     if solve is not None:
@@ -138,7 +178,8 @@ def lanczos_eigh(
         if which != "LM":
             raise ValueError(f"with `solve`, `which` must be 'LM' (nearest sigma), got {which!r}")
         scalar(sigma, "sigma")
-    n = op.shape[0]
+    n_loc = op.shape[0]  # this device's rows (all of them without an axis)
+    n = n_loc * n_dev
     rank = static_int(rank, "rank", 1)
     if rank > n:
         raise ValueError(f"rank={rank} exceeds min(m, n)={n} for argument `a`")
@@ -163,21 +204,38 @@ def lanczos_eigh(
     keep = m - b * max(1, (m - rank) // (2 * b))
     max_restarts = static_int(max_restarts, "max_restarts", 1)
     ct = compute_dtype(op.dtype)
+    local = "" if axis_name is None else " (this device's rows)"
     if v0 is None:
         check_key(key)
-        v0 = jax.random.normal(key, (n, b), ct)
+        v0 = _local_rows(jax.random.normal(key, (n, b), ct), axis_name)
     else:
-        v0 = V.check_basis(v0, n, "v0")
+        v0 = V.check_basis(v0, n_loc, "v0")
         if v0.shape[1] != b:
-            raise ValueError(f"`v0` must have shape ({n}, {b}) (block_size), got {v0.shape}")
+            raise ValueError(
+                f"`v0` must have shape ({n_loc}, {b}){local} (block_size), got {v0.shape}"
+            )
         v0 = v0.astype(ct)
     positive(tol, "tol")
     tol = jnp.asarray(tol, ct)
     statics = dict(rank=rank, b=b, m=m, keep=keep, max_restarts=max_restarts, which=which)
-    if solve is None:
-        return _lanczos_differentiable(op, v0, tol, statics, None, None)
-    inv = LinearOperator(op.shape, op.dtype, matvec=solve, symmetric=True)
-    return _lanczos_differentiable(op, v0, tol, statics, inv, jnp.asarray(sigma, ct))
+    inv = None
+    if solve is not None:
+        inv = LinearOperator((n_loc, n_loc), op.dtype, matvec=solve, symmetric=True)
+        sigma = jnp.asarray(sigma, ct)
+    if axis_name is not None:
+        # No implicit differentiation across devices (the custom VJP cannot type the
+        # replicated eigenvalues next to the row-sharded vectors): plain forward.
+        if inv is None:
+            return _lanczos_impl(op, v0, tol, axis=axis_name, gather=gather, **statics)
+        return _from_inverse(_lanczos_impl(inv, v0, tol, axis=axis_name, **statics), sigma)
+    return _lanczos_differentiable(op, v0, tol, statics, inv, sigma)
+
+
+def _from_inverse(res, sigma):
+    """Eigenpairs of ``A`` from those of ``(A - sigma I)^{-1}``, nearest ``sigma`` first."""
+    lam = sigma + 1 / res.eigenvalues
+    order = jnp.argsort(jnp.abs(lam - sigma))
+    return res._replace(eigenvalues=lam[order], eigenvectors=res.eigenvectors[:, order])
 
 
 def _lanczos_differentiable(op, v0, tol, statics, inv, sigma):
@@ -188,10 +246,7 @@ def _lanczos_differentiable(op, v0, tol, statics, inv, sigma):
     def run(leaves):
         if inv is None:
             return _lanczos_impl(jax.tree_util.tree_unflatten(treedef, leaves), v0, tol, **statics)
-        res = _lanczos_impl(inv, v0, tol, **statics)
-        lam = sigma + 1 / res.eigenvalues
-        order = jnp.argsort(jnp.abs(lam - sigma))
-        return res._replace(eigenvalues=lam[order], eigenvectors=res.eigenvectors[:, order])
+        return _from_inverse(_lanczos_impl(inv, v0, tol, **statics), sigma)
 
     def fwd(leaves):
         res = run(leaves)
@@ -269,14 +324,16 @@ class _Cycle(NamedTuple):
     asym: jax.Array  # largest asymmetry of the projection seen so far
 
 
-def _normalize_rows(w, basis, wnorm, norms):
+def _normalize_rows(w, basis, wnorm, norms, axis=None):
     """``w = L q`` with orthonormal rows ``q`` (``w`` already orthogonal to ``basis``).
 
     One row: ``L = ||w||`` (``norms``, already computed). A block: Cholesky-QR2 on
     the ``(b, b)`` Gram. When ``w`` lost more than three digits to the projection
     (or is rank deficient: an exhausted Krylov space) the robust orthonormalisation
     of :func:`orth_robust` against ``basis`` takes over, whose result is orthogonal
-    to ``basis`` whatever ``w`` is.
+    to ``basis`` whatever ``w`` is. With ``axis`` the columns of ``w`` and ``basis``
+    are row-sharded: the Gram is ``psum``-ed (``L`` replicated), the fallback is
+    the sharded one.
     """
     if w.shape[0] == 1:
         lo = norms[:, None]
@@ -285,41 +342,43 @@ def _normalize_rows(w, basis, wnorm, norms):
     else:
 
         def chol(x):
-            lo = jnp.linalg.cholesky(x @ x.T)
+            lo = jnp.linalg.cholesky(psum(x @ x.T, axis))
             return lax.linalg.triangular_solve(lo, x, left_side=True, lower=True), lo
 
         q1, l1 = chol(w)
         q, l2 = chol(q1)
         lo = l1 @ l2
         d = jnp.abs(jnp.diagonal(l1))
-        ok = all_finite(lo, q) & (jnp.min(d) > 1e-3 * wnorm)
+        ok = _all_finite(axis, (q,), (lo,)) & (jnp.min(d) > 1e-3 * wnorm)
 
     def robust(w):
-        qc, r = orth_robust(w.T, basis.T)
+        qc, r = orth_robust(w.T, basis.T, axis)
         return qc.T, r.T
 
     return lax.cond(ok, lambda w: (q, lo), robust, w)
 
 
-def _project(w, vr):
+def _project(w, vr, axis=None):
     """``(w - h V, h)`` with ``h = w V^T``: one classical Gram–Schmidt pass of the rows of ``w``.
 
     Written as matrix-vector products for a single row (XLA:CPU runs the ``(1, n)``
     by ``(n, m)`` GEMM form several times slower than the GEMV) and as ``V w^T``
-    (no transposed operand) for a block.
+    (no transposed operand) for a block. With ``axis`` (columns row-sharded) ``h``
+    is ``psum``-ed.
     """
     if w.shape[0] == 1:
-        h = vr @ w[0]
+        h = psum(vr @ w[0], axis)
         return w - (h @ vr)[None], h[None]
-    ht = vr @ w.T
+    ht = psum(vr @ w.T, axis)
     return w - lax.dot_general(ht, vr, (((0,), (0,)), ((), ()))), ht.T
 
 
-def _row_norms(w):
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=1))
+def _row_norms(w, axis=None):
+    """Norms of the rows of ``w`` (their entries split over ``axis`` when given)."""
+    return jnp.sqrt(psum(jnp.sum(jnp.square(w), axis=1), axis))
 
 
-def _extend(op, vr, t, locked, j0, m, b):
+def _extend(op, vr, t, locked, j0, m, b, axis=None):
     """Block Lanczos steps ``j = j0, j0 + b, ..., m - b`` on the rows of ``vr`` (``m + b`` rows).
 
     Row block ``j`` is ``q_j``. A step takes from ``A q_j`` the part the recurrence
@@ -336,7 +395,8 @@ def _extend(op, vr, t, locked, j0, m, b):
     residual block: ``A V^T = V^T T + q^T L E^T``). Returns ``(vr, t, asym)``,
     ``asym`` the largest difference between the computed ``(A q_j) . q_i`` and its
     prediction over the predicted rows, and between ``q_j A q_j^T`` and its
-    transpose.
+    transpose. With ``axis`` the columns of ``vr`` are row-sharded and every sum
+    over them is ``psum``-ed; ``t`` and ``asym`` are replicated.
     """
     rows = jnp.arange(vr.shape[0], dtype=jnp.int32)
     half = jnp.asarray(0.5, t.dtype)
@@ -347,19 +407,19 @@ def _extend(op, vr, t, locked, j0, m, b):
         w = op.matmat(q.T).T
         pred = lax.dynamic_slice_in_dim(t, j, b)  # (b, m + b): zero from column j on
         w = w - pred_rows(pred, vr, j)
-        diag = w @ q.T if b > 1 else jnp.sum(w * q)[None, None]
+        diag = psum(w @ q.T if b > 1 else jnp.sum(w * q)[None, None], axis)
         asym = jnp.maximum(asym, jnp.max(jnp.abs(diag - diag.T)))
         diag = (diag + diag.T) * half
         w = w - diag @ q if b > 1 else w - diag[0, 0] * q
-        w, h = _project(w, vr)
-        norms = _row_norms(w)
+        w, h = _project(w, vr, axis)
+        norms = _row_norms(w, axis)
         # the pass took h from w: ||w|| fell below 1/sqrt(2) of its norm before the
         # pass iff ||w|| < ||h|| (the two are orthogonal); then project once more
         again = jnp.any(norms < _row_norms(h))
 
         def second(w):
-            w, h2 = _project(w, vr)
-            return w, h2, _row_norms(w)
+            w, h2 = _project(w, vr, axis)
+            return w, h2, _row_norms(w, axis)
 
         w, h2, norms = lax.cond(again, second, lambda w: (w, jnp.zeros_like(h), norms), w)
         h = h + h2 + pred  # h[a, i] = (A q_{j+a}) . v_i
@@ -373,7 +433,7 @@ def _extend(op, vr, t, locked, j0, m, b):
         h = jnp.where(locked[None, :], jnp.zeros_like(h), h)
         t = lax.dynamic_update_slice_in_dim(t, h.T, j, 1)
         t = lax.dynamic_update_slice_in_dim(t, h, j, 0)
-        qn, lmat = _normalize_rows(w, vr, wnorm, norms)
+        qn, lmat = _normalize_rows(w, vr, wnorm, norms, axis)
         vr = lax.dynamic_update_slice_in_dim(vr, qn, j + b, 0)
         t = lax.dynamic_update_slice(t, lmat.T, (j + b, j))
         t = lax.dynamic_update_slice(t, lmat, (j, j + b))
@@ -401,19 +461,24 @@ def _ritz(t, rank, m, b, which):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("rank", "b", "m", "keep", "max_restarts", "which")
+    jax.jit,
+    static_argnames=("rank", "b", "m", "keep", "max_restarts", "which", "axis", "gather"),
 )
-def _lanczos_impl(op, v0, tol, *, rank, b, m, keep, max_restarts, which):
+def _lanczos_impl(op, v0, tol, *, rank, b, m, keep, max_restarts, which, axis=None,
+                  gather=False):
+    """The Lanczos loop. With ``axis`` the rows of ``v0`` and of every basis vector are
+    this device's; ``op`` is the local ``(n_d, n)`` row block when ``gather`` (the
+    input of a product is gathered), else it maps local blocks to local blocks."""
     dt = op.dtype
-    op, ct = _working_operator(op, None)
-    n = op.shape[0]
-    q0 = orth_robust(v0)[0]
-    op, _, c = _scaled(op, op.matmat(q0), None)
+    op, ct = _working_operator(op, axis if gather else None, symmetric_rows=True)
+    n = op.shape[0]  # local rows
+    q0 = orth_robust(v0, None, axis)[0]
+    op, _, c = _scaled(op, op.matmat(q0), axis)
     size = m + b  # the basis and the residual block
     idx = jnp.arange(keep)
 
     def cycle(st, _):
-        vr, t, asym = _extend(op, st.vr, st.t, st.locked, st.start, m, b)
+        vr, t, asym = _extend(op, st.vr, st.t, st.locked, st.start, m, b, axis)
         theta, s, res = _ritz(t, rank, m, b, which)
         norm = jnp.maximum(st.norm, jnp.max(jnp.abs(theta)))
         err = jnp.max(res[:rank]) / jnp.where(norm > 0, norm, jnp.ones_like(norm))
@@ -442,8 +507,9 @@ def _lanczos_impl(op, v0, tol, *, rank, b, m, keep, max_restarts, which):
     # residuals decide `converged` (and are the last recorded error)
     y = st.vr[:rank].T
     theta = st.theta[:rank]
-    true_err = _relative_residual(theta, y, op.matmat(y), st.norm)
+    true_err = _relative_residual(theta, y, op.matmat(y), st.norm, axis)
     errors = out.errors.at[out.n_iters - 1].set(true_err)
     asym = st.asym / jnp.where(st.norm > 0, st.norm, jnp.ones_like(st.norm))
-    converged = (true_err <= tol) & all_finite(theta, y) & _symmetric_enough(asym, ct)
+    converged = (true_err <= tol) & _all_finite(axis, (y,), (theta,))
+    converged = converged & _symmetric_enough(asym, ct)
     return EighResult((theta * c).astype(dt), y.astype(dt), out.n_iters, converged, errors)
