@@ -15,6 +15,7 @@ from subjax.linalg import (
     subspace_iteration,
 )
 from subjax.parallel import (
+    sharded_lanczos_eigh,
     sharded_orthonormalize,
     sharded_randomized_svd,
     sharded_subspace_iteration,
@@ -261,3 +262,172 @@ def test_orthonormalize_axis_all_methods(n_dev):
     (q,) = _on_rows(mesh, lambda y: (sl.orthonormalize(y, "householder", axis_name="rows"),),
                     1, 0, y)
     np.testing.assert_allclose(q, sl.orthonormalize(y, "householder"), atol=5e-5)
+
+
+# ------------------------------------------------------------ lanczos_eigh with axis_name
+
+
+def _sym_with_spectrum(n, top, seed=0):
+    """A dense float64 symmetric matrix: ``top`` and a bulk in [-3, 3], random eigenvectors."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    d = np.concatenate([np.linspace(-3.0, 3.0, n - len(top)), top])
+    return (u * d) @ u.T
+
+
+def _wanted(dense, which, k):
+    w, v = np.linalg.eigh(dense)
+    idx = {"LA": np.argsort(-w), "SA": np.argsort(w), "LM": np.argsort(-np.abs(w))}[which][:k]
+    return w[idx], v[:, idx]
+
+
+def _lanczos_on_rows(mesh, a, *args, **kw):
+    """lanczos_eigh(a_local, *args, axis_name="rows", **kw) inside shard_map over the rows
+    (eigenvectors row-sharded, the rest replicated)."""
+    def f(a):
+        r = sl.lanczos_eigh(a, *args, axis_name="rows", **kw)
+        return r.eigenvectors, r.eigenvalues, r.n_iters, r.converged, r.errors
+
+    return _on_rows(mesh, f, 1, 4, a)
+
+
+def _assert_same_lanczos(out, ref, dense, which):
+    """8 devices == 1 device (same cycles, pairs to rounding) and == dense eigh."""
+    vecs, lam, n_iters, ok, errors = (np.asarray(x) for x in out)
+    assert bool(ok) and bool(ref.converged)
+    assert int(n_iters) == int(ref.n_iters) > 1  # restarts (and locking) were exercised
+    np.testing.assert_allclose(lam, ref.eigenvalues, rtol=0, atol=1e-10)
+    sgn = np.sign(np.sum(vecs * np.asarray(ref.eigenvectors), axis=0))
+    assert np.all(sgn != 0)
+    np.testing.assert_allclose(vecs * sgn, ref.eigenvectors, atol=1e-10)
+    np.testing.assert_allclose(errors, ref.errors, rtol=1e-5, atol=1e-13)
+    w, v = _wanted(dense, which, lam.shape[0])
+    np.testing.assert_allclose(lam, w, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(np.abs(np.sum(vecs * v, axis=0)), 1.0, atol=1e-9)
+
+
+def test_axis_name_lanczos_equals_single_device(mesh, x64):
+    """Thick-restarted Lanczos with the basis row-sharded over 8 devices runs the same
+    cycles as on one device and returns the same pairs (and LAPACK's)."""
+    dense = _sym_with_spectrum(256, [5.0, 4.5, -4.0, -4.4])
+    a = jnp.asarray(dense)
+    kw = dict(key=jax.random.key(0), tol=1e-10)
+    out = _lanczos_on_rows(mesh, a, 3, **kw)
+    assert out[0].sharding.spec == P("rows") and out[0].addressable_shards[0].data.shape == (32, 3)
+    _assert_same_lanczos(out, sl.lanczos_eigh(a, 3, **kw), dense, "LA")
+
+
+@pytest.mark.parametrize("which,block_size", [("SA", 1), ("LA", 2), ("SA", 2), ("LM", 2)])
+def test_axis_name_lanczos_which_and_blocks_equal_single_device(mesh, x64, which, block_size):
+    dense = _sym_with_spectrum(256, [5.0, 4.5, -4.0, -4.4])
+    a = jnp.asarray(dense)
+    kw = dict(key=jax.random.key(1), tol=1e-10, which=which, block_size=block_size)
+    out = _lanczos_on_rows(mesh, a, 3, **kw)
+    _assert_same_lanczos(out, sl.lanczos_eigh(a, 3, **kw), dense, which)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_axis_name_lanczos_callable_and_v0_equal_single_device(mesh, x64, block_size):
+    """A callable on local blocks (doing its own all_gather) with a row-sharded warm start
+    equals the single-device run from the same start."""
+    dense = _sym_with_spectrum(256, [5.0, 4.5, -4.0, -4.4], seed=1)
+    a = jnp.asarray(dense)
+    v0 = jax.random.normal(jax.random.key(2), (256, block_size), jnp.float64)
+
+    def f(a, v0):
+        def matvec(x):  # this device's rows of A x from this device's rows of x
+            return a @ jax.lax.all_gather(x, "rows", tiled=True)
+
+        r = sl.lanczos_eigh(matvec, 3, v0=v0, tol=1e-10, block_size=block_size,
+                            axis_name="rows")
+        return r.eigenvectors, r.eigenvalues, r.n_iters, r.converged, r.errors
+
+    out = _on_rows(mesh, f, 1, 4, a, v0)
+    ref = sl.lanczos_eigh(a, 3, v0=v0, tol=1e-10, block_size=block_size)
+    _assert_same_lanczos(out, ref, dense, "LA")
+
+
+def test_axis_name_lanczos_shift_invert(mesh, x64):
+    """Shift-and-invert with a `solve` on local blocks: the eigenvalues nearest sigma."""
+    dense = _sym_with_spectrum(128, [5.0, 4.5, -4.0, -4.4], seed=2)
+    a = jnp.asarray(dense)
+    sigma = 0.01
+    lu = jax.scipy.linalg.lu_factor(a - sigma * jnp.eye(128))
+
+    def f(a):
+        def solve(x):  # replicated factor: gather x, solve, keep this device's rows
+            y = jax.scipy.linalg.lu_solve(lu, jax.lax.all_gather(x, "rows", tiled=True))
+            return jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index("rows") * 16, 16)
+
+        r = sl.lanczos_eigh(a, 3, key=jax.random.key(0), tol=1e-10, which="LM", sigma=sigma,
+                            solve=solve, axis_name="rows")
+        return r.eigenvectors, r.eigenvalues, r.n_iters, r.converged, r.errors
+
+    vecs, lam, n_iters, ok, _ = _on_rows(mesh, f, 1, 4, a)
+    ref = sl.lanczos_eigh(a, 3, key=jax.random.key(0), tol=1e-10, which="LM", sigma=sigma,
+                          solve=lambda x: jax.scipy.linalg.lu_solve(lu, x))
+    assert bool(ok) and bool(ref.converged) and int(n_iters) == int(ref.n_iters)
+    np.testing.assert_allclose(lam, ref.eigenvalues, rtol=0, atol=1e-10)
+    w, v = np.linalg.eigh(dense)
+    idx = np.argsort(np.abs(w - sigma))[:3]
+    np.testing.assert_allclose(lam, w[idx], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(vecs) * v[:, idx], axis=0)), 1.0,
+                               atol=1e-8)
+
+
+def test_axis_name_lanczos_flags_an_asymmetric_matrix(mesh, x64):
+    """Row blocks of S + 1e-5 N (N antisymmetric): the true residuals meet tol=1e-3 but the
+    psum'd recurrence check sees the asymmetry, so converged=False; S itself converges."""
+    s = _sym_with_spectrum(128, [5.0, 4.5], seed=3)
+    e = np.random.default_rng(4).standard_normal((128, 128))
+    bad = jnp.asarray(s + 1e-5 * (e - e.T))
+    out = _lanczos_on_rows(mesh, bad, 2, key=jax.random.key(0), tol=1e-3)
+    assert float(out[4][int(out[2]) - 1]) <= 1e-3
+    assert not bool(out[3])
+    assert bool(_lanczos_on_rows(mesh, jnp.asarray(s), 2, key=jax.random.key(0), tol=1e-3)[3])
+
+
+def test_axis_name_lanczos_bad_inputs(mesh, x64):
+    """Shapes are checked while tracing (no compilation): messages name the argument."""
+    def trace(f, *args):
+        specs = (P("rows"),) * len(args)
+        return jax.eval_shape(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P()),
+                              *args)
+
+    def eig(a, **kw):
+        return sl.lanczos_eigh(a, 2, axis_name="rows", **kw).eigenvalues
+
+    key = jax.random.key(0)
+    sq = jax.ShapeDtypeStruct((256, 256), jnp.float64)
+    with pytest.raises(ValueError, match=r"`a` must be square .*row blocks of \(32, 200\)"):
+        trace(lambda a: eig(a, key=key), jax.ShapeDtypeStruct((256, 200), jnp.float64))
+    with pytest.raises(ValueError, match=r"`v0` must have shape \(32, 1\) \(this device's rows\)"):
+        trace(lambda a, v: eig(a, v0=v), sq, jax.ShapeDtypeStruct((256, 2), jnp.float64))
+    with pytest.raises(ValueError, match=r"`v0` must have shape \(32, k\)"):
+        trace(lambda a, v: eig(a, v0=v), sq, jax.ShapeDtypeStruct((128, 1), jnp.float64))
+    with pytest.raises(ValueError, match="callable `a` with `axis_name` needs `v0`"):
+        trace(lambda a: eig(lambda x: x, key=key), sq)
+    with pytest.raises(ValueError, match=r"basis_size` \+ `block_size` = 256 \+ 2 exceeds n=256"):
+        trace(lambda a: eig(a, key=key, block_size=2, basis_size=256), sq)
+    # the shapes of a valid call: local eigenvectors, replicated eigenvalues
+    out = jax.eval_shape(jax.shard_map(
+        lambda a: tuple(sl.lanczos_eigh(a, 2, key=key, axis_name="rows"))[:2], mesh=mesh,
+        in_specs=P("rows"), out_specs=(P(), P("rows"))), sq)
+    assert out[0].shape == (2,) and out[1].shape == (256, 2)
+    with pytest.raises(ValueError, match="not a bound mesh axis"):
+        sl.lanczos_eigh(jnp.eye(16), 2, key=key, axis_name="rows")
+
+
+def test_sharded_lanczos_eigh_wrapper_equals_lanczos_eigh(mesh, x64):
+    dense = _sym_with_spectrum(256, [5.0, 4.5, -4.0, -4.4], seed=5)
+    a = jnp.asarray(dense)
+    kw = dict(key=jax.random.key(3), tol=1e-10, which="SA", block_size=2)
+    res = sharded_lanczos_eigh(a, 3, mesh=mesh, axis_name="rows", **kw)
+    assert res.eigenvectors.sharding.spec == P("rows")
+    out = (res.eigenvectors, res.eigenvalues, res.n_iters, res.converged, res.errors)
+    _assert_same_lanczos(out, sl.lanczos_eigh(a, 3, **kw), dense, "SA")
+    v0 = jnp.ones((256, 1))
+    with pytest.raises(ValueError, match=r"`v0` must have shape \(256, block_size\)"):
+        sharded_lanczos_eigh(a, 3, mesh=mesh, axis_name="rows", v0=v0[:128])
+    with pytest.raises(ValueError, match="`a` must be square"):
+        sharded_lanczos_eigh(a[:, :128], 3, mesh=mesh, axis_name="rows", v0=v0)

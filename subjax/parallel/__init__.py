@@ -15,6 +15,8 @@
 - :func:`sharded_randomized_svd`, :func:`sharded_subspace_iteration`,
   :func:`sharded_orthonormalize`: tall matrices split by rows (Cholesky-QR2 with a
   ``psum`` of the small Gram matrix, TSQR fallback); equal to ``subjax.linalg``.
+  :func:`sharded_lanczos_eigh`: thick-restarted Lanczos on a symmetric matrix split
+  by rows (row-sharded basis, ``psum``-ed inner products).
 - :func:`sharded_sinkhorn`, :func:`sharded_sinkhorn_newton`: the rows of a dense
   cost or point cloud split over the axis; ``subjax.ot``'s solvers run with
   ``axis_name`` inside ``shard_map`` (equal to the single-device solvers).
@@ -41,6 +43,7 @@ from subjax.parallel._fsdp import (
 )
 from subjax.parallel._linalg import (
     SHARDED_ORTH_METHODS,
+    sharded_lanczos_eigh,
     sharded_orthonormalize,
     sharded_randomized_svd,
     sharded_subspace_iteration,
@@ -63,6 +66,7 @@ __all__ = [
     "replicate",
     "row_sharded_polar",
     "shard_batch",
+    "sharded_lanczos_eigh",
     "sharded_msign",
     "sharded_orthonormalize",
     "sharded_randomized_svd",
