@@ -431,3 +431,21 @@ def test_sharded_lanczos_eigh_wrapper_equals_lanczos_eigh(mesh, x64):
         sharded_lanczos_eigh(a, 3, mesh=mesh, axis_name="rows", v0=v0[:128])
     with pytest.raises(ValueError, match="`a` must be square"):
         sharded_lanczos_eigh(a[:, :128], 3, mesh=mesh, axis_name="rows", v0=v0)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_axis_name_lanczos_exhausted_krylov_space(mesh, x64, block_size):
+    """A rank-5 matrix: its Krylov space is exhausted after at most 5 + block_size vectors,
+    well inside the 30-vector basis, so the block normalisation must take its robust
+    (sharded) fallback; the pairs are still those of eigh, with an orthonormal basis."""
+    rng = np.random.default_rng(6)
+    u, _ = np.linalg.qr(rng.standard_normal((128, 5)))
+    dense = (u * np.array([4.0, 3.0, 2.0, -1.0, -2.5])) @ u.T
+    out = _lanczos_on_rows(mesh, jnp.asarray(dense), 3, key=jax.random.key(0), tol=1e-10,
+                           block_size=block_size)
+    vecs, lam, _, ok, _ = (np.asarray(x) for x in out)
+    assert bool(ok)
+    np.testing.assert_allclose(lam, [4.0, 3.0, 2.0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(3), atol=1e-12)
+    w, v = _wanted(dense, "LA", 3)
+    np.testing.assert_allclose(np.abs(np.sum(vecs * v, axis=0)), 1.0, atol=1e-9)
