@@ -223,8 +223,8 @@ def lanczos_eigh(
         inv = LinearOperator((n_loc, n_loc), op.dtype, matvec=solve, symmetric=True)
         sigma = jnp.asarray(sigma, ct)
     if axis_name is not None:
-        # No implicit differentiation across devices (the custom VJP cannot type the
-        # replicated eigenvalues next to the row-sharded vectors): plain forward.
+        # Forward only: the implicit VJP (its CG solves and products) is written for
+        # unsharded vectors; reverse mode through the loop is refused by JAX.
         if inv is None:
             return _lanczos_impl(op, v0, tol, axis=axis_name, gather=gather, **statics)
         return _from_inverse(_lanczos_impl(inv, v0, tol, axis=axis_name, **statics), sigma)
