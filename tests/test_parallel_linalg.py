@@ -414,6 +414,11 @@ def test_axis_name_lanczos_bad_inputs(mesh, x64):
         lambda a: tuple(sl.lanczos_eigh(a, 2, key=key, axis_name="rows"))[:2], mesh=mesh,
         in_specs=P("rows"), out_specs=(P(), P("rows"))), sq)
     assert out[0].shape == (2,) and out[1].shape == (256, 2)
+    # forward-only: a derivative is refused by name, not by a collective's missing rule
+    with pytest.raises(TypeError, match="`axis_name` is forward-only"):
+        f = jax.shard_map(lambda a: eig(a, key=key), mesh=mesh, in_specs=P("rows"),
+                          out_specs=P())
+        jax.eval_shape(jax.grad(lambda a: jnp.sum(f(a))), sq)
     with pytest.raises(ValueError, match="not a bound mesh axis"):
         sl.lanczos_eigh(jnp.eye(16), 2, key=key, axis_name="rows")
 

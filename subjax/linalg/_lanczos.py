@@ -118,7 +118,7 @@ def lanczos_eigh(
         single-device one up to summation order. ``eigenvectors`` come back as the
         local ``(n_d, rank)`` rows, the rest replicated. A dense ``a`` is not
         checked for symmetry here (an asymmetric one shows in ``converged``), and
-        the sharded run is forward-only (no implicit gradient).
+        the sharded run is forward-only (a derivative raises ``TypeError``).
 
     Returns:
       :class:`EighResult` with ``errors[c]`` the largest relative residual after
@@ -223,12 +223,32 @@ def lanczos_eigh(
         inv = LinearOperator((n_loc, n_loc), op.dtype, matvec=solve, symmetric=True)
         sigma = jnp.asarray(sigma, ct)
     if axis_name is not None:
-        # Forward only: the implicit VJP (its CG solves and products) is written for
-        # unsharded vectors; reverse mode through the loop is refused by JAX.
         if inv is None:
-            return _lanczos_impl(op, v0, tol, axis=axis_name, gather=gather, **statics)
-        return _from_inverse(_lanczos_impl(inv, v0, tol, axis=axis_name, **statics), sigma)
+            return _lanczos_sharded(op, v0, tol, statics, axis_name, gather)
+        return _from_inverse(_lanczos_sharded(inv, v0, tol, statics, axis_name, False), sigma)
     return _lanczos_differentiable(op, v0, tol, statics, inv, sigma)
+
+
+def _lanczos_sharded(op, v0, tol, statics, axis, gather):
+    """:func:`_lanczos_impl` over ``axis``, forward only: the implicit VJP (its CG
+    solves and products) is written for unsharded vectors, so a derivative is refused
+    with a clear error instead of failing inside a collective's missing rule."""
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+
+    @jax.custom_jvp
+    def run(leaves, v0, tol):
+        a = jax.tree_util.tree_unflatten(treedef, leaves)
+        return _lanczos_impl(a, v0, tol, axis=axis, gather=gather, **statics)
+
+    @run.defjvp
+    def _no_derivative(primals, tangents):
+        raise TypeError(
+            "lanczos_eigh with `axis_name` is forward-only (no derivative across "
+            "devices): differentiate the single-device call, or apply "
+            "jax.lax.stop_gradient to `a`, `v0` and `tol`"
+        )
+
+    return run(leaves, v0, tol)
 
 
 def _from_inverse(res, sigma):
