@@ -50,6 +50,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 from jax import lax
 from jax.experimental import sparse as jsparse
+from sklearn.utils.extmath import _randomized_eigsh as sk_randomized_eigsh
 from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 from threadpoolctl import ThreadpoolController
 
@@ -214,6 +215,55 @@ def _defaults_case(m: int, n: int, decay: str) -> Case:
     )
 
 
+def _symmetric_spectrum_matrix(n: int, decay: str, seed: int = 0):
+    """``U diag(lam) U^T`` (float32), ``|lam_i| = 1/i`` or ``exp(-(i-1)/8)`` with random
+    signs (indefinite), random orthonormal ``U``."""
+    rng = np.random.default_rng(seed)
+    i = np.arange(1, n + 1)
+    lam = (1.0 / i if decay == "slow" else np.exp(-(i - 1) / 8.0)) * rng.choice([-1.0, 1.0], n)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return ((u * lam) @ u.T).astype(np.float32), lam
+
+
+def _eig_err(vals, lam):
+    """Max relative error of the ``RANK`` largest-magnitude eigenvalues (signed)."""
+    ref = lam[np.argsort(-np.abs(lam))][:RANK]
+    got = np.asarray(vals, np.float64)
+    got = got[np.argsort(-np.abs(got))][:RANK]
+    return float(np.max(np.abs(got / ref - 1.0)))
+
+
+def _eigh_defaults_case(n: int, decay: str) -> Case:
+    """subjax's ``randomized_eigh`` defaults against scikit-learn's ``_randomized_eigsh``
+    (the solver behind ``KernelPCA(eigen_solver="randomized")``), rank 32."""
+    a_np, lam = _symmetric_spectrum_matrix(n, decay)
+    a = jnp.asarray(a_np)
+    keys = [jax.random.key(s) for s in range(3)]
+    ours = jax.jit(functools.partial(sl.randomized_eigh, rank=RANK))
+    sk = _peer(lambda seed=0: sk_randomized_eigsh(a_np, RANK, random_state=seed))
+    return Case(
+        name=f"randomized_eigh defaults {n}x{n} r{RANK} {decay} decay",
+        params={"n": n, "rank": RANK, "dtype": "float32",
+                "spectrum": ("|lam_i| = 1/i" if decay == "slow" else "|lam_i| = exp(-(i-1)/8)")
+                + ", random signs"},
+        contenders=[
+            Contender("subjax", lambda: ours(a, key=keys[0]),
+                      accuracy=lambda out: float(np.median(
+                          [_eig_err(ours(a, key=k).eigenvalues, lam) for k in keys])),
+                      note="randomized_eigh(a, 32, key=key): its defaults (block Krylov, "
+                           "5 steps)"),
+            Contender("scikit-learn", sk,
+                      accuracy=lambda out: float(np.median(
+                          [_eig_err(sk(s)[0], lam) for s in range(3)])),
+                      note="_randomized_eigsh(a, 32): its defaults (randomized_svd with "
+                           "n_iter='auto', selection='module'), 1 BLAS thread"),
+        ],
+        reference="subjax",
+        accuracy_label="max rel. err of the top-32 |lambda| (median of 3 seeds)",
+        max_seconds=10.0,
+    )
+
+
 def _sparse_sym(n: int, per_row: int = 5, seed: int = 0):
     rng = np.random.default_rng(seed)
     # a Generator samples the positions without the n^2 permutation that a
@@ -374,11 +424,15 @@ def _lanczos_case(n: int, k: int = 10, tol: float = 1e-5, kind: str = "random") 
 def cases(quick: bool) -> list[Case]:
     if quick:
         return [_svd_case(2048, with_dense=False), _defaults_case(2048, 1024, "slow"),
+                _eigh_defaults_case(2048, "slow"),
                 _lanczos_case(20000), _lanczos_case(10000, tol=1e-6, kind="laplacian")]
     defaults = [_defaults_case(m, n, decay)
                 for m, n in ((2048, 1024), (2048, 2048), (4096, 1024), (1024, 4096))
                 for decay in ("slow", "fast")]
+    eigh_defaults = [_eigh_defaults_case(n, decay) for n in (1024, 2048, 4096)
+                     for decay in ("slow", "fast")]
     return [_svd_case(2048, with_dense=True), _svd_case(4096, with_dense=False), *defaults,
+            *eigh_defaults,
             _lanczos_case(20000),
             *(_lanczos_case(n, tol=1e-6, kind=kind)
               for n in (10000, 100000) for kind in ("random", "laplacian"))]

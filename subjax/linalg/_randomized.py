@@ -621,7 +621,7 @@ def randomized_eigh(
     *,
     key: jax.Array,
     oversample: int = 10,
-    n_steps: int = 2,
+    n_steps: int | None = None,
     psd: bool = False,
     which: str = "LM",
     tol: float | jax.Array | None = None,
@@ -642,7 +642,11 @@ def randomized_eigh(
       rank: eigenpairs wanted (static); ``rank + oversample <= n``.
       key: ``jax.random`` key.
       oversample: extra test vectors (static).
-      n_steps: power / Krylov steps (static).
+      n_steps: power / Krylov steps (static); default 5 (6 block products). With the
+        Krylov Rayleigh–Ritz that reaches scikit-learn's ``_randomized_eigsh``
+        accuracy at its defaults (16 block products) on slowly (``1/i``) and quickly
+        (``exp(-i/8)``) decaying spectra of 500 to 4096 rows; 2 steps were 1000x less
+        accurate on ``1/i``. Nyström's power steps converge more slowly there.
       psd: use the Nyström method (``a`` must be positive semidefinite).
       which: ``"LM"``, ``"LA"`` or ``"SA"``.
       tol: optional tolerance on the relative residual ``errors[0]`` (may be traced).
@@ -681,7 +685,7 @@ def randomized_eigh(
     op = V.as_symmetric_operator(a, axis_name)
     check_key(key)
     rank, oversample = V.check_rank(rank, (op.shape[1], op.shape[1]), "a", oversample)
-    n_steps = static_int(n_steps, "n_steps", 0)
+    n_steps = static_int(5 if n_steps is None else n_steps, "n_steps", 0)
     positive(tol, "tol", allow_none=True)
     tol = None if tol is None else jnp.asarray(tol, compute_dtype(op.dtype))
     return _randomized_eigh_impl(
