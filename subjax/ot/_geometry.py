@@ -46,6 +46,40 @@ def _rows(x, idx):
     return x if idx is None else x[idx]
 
 
+def certify_log_plan(cost_rows, f_rows, g, log_a_rows, log_b, eps, kappa):
+    r"""``(log P, u K)`` for a block of rows, ``log P`` evaluated as in
+    :func:`log_plan` but with ``w = f_i + g_j - C_ij`` rounded once (the rounding
+    of ``f_i + g_j`` is recovered exactly and added back, two-sum).
+
+    ``u K_ij`` bounds, to first order, the error of the evaluated ``log P_ij``, so
+    the relative error of the entry: ``w`` (``u |w|``, ``|w| / eps = |z0|``), ``1/eps``
+    and the product (``2 u |z0|``), the additions of ``log a_i`` and ``log b_j``,
+    the exponential (``u``), and the cost itself, evaluated to ``kappa u |C_ij|``
+    (0 for costs given as numbers).
+    """
+    f2 = f_rows[:, None]
+    s = f2 + g
+    gb = s - f2
+    lo = (f2 - (s - gb)) + (g - gb)  # s + lo = f_i + g_j exactly
+    w = (s - cost_rows) + lo
+    z0 = w * (1 / eps)
+    za = z0 + log_a_rows[:, None]
+    z = za + log_b
+    k = 3 * jnp.abs(z0) + jnp.abs(za) + jnp.abs(z) + 1 + kappa * jnp.abs(cost_rows) * (1 / eps)
+    return z, k
+
+
+def held_plan_slack(p, cost_rows, f_rows, g, log_a_rows, log_b, eps):
+    """``sum_j p_ij K_ij`` for each row of a plan evaluated by :func:`log_plan` from
+    costs given as numbers: as :func:`certify_log_plan`'s ``K`` with the rounding of
+    ``f_i + g_j`` (``u |f_i + g_j|``) in place of its two-sum."""
+    s = f_rows[:, None] + g
+    z0 = (s - cost_rows) * (1 / eps)
+    za = z0 + log_a_rows[:, None]
+    k = jnp.abs(s) * (1 / eps) + 3 * jnp.abs(z0) + jnp.abs(za) + jnp.abs(za + log_b) + 1
+    return jnp.sum(jnp.where(p > 0, p * k, 0), axis=1)
+
+
 class Geometry:
     """A cost ``C`` and the plan reductions over it (see the module docstring).
 
@@ -73,15 +107,22 @@ class Geometry:
     def dense(self) -> jax.Array:
         raise NotImplementedError
 
-    def map_blocks(self, fn: Callable):
+    def map_blocks(self, fn: Callable, accurate: bool = False):
         """``fn(cost_rows, idx) -> (per_row, partial)`` over blocks of rows of ``C``.
 
         Returns ``(per_row, total)``: the ``per_row`` outputs stacked by row and the
         ``partial`` outputs (e.g. column sums of a block) summed over the blocks of
         this device. ``idx`` holds the block's row indices, or is ``None`` for all
-        rows at once.
+        rows at once. ``accurate``: costs evaluated in the geometry's most accurate
+        form (:attr:`cost_kappa`), where it has one.
         """
         return fn(self.dense(), None)
+
+    @property
+    def cost_kappa(self) -> float:
+        """``kappa`` with ``|C_computed - C| <= kappa u |C|`` for the costs of an
+        ``accurate`` pass (``u`` the unit roundoff); 0 when the costs are given."""
+        return 0.0
 
     @property
     def is_online(self) -> bool:
@@ -133,6 +174,25 @@ class Geometry:
         if row_fn is None:
             return per_row, cols
         return per_row[0], cols, per_row[1]
+
+    def certify_marginals(self, f, g, log_a, log_b, eps):
+        """``(P 1, P^T 1, slack)`` in one pass with accurate costs and the plan's
+        exponent of :func:`certify_log_plan`: ``slack = sum_ij p_ij K_ij`` over all
+        rows (across the axis when sharded), so ``2 u slack`` bounds to first order
+        how far the evaluated marginals' L1 error can be from the exact one of the
+        same potentials."""
+        kappa = self.cost_kappa
+
+        def block(c, idx):
+            z, k = certify_log_plan(c, _rows(f, idx), g, _rows(log_a, idx), log_b, eps, kappa)
+            p = jnp.exp(z)
+            slack = jnp.sum(jnp.where(p > 0, p * k, 0), axis=1)
+            return (jnp.sum(p, axis=1), slack), jnp.sum(p, axis=0)
+
+        (rows, slack), cols = self.map_blocks(block, accurate=True)
+        if self.axis_name is not None:
+            cols = lax.psum(cols, self.axis_name)
+        return rows, cols, self.row_sum(slack)
 
     def plan_entries(self, f, g, log_a, log_b, eps, cols) -> jax.Array:
         """``P[i, cols[i, l]]`` for an ``(n, k)`` array of column indices (``O(n k)``)."""
@@ -293,11 +353,21 @@ class PointCloud(Geometry):
     def map_rows(self, fn):
         return self.map_blocks(lambda c, idx: (fn(c, idx), ()))[0]
 
-    def map_blocks(self, fn):
+    @property
+    def cost_kappa(self) -> float:
+        # accurate_pairwise: see _sq_kappa; the square root halves the relative
+        # error and adds one u; |x - y|_1 sums d rounded differences: d u. A user
+        # callable's own rounding is not known: 0.
+        sq = _sq_kappa(self.x.shape[1])
+        kappa = {"sqeuclidean": sq, "euclidean": sq / 2 + 1, "l1": float(self.x.shape[1])}
+        return kappa.get(self.cost, 0.0) if isinstance(self.cost, str) else 0.0
+
+    def map_blocks(self, fn, accurate: bool = False):
         n, bs = self.x.shape[0], self.block_size
+        costs = accurate_pairwise if accurate else pairwise
         if not self.is_online:
-            return fn(self.dense(), None)
-        block = lambda xb, idx: fn(pairwise(xb, self.y, self.cost), idx)
+            return fn(costs(self.x, self.y, self.cost), None)
+        block = lambda xb, idx: fn(costs(xb, self.y, self.cost), idx)
         full = n // bs
         xs = (self.x[:full * bs].reshape(full, bs, -1), jnp.arange(full * bs).reshape(full, bs))
         # zeros typed like one block's partial sums, their varying mesh axes included
@@ -319,6 +389,37 @@ class PointCloud(Geometry):
 
     def __repr__(self) -> str:
         return f"PointCloud(shape={self.shape}, cost={self.cost!r}, block_size={self.block_size})"
+
+
+TREE_MAX_DIM = 64  # accurate_pairwise sums at most this many coordinates as a tree
+
+
+def _sq_kappa(d: int) -> float:
+    """``kappa`` of :func:`accurate_pairwise`'s squared distance in dimension ``d``:
+    each difference and its square round (``3 u`` relative), then the sum of the
+    ``d`` non-negative squares (``ceil(log2 d)`` levels of a tree, or ``d - 1``
+    sequential additions past :data:`TREE_MAX_DIM`)."""
+    levels = (d - 1).bit_length() if d <= TREE_MAX_DIM else d - 1
+    return 3.0 + levels
+
+
+def accurate_pairwise(x, y, cost):
+    """:func:`pairwise` with the squared distances summed from the coordinate
+    differences, as a tree (error ``kappa u`` relative to the cost itself, see
+    :func:`_sq_kappa`, where the matrix form ``|x|^2 + |y|^2 - 2 x.y`` errs by ``u``
+    times ``|x|^2 + |y|^2``)."""
+    if cost not in ("sqeuclidean", "euclidean"):
+        return pairwise(x, y, cost)
+    d = x.shape[1]
+    if d <= TREE_MAX_DIM:
+        terms = [jnp.square(x[:, None, k] - y[None, :, k]) for k in range(d)]
+        while len(terms) > 1:
+            pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+            terms = pairs + terms[len(pairs) * 2:]
+        sq = terms[0]
+    else:
+        sq = jnp.sum(jnp.square(x[:, None, :] - y[None, :, :]), axis=-1)
+    return sq if cost == "sqeuclidean" else jnp.sqrt(sq)
 
 
 def to_geometry(cost, axis_name: str | None = None) -> Geometry:

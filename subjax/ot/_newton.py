@@ -58,6 +58,7 @@ class NewtonState(NamedTuple):
     n_linear: jax.Array  # CG iterations so far
     stalled: jax.Array  # the last line search failed
     slow: Any = 0  # SNS online: consecutive sparse steps that did not halve the error
+    cert: Any = None  # the point's certified error (Certified.none() if not evaluated)
 
 
 class LineSearchState(NamedTuple):
@@ -265,8 +266,16 @@ def _line_search(prob: cm.Problem, pt: Point, df, dg, slope, eps, opts: Options,
                                       out.state.point, pt)
 
 
+def _certify_if_met(prob: cm.Problem, pt: Point, eps, eps_target, tol):
+    """The convergence test's evaluation (:func:`~subjax.ot._common.certify`) of a
+    point at the target epsilon whose marginal error meets ``tol``; else none."""
+    return lax.cond((eps <= eps_target) & (pt.err <= tol),
+                    lambda: cm.certify(prob, pt.f, pt.g, eps, pt.plan),
+                    lambda: cm.Certified.none(pt.f.dtype))
+
+
 def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, eps_target, decay,
-                 level_tol):
+                 level_tol, tol):
     """One damped Newton step at the current level, then the continuation."""
     pt, e = s.point, s.eps
 
@@ -319,7 +328,8 @@ def _newton_step(prob: cm.Problem, s: NewtonState, opts: Options, eps_target, de
         e = e_next
     else:
         pattern = keep()
-    return NewtonState(e, new, pattern, s.n_linear + k, ~ok, slow), recorded
+    cert = _certify_if_met(prob, new, e, eps_target, tol)
+    return NewtonState(e, new, pattern, s.n_linear + k, ~ok, slow, cert), recorded
 
 
 def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts: Options,
@@ -335,7 +345,7 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
     eps0 = eps if decay is None else jnp.maximum(eps, eps_init)
     warm_tol = jnp.where(eps0 > eps, jnp.maximum(tol, level_tol), tol)
     warm = sinkhorn_loop(prob._replace(epsilon=eps0), jnp.zeros_like(prob.a), tol=warm_tol,
-                         max_iters=warmup_steps, history=warmup_steps)
+                         max_iters=warmup_steps, history=warmup_steps, certified=False)
     # SNS: the pattern at the warm-up's point is selected in the pass that evaluates it
     pt, pattern = (evaluate(prob, warm.f, warm.g, eps0, opts, True) if opts.sparse
                    else (evaluate(prob, warm.f, warm.g, eps0, opts), None))
@@ -349,17 +359,18 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
                                    lambda: (pt, pattern))
         else:
             pt = lax.cond(advance, lambda: restart(prob, pt, e_start, opts), lambda: pt)
+    cert0 = _certify_if_met(prob, pt, e_start, eps, tol)
     init = NewtonState(e_start, pt, pattern, jnp.zeros((), jnp.int32), jnp.array(False),
-                       jnp.zeros((), jnp.int32))
-    step = lambda s, it: _newton_step(prob, s, opts, eps, decay, level_tol)
-    stop = lambda s, _: ((s.eps <= eps) & (s.point.err <= tol)) | s.stalled
+                       jnp.zeros((), jnp.int32), cert0)
+    step = lambda s, it: _newton_step(prob, s, opts, eps, decay, level_tol, tol)
+    stop = lambda s, _: (s.cert.met <= tol) | s.stalled
     skip = LoopOutput(init, jnp.zeros((), jnp.int32), pt.err, -jnp.ones((max_iters,), dtype))
     out = lax.cond(
-        (e_start <= eps) & (pt.err <= tol), lambda: skip,
+        cert0.met <= tol, lambda: skip,
         lambda: fixed_point_loop(step, init, max_iters=max_iters, stop=stop, dtype=dtype,
                                  history=max_iters, stop_on_nonfinite=False))
     s = out.state
-    f, g, err = s.point.f, s.point.g, s.point.err
+    f, g = s.point.f, s.point.g
 
     # one history: warm-up sweeps (the last one replaced by the error at the first
     # Newton level), then the Newton steps
@@ -373,10 +384,17 @@ def newton_run(prob: cm.Problem, *, tol, max_iters: int, warmup_steps: int, opts
         # sweep at the target eps makes the potentials consistent with it (finite
         # plan and dual) and gives their honest marginal error.
         run = sinkhorn_loop(prob, f, tol=-jnp.ones((), dtype), max_iters=1)
-        return run.f, run.g, run.error
+        return run.f, run.g, run.error, run.met
 
-    f, g, err = lax.cond(s.eps > eps, finish_at_target, lambda: (f, g, err))
-    conv = (err <= tol) & (s.eps <= eps) & all_finite(prob.geom, f, g)
+    def at_target():
+        # the reported error is the convergence test's evaluation (made now if the
+        # run stopped before its error met tol)
+        cert = lax.cond(jnp.isfinite(s.cert.error), lambda: s.cert,
+                        lambda: cm.certify(prob, f, g, eps, s.point.plan))
+        return f, g, cert.error, cert.met
+
+    f, g, err, met = lax.cond(s.eps > eps, finish_at_target, at_target)
+    conv = (met <= tol) & (s.eps <= eps) & all_finite(prob.geom, f, g)
     return f, g, err, errors, it_w + out.n_iters, conv, s.n_linear
 
 
