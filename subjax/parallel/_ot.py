@@ -139,7 +139,7 @@ def sharded_sinkhorn_newton(
     axis_name: str = "data",
     tol: float | jax.Array = 1e-6,
     max_iters: int = 200,
-    warmup_steps: int = 20,
+    warmup_steps: int = 5,
     cg_max_iters: int = 500,
     max_backtracks: int = 40,
     epsilon_scaling: float | None = 0.5,
