@@ -70,3 +70,22 @@ def test_readme_block_matches_committed_records():
     assert headline.replace_block(text, expected) == text, (
         "README.md's benchmark block differs from docs/benchmarks/*.json: "
         "run `make bench-publish`")
+
+
+def test_peer_with_a_dtype_tag_is_compared_with_the_same_dtype():
+    """``scipy eigsh f64`` against ``subjax f64`` (not the float32 reference), a
+    product row against the subjax product row, an untagged peer against the
+    reference; the ratio is recomputed for a side other than the reference."""
+    def row(name, t):
+        return {"contender": name, "median_s": t, "ratio": 1.0 / t}
+
+    record = {"suite": "s", "cases": [{
+        "case": "c", "reference": "subjax", "accuracy_label": "err",
+        "rows": [row("subjax", 1.0), row("subjax f64", 2.0), row("subjax 10 matvecs f64", 0.1),
+                 row("scipy eigsh f64", 4.0), row("scipy eigsh f32", 2.0),
+                 row("jax BCOO 10 matvecs f64", 0.4), row("ott Sinkhorn", 8.0)]}]}
+    got = {r["peer"]: (r["reference"], r["ratio"]) for r in headline.headline_rows(record)}
+    assert got["scipy eigsh f64"] == ("subjax f64", 0.5)
+    assert got["scipy eigsh f32"] == ("subjax", 0.5)
+    assert got["jax BCOO 10 matvecs f64"] == ("subjax 10 matvecs f64", 0.25)
+    assert got["ott Sinkhorn"] == ("subjax", 0.125)

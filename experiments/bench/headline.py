@@ -52,24 +52,52 @@ def _is_subjax(name: str) -> bool:
     return name.lower().startswith("subjax")
 
 
+DTYPE_TAGS = ("f64", "f32", "float64", "float32")
+
+
+def _subjax_side(case: dict, by_name: dict, peer: str) -> str:
+    """The subjax contender a peer is compared with: the case's reference, except for
+    a peer whose name ends in a dtype tag (``... f64``), which is compared with the
+    subjax contender sharing the longest run of final words with it (``subjax f64``
+    for ``scipy eigsh f64``, ``subjax 10 matvecs f64`` for ``jax BCOO 10 matvecs
+    f64``); when no subjax contender ends in that tag, the reference is that dtype's."""
+    words = peer.split()
+    if words[-1] not in DTYPE_TAGS:
+        return case["reference"]
+
+    def shared(name):
+        other, k = name.split(), 0
+        while k < min(len(words), len(other)) and words[-1 - k] == other[-1 - k]:
+            k += 1
+        return k
+
+    mine = [n for n in by_name if _is_subjax(n) and "median_s" in by_name[n]]
+    best = max(mine, key=shared, default=None)
+    return best if best is not None and shared(best) > 0 else case["reference"]
+
+
 def headline_rows(record: dict) -> list[dict]:
-    """One row per (case, peer) of a suite record."""
+    """One row per (case, peer) of a suite record (see :func:`_subjax_side`)."""
     rows = []
     for case in record["cases"]:
         by_name = {r["contender"]: r for r in case["rows"]}
-        ref = by_name.get(case["reference"], {})
         for row in case["rows"]:
             name = row["contender"]
             if name == case["reference"] or _is_subjax(name):
                 continue
+            side = _subjax_side(case, by_name, name)
+            ref = by_name.get(side, {})
             failed = "error" in row and "median_s" not in row
+            ratio = row.get("ratio")
+            if side != case["reference"] and not failed:
+                ratio = ref["median_s"] / row["median_s"]
             rows.append({
                 "suite": record["suite"],
                 "case": case["case"],
-                "reference": case["reference"],
+                "reference": side,
                 "peer": name,
-                "ratio": None if failed else row.get("ratio"),
-                "ratio_bound": row.get("ratio_bound", ""),
+                "ratio": None if failed else ratio,
+                "ratio_bound": row.get("ratio_bound", "") if side == case["reference"] else "",
                 "reference_s": ref.get("median_s"),
                 "peer_s": row.get("median_s"),
                 "peer_scaled": "scale" in row,
