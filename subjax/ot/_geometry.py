@@ -46,6 +46,13 @@ def _rows(x, idx):
     return x if idx is None else x[idx]
 
 
+def _entry_rounding(z0, za, z):
+    """``K`` of a plan entry without the rounding of its cost and of ``f_i + g_j``:
+    ``z0 = w / eps`` (the division and the product, ``3 |z0|``), the additions of
+    ``log a_i`` (``|za|``) and ``log b_j`` (``|z|``), and the exponential (1)."""
+    return 3 * jnp.abs(z0) + jnp.abs(za) + jnp.abs(z) + 1
+
+
 def certify_log_plan(cost_rows, f_rows, g, log_a_rows, log_b, eps, kappa):
     r"""``(log P, u K)`` for a block of rows, ``log P`` evaluated as in
     :func:`log_plan` but with ``w = f_i + g_j - C_ij`` rounded once (the rounding
@@ -65,7 +72,7 @@ def certify_log_plan(cost_rows, f_rows, g, log_a_rows, log_b, eps, kappa):
     z0 = w * (1 / eps)
     za = z0 + log_a_rows[:, None]
     z = za + log_b
-    k = 3 * jnp.abs(z0) + jnp.abs(za) + jnp.abs(z) + 1 + kappa * jnp.abs(cost_rows) * (1 / eps)
+    k = _entry_rounding(z0, za, z) + kappa * jnp.abs(cost_rows) * (1 / eps)
     return z, k
 
 
@@ -76,7 +83,7 @@ def held_plan_slack(p, cost_rows, f_rows, g, log_a_rows, log_b, eps):
     s = f_rows[:, None] + g
     z0 = (s - cost_rows) * (1 / eps)
     za = z0 + log_a_rows[:, None]
-    k = jnp.abs(s) * (1 / eps) + 3 * jnp.abs(z0) + jnp.abs(za) + jnp.abs(za + log_b) + 1
+    k = jnp.abs(s) * (1 / eps) + _entry_rounding(z0, za, za + log_b)
     return jnp.sum(jnp.where(p > 0, p * k, 0), axis=1)
 
 
