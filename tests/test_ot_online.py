@@ -213,3 +213,34 @@ def test_online_sns_with_a_poor_pattern_converges(x64):
     assert bool(out.converged) and float(out.error) <= 1e-10
     np.testing.assert_allclose(float(out.error), float(sum(out.marginal_errors())), atol=1e-13)
     np.testing.assert_allclose(out.reg_ot_cost, ref.reg_ot_cost, rtol=1e-10)
+
+
+def _dot_precisions(jaxpr):
+    """The ``precision`` of every ``dot_general`` in a jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns"):
+                    out.extend(_dot_precisions(sub))
+    return out
+
+
+def test_float32_costs_and_plan_products_ask_for_full_precision():
+    # On GPUs the default precision runs float32 products in TF32: an error of ~1e-3
+    # in a cost divided by a small epsilon would pass for convergence error.
+    x = jax.random.normal(jax.random.key(0), (40, 3))
+    y = jax.random.normal(jax.random.key(1), (30, 3))
+    pc = ot.PointCloud(x, y, block_size=8)
+    eps = 0.05 * float(pc.mean_cost())
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for fn in (lambda x, y: ot.cost_matrix(x, y),
+               lambda x, y: ot.sinkhorn_newton(ot.PointCloud(x, y, block_size=8),
+                                               epsilon=eps, tol=1e-3).f,
+               lambda x, y: ot.sinkhorn_newton(ot.cost_matrix(x, y), epsilon=eps,
+                                               tol=1e-3).f):
+        precisions = _dot_precisions(jax.make_jaxpr(fn)(x, y).jaxpr)
+        assert precisions and all(p == highest for p in precisions), precisions

@@ -37,6 +37,9 @@ the subjax source / ott-jax version), so a rerun times only.
     SUBJAX_BENCH_OT_SWEEP_ENTRIES=5e10 ...                                   # smaller caps
     SUBJAX_BENCH_OT_SWEEPS=path ...            # count cache (results/bench/cache/ot_sweeps.json)
     SUBJAX_BENCH_OT_ANY_VERSION=1 ...          # reuse counts taken with other subjax sources
+    SUBJAX_BENCH_OT_COUNT_SECONDS=60 ...       # cap each online count at ~60 s of sweeps
+    SUBJAX_BENCH_OT_BLOCK=2048 ...             # online block_size (default 256)
+    SUBJAX_BENCH_OT_MAX_TEMP_GIB=100 ...       # memory budget of a contender (default 4)
     python -m experiments.bench.bench_ot --counts [--only "dense 2000"]       # counts only
 """
 
@@ -58,8 +61,9 @@ from subjax import ot
 
 TOL = 1e-6
 ONLINE_TOL = 1e-3
-BLOCK = 256
-MAX_TEMP_BYTES = 4 * 2**30  # a contender whose compiled temporaries exceed this is not run
+BLOCK = int(os.environ.get("SUBJAX_BENCH_OT_BLOCK", 256))  # online block_size
+# a contender whose compiled temporaries exceed this is not run
+MAX_TEMP_BYTES = int(float(os.environ.get("SUBJAX_BENCH_OT_MAX_TEMP_GIB", 4)) * 2**30)
 DIRECT_ENTRIES = 2e9  # a Sinkhorn run to tolerance over fewer cost entries is timed whole
 TIMED_ENTRIES = 5e7  # about this many cost entries per timed call of K sweeps
 SWEEP_ENTRIES = 2e11  # default cap of an untimed count, in cost entries
@@ -313,8 +317,6 @@ def online_counts(n, d, rel, cap, log=print):
     of the time), and only where that cost fits in ``MAX_TEMP_BYTES`` (beyond it
     ott-jax's ``PointCloud`` is not run either).
     """
-    from ott.geometry import geometry, pointcloud
-
     x, y, pc, eps = _online_problem(n, d, rel)
     problem = {"kind": "online", "n": n, "d": d, "rel_epsilon": rel, "dtype": "float32"}
 
@@ -324,6 +326,8 @@ def online_counts(n, d, rel, cap, log=print):
         return int(out.n_iters), bool(out.converged), _online_error(out.f, out.g, x, y, eps)
 
     def run_ott():
+        from ott.geometry import geometry, pointcloud
+
         geom = lambda x, y: geometry.Geometry(
             cost_matrix=pointcloud.PointCloud(x, y).cost_matrix, epsilon=eps)
         out = _ott_solver(eps, cap, ONLINE_TOL, geometry_of=geom)(x, y)
@@ -338,12 +342,27 @@ def online_counts(n, d, rel, cap, log=print):
     return out
 
 
+def _cap_for_seconds(pc, eps, K, seconds):
+    """Sweeps (a multiple of 10, at least 20) that subjax's online Sinkhorn runs in
+    about ``seconds``, from one warm timed call of ``K`` sweeps."""
+    run = jax.jit(lambda pc: ot.sinkhorn(pc, epsilon=eps, tol=0.0, max_iters=K,
+                                         record_every=10))
+    jax.block_until_ready(run(pc))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(pc))
+    per_sweep = (time.perf_counter() - t0) / K
+    return max(20, 10 * int(seconds / per_sweep / 10))
+
+
 def _online_case(n, d, rel, sinkhorn_cap=20000):
     """Point clouds of ``n`` points in ``d`` dimensions, float32, tolerance 1e-3."""
     x, y, pc, eps = _online_problem(n, d, rel)
     cap = _sweep_cap(n, n, sinkhorn_cap)
-    counts = online_counts(n, d, rel, cap)
     K = _sweeps_timed(n, n)
+    seconds = os.environ.get("SUBJAX_BENCH_OT_COUNT_SECONDS")
+    if seconds:  # cap the counts at about this many seconds of subjax sweeps
+        cap = min(cap, _cap_for_seconds(pc, eps, K, float(seconds)))
+    counts = online_counts(n, d, rel, cap)
     solvers = {
         "subjax sns (online)": (lambda pc: ot.sparse_newton_sinkhorn(
             pc, epsilon=eps, tol=ONLINE_TOL), (pc,)),

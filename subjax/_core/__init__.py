@@ -22,7 +22,7 @@ from subjax._core.checks import (
     static_int,
     unit_interval,
 )
-from subjax._core.dtypes import as_compute, compute_dtype, result_dtype
+from subjax._core.dtypes import as_compute, compute_dtype, exact_matmul, result_dtype
 from subjax._core.loop import LoopOutput, fixed_point_loop, history_size, record
 from subjax._core.trees import leaves_with_names, path_name, value_at
 
@@ -35,6 +35,7 @@ __all__ = [
     "check_key",
     "choice",
     "compute_dtype",
+    "exact_matmul",
     "fixed_point_loop",
     "floating_array",
     "history_size",

@@ -40,3 +40,15 @@ def result_dtype(*xs) -> jnp.dtype:
     if not dts:
         return jnp.dtype(jnp.float32)
     return max(dts, key=lambda d: d.itemsize)
+
+
+def exact_matmul(a, b) -> jax.Array:
+    """``a @ b`` at the full precision of its dtype.
+
+    On GPUs and TPUs the default precision lets a float32 product run in TF32 or
+    bfloat16 passes (about three significant digits). Where a product feeds a
+    tolerance test or an exponent divided by a small epsilon (point-cloud costs,
+    plan products), that error would pass for convergence error, so those
+    products ask for ``HIGHEST``. On CPUs the default is already exact.
+    """
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)

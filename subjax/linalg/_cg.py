@@ -209,7 +209,7 @@ def _pcg(matvec, b, x0, precond, tol, atol, max_iters, axis=None):
     dt = b.dtype
 
     def dot(u, v):
-        return psum(jnp.vdot(u, v), axis)
+        return psum(jnp.vdot(u, v, precision=lax.Precision.HIGHEST), axis)
 
     def norm(u):
         return jnp.sqrt(dot(u, u))

@@ -32,6 +32,7 @@ from jax import lax
 
 from subjax._core import (
     check_finite_if_concrete,
+    exact_matmul,
     floating_array,
     is_concrete,
     positive,
@@ -464,8 +465,9 @@ def dense_operator(geom: Geometry, P) -> PlanOperator:
     """The operator of a dense plan (its local rows when sharded)."""
     ax = geom.axis_name
     colsum = lambda x: x if ax is None else lax.psum(x, ax)
-    return PlanOperator(lambda v: P @ v, lambda u: colsum(u @ P), jnp.sum(P, axis=1),
-                        colsum(jnp.sum(P, axis=0)), lambda w: jnp.sum(jnp.square(P) * w, axis=1))
+    return PlanOperator(lambda v: exact_matmul(P, v), lambda u: colsum(exact_matmul(u, P)),
+                        jnp.sum(P, axis=1), colsum(jnp.sum(P, axis=0)),
+                        lambda w: jnp.sum(jnp.square(P) * w, axis=1))
 
 
 # --------------------------------------------------------------------------- implicit diff

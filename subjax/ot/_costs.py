@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from subjax._core import exact_matmul
+
 __all__ = ["cost_matrix", "lse_row_update"]
 
 _NAMED_COSTS = ("sqeuclidean", "euclidean", "l1")
@@ -32,7 +34,7 @@ def _sqdist(x: jax.Array, y: jax.Array) -> jax.Array:
     # Matmul form |x|^2 + |y|^2 - 2 x.y: one GEMM, clamped at 0 against rounding.
     xx = jnp.sum(x * x, axis=-1)
     yy = jnp.sum(y * y, axis=-1)
-    d = xx[:, None] + yy[None, :] - 2 * (x @ y.T)
+    d = xx[:, None] + yy[None, :] - 2 * exact_matmul(x, y.T)
     return jnp.maximum(d, 0)
 
 

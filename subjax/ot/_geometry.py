@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from subjax._core import static_int
+from subjax._core import exact_matmul, static_int
 from subjax.ot._costs import check_cost_name, check_points, lse_parts, lse_row_update, pairwise
 
 __all__ = ["Dense", "Geometry", "PointCloud", "log_plan", "to_geometry"]
@@ -207,7 +207,7 @@ class Geometry:
 
     def plan_matvec(self, f, g, log_a, log_b, eps, v) -> jax.Array:
         """``P @ v`` (``v`` of shape ``(m,)`` or ``(m, k)``) without the dense plan."""
-        return self.plan_map(f, g, log_a, log_b, eps, lambda p, _: p @ v)
+        return self.plan_map(f, g, log_a, log_b, eps, lambda p, _: exact_matmul(p, v))
 
     def plan_rmatvec(self, f, g, log_a, log_b, eps, u) -> jax.Array:
         """``P^T @ u`` (``u`` of shape ``(n,)`` or ``(n, k)``) without the dense plan."""

@@ -233,7 +233,7 @@ def _direction(prob: cm.Problem, pt: Point, eps, ops, cg_max_iters):
     Pv, PTu, Psq = ops
     df, dg, k = cm.newton_solve(geom, Pv, PTu, dr, dc, eps * pt.ga, eps * pt.gb, rtol,
                                 cg_max_iters, prob.balanced, Psq)
-    slope_of = lambda df, dg: geom.row_sum(pt.ga * df) + jnp.vdot(pt.gb, dg)
+    slope_of = lambda df, dg: geom.row_sum(pt.ga * df) + jnp.sum(pt.gb * dg)
     slope = slope_of(df, dg)
     # CG in finite precision on a nearly singular system can return a direction
     # that is not ascent; then take the diagonally scaled gradient (always ascent).
