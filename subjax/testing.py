@@ -24,6 +24,7 @@ orbax, which subjax's optimizers do not).
 """
 
 import dataclasses
+import functools
 import inspect
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ __all__ = [
     "check_converges",
     "check_dtype_preserved",
     "check_extra_args",
+    "check_full_precision",
     "check_init_abstract",
     "check_inject_hyperparams",
     "check_jit_matches_eager",
@@ -54,6 +56,7 @@ __all__ = [
     "check_schedule",
     "check_state_stable",
     "check_tree_map_params",
+    "matmul_precisions",
     "quadratic_batch",
     "quadratic_loss",
     "quadratic_params",
@@ -497,6 +500,43 @@ def check_complex_params(case: TransformCase) -> None:
     if not float(loss(params)) < 1e-3:
         _fail(case, f"complex quadratic ends at loss {float(loss(params)):.4g} (> 1e-3): "
                     "complex parameters are mishandled; support them or refuse them in init")
+
+
+def matmul_precisions(fn, *args, **kwargs) -> list:
+    """The ``precision`` of every matrix product (``dot_general``) that ``fn(*args,
+    **kwargs)`` traces, nested jaxprs (``jit``, loops, ``cond``) included."""
+
+    def walk(jaxpr, out):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                out.append(eqn.params["precision"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub, out)
+        return out
+
+    return walk(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr, [])
+
+
+def check_full_precision(case: TransformCase) -> None:
+    """Every matrix product ``init`` and ``update`` trace on float32 parameters runs at
+    ``Precision.HIGHEST``: on GPUs and TPUs a product left at the default precision
+    runs in TF32 or bfloat16 passes (about three significant digits). subjax's own
+    transforms pass; not part of :data:`CHECKS`, since a transform may choose speed."""
+    opt = case.transform()
+    params, batch = case.setup()
+    state = opt.init(params)
+    grads, extra = case.grads(params, batch)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for what, fn, args in (("init", opt.init, (params,)),
+                           ("update", lambda g, s, p: opt.update(g, s, p, **extra),
+                            (grads, state, params))):
+        low = [p for p in matmul_precisions(fn, *args) if p != highest]
+        if low:
+            _fail(case, f"{what} traces {len(low)} matrix products below HIGHEST "
+                        f"precision: {sorted(set(map(str, low)))}")
 
 
 CHECKS: dict[str, Callable[[TransformCase], None]] = {

@@ -22,7 +22,14 @@ from subjax._core.checks import (
     static_int,
     unit_interval,
 )
-from subjax._core.dtypes import as_compute, compute_dtype, exact_matmul, result_dtype
+from subjax._core.dtypes import (
+    as_compute,
+    compute_dtype,
+    exact_matmul,
+    full_precision,
+    full_precision_exports,
+    result_dtype,
+)
 from subjax._core.loop import LoopOutput, fixed_point_loop, history_size, record
 from subjax._core.trees import leaves_with_names, path_name, value_at
 
@@ -36,6 +43,8 @@ __all__ = [
     "choice",
     "compute_dtype",
     "exact_matmul",
+    "full_precision",
+    "full_precision_exports",
     "fixed_point_loop",
     "floating_array",
     "history_size",

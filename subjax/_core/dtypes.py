@@ -1,11 +1,18 @@
-"""The one compute-dtype rule.
+"""The one compute-dtype rule and the one matrix-product precision rule.
 
 Linear algebra that loses accuracy in low precision (QR, Cholesky, eigh, SVD,
-log-sum-exp over many terms) runs in at least float32 and casts back. Every
-family asks this module, never its own copy.
+log-sum-exp over many terms) runs in at least float32 and casts back. Its matrix
+products run at the full precision of their dtype: on GPUs and TPUs JAX's default
+lets a float32 product run in TF32 or bfloat16 passes (about three significant
+digits), which an orthonormal basis, a Ritz residual, a constraint check or a
+cost divided by a small epsilon cannot absorb. Every family asks this module,
+never its own copy.
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +50,50 @@ def result_dtype(*xs) -> jnp.dtype:
 
 
 def exact_matmul(a, b) -> jax.Array:
-    """``a @ b`` at the full precision of its dtype.
+    """``a @ b`` at the full precision of its dtype (``Precision.HIGHEST``).
 
-    On GPUs and TPUs the default precision lets a float32 product run in TF32 or
-    bfloat16 passes (about three significant digits). Where a product feeds a
-    tolerance test or an exponent divided by a small epsilon (point-cloud costs,
-    plan products), that error would pass for convergence error, so those
-    products ask for ``HIGHEST``. On CPUs the default is already exact.
+    For a product that feeds a tolerance test or an exponent divided by a small
+    epsilon (point-cloud costs, plan products) wherever it is traced. On CPUs the
+    default is already exact.
     """
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def full_precision(fn):
+    """Trace ``fn`` with every matrix product that names no precision at ``HIGHEST``.
+
+    The context is JAX's ``default_matmul_precision``, read when a product is traced,
+    so it covers everything ``fn`` traces, jitted helpers and a user's callable
+    included. A returned optax-style transformation (a named tuple of ``init`` and
+    ``update``) or plain function is wrapped too: its products are traced later, on
+    the caller's schedule. Idempotent.
+    """
+    if getattr(fn, "_full_precision", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            out = fn(*args, **kwargs)
+        return _full_precision_result(out)
+
+    wrapped._full_precision = True
+    return wrapped
+
+
+def _full_precision_result(out):
+    fields = getattr(out, "_fields", None)
+    if fields is not None and "init" in fields and "update" in fields:
+        return out._replace(init=full_precision(out.init), update=full_precision(out.update))
+    if isinstance(out, types.FunctionType):
+        return full_precision(out)
+    return out
+
+
+def full_precision_exports(namespace: dict, exclude=()) -> None:
+    """Wrap every function a package exports (its ``__all__``; classes stay as they
+    are) in :func:`full_precision`, except the names in ``exclude``."""
+    for name in namespace["__all__"]:
+        obj = namespace[name]
+        if callable(obj) and not isinstance(obj, type) and name not in exclude:
+            namespace[name] = full_precision(obj)

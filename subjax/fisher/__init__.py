@@ -6,6 +6,7 @@ batch; K-FAC statistics of the dense and convolution layers found in a model's t
 Implementation lives in private modules (`_*.py`).
 """
 
+from subjax._core import full_precision_exports
 from subjax.fisher._core import (
     LowRankFisher,
     diag_empirical,
@@ -53,3 +54,5 @@ __all__: list[str] = [
     "subspace_merge",
     "task_arithmetic",
 ]
+
+full_precision_exports(globals())

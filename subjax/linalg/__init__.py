@@ -5,6 +5,7 @@ matrix or a :class:`LinearOperator`, works under ``jax.jit`` / ``jax.vmap``, in
 float32 and float64. ``docs/linalg.md`` describes the methods.
 """
 
+from subjax._core import full_precision_exports
 from subjax.linalg._cg import CGResult, cg
 from subjax.linalg._completion import SNNResult, anchor_submatrix, msnn_impute, snn_impute
 from subjax.linalg._gcrodr import GCRODRResult, GMRESResult, gcro_dr, gmres
@@ -77,3 +78,5 @@ __all__ = [
     "subspace_iteration",
     "weighted_low_rank",
 ]
+
+full_precision_exports(globals())

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from subjax._core import as_compute, compute_dtype, floating_array, is_concrete
+from subjax._core import as_compute, compute_dtype, floating_array, full_precision, is_concrete
 
 Array = jax.Array
 
@@ -109,10 +110,14 @@ def _validating(fn, kinds: str):
 
 
 def _wrap_operations(cls) -> None:
-    for meth, kinds in _ARG_KINDS.items():
-        fn = cls.__dict__.get(meth)
-        if fn is not None and not getattr(fn, "_validated", False):
-            setattr(cls, meth, _validating(fn, kinds))
+    """Validate the array arguments of the operations a class defines, and run every
+    public method at full matrix-product precision."""
+    for meth, fn in list(cls.__dict__.items()):
+        if meth.startswith("_") or not isinstance(fn, types.FunctionType):
+            continue
+        if meth in _ARG_KINDS and not getattr(fn, "_validated", False):
+            fn = _validating(fn, _ARG_KINDS[meth])
+        setattr(cls, meth, full_precision(fn))
 
 
 @dataclasses.dataclass(frozen=True)

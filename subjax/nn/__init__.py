@@ -7,6 +7,7 @@ union of the blocks.
 __all__: list[str] = []
 
 # --- Manifold-valued layers (GCR head, orthogonal linear) -------------------
+from subjax._core import full_precision_exports
 from subjax.nn._grassmann import (  # noqa: E402
     GrassmannClassifier,
     ManifoldParam,
@@ -80,3 +81,5 @@ __all__ += [
     "walsh_hadamard",
     "welore_ranks",
 ]
+
+full_precision_exports(globals())

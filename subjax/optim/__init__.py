@@ -7,6 +7,7 @@ keeps concurrent edits apart); ``__all__`` is the union of the blocks.
 __all__: list[str] = []
 
 # --- Riemannian optimizers (subjax.manifolds) -------------------------------
+from subjax._core import full_precision_exports
 from subjax.optim._manifold_muon import ManifoldMuonState, manifold_muon  # noqa: E402
 from subjax.optim._riemannian import (  # noqa: E402
     RiemannianAdamState,
@@ -56,3 +57,5 @@ __all__ += ["ProjectedState", "Projector", "dct_basis", "galore", "make_projecto
 from subjax.optim._coso import CoSOState, coso, coso_consolidate  # noqa: E402
 
 __all__ += ["CoSOState", "coso", "coso_consolidate"]
+
+full_precision_exports(globals())

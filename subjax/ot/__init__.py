@@ -18,6 +18,7 @@ Every solver takes ``axis_name`` to run inside ``jax.shard_map`` with the rows
 of the geometry split over a mesh axis (see :mod:`subjax.parallel`).
 """
 
+from subjax._core import full_precision_exports
 from subjax.ot._common import OTResult, dual_objective
 from subjax.ot._costs import cost_matrix, lse_row_update
 from subjax.ot._geometry import Dense, PointCloud
@@ -37,3 +38,5 @@ __all__ = [
     "solve",
     "sparse_newton_sinkhorn",
 ]
+
+full_precision_exports(globals())

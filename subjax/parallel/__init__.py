@@ -25,6 +25,7 @@ Multi-host: ``python -m subjax.parallel.launch`` / :func:`initialize` (``jax.dis
 from ``SUBJAX_*`` environment variables; see ``docs/parallel.md``).
 """
 
+from subjax._core import full_precision_exports
 from subjax.parallel._data import (
     axis_size,
     check_axis,
@@ -76,3 +77,9 @@ __all__ = [
     "sharded_subspace_projector",
     "train_step",
 ]
+
+# the numerics run at full precision; the training-step helpers run the user's model as
+# the user configured it
+full_precision_exports(globals(), exclude=(
+    "FSDPShardings", "axis_size", "check_axis", "data_parallel", "fsdp_shardings",
+    "fsdp_spec", "fsdp_step", "initialize", "replicate", "shard_batch", "train_step"))
