@@ -105,6 +105,26 @@ def test_lanczos_restarted_pairs_match_dense_eigh(block_size, rng, x64):
     assert np.max(np.linalg.norm(r, axis=0)) <= 1e-10 * 10.0 * 1.01
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("n", [5, 8, 12, 31, 33])
+def test_lanczos_on_small_matrices_matches_dense_eigh(n, block_size, rng, x64):
+    # a basis clamped to the matrix: the residual block and a new block still fit, and
+    # a basis too small for the rank is a clear error
+    a = _symmetric(rng, n, np.linspace(1.0, 2.0, n) ** 3)
+    ref = np.linalg.eigvalsh(a)[::-1]
+    if n - 2 * block_size < 2 + block_size:
+        with pytest.raises(ValueError, match="cannot hold rank=2"):
+            sl.lanczos_eigh(jnp.asarray(a), 2, key=jax.random.key(0), block_size=block_size)
+        return
+    res = sl.lanczos_eigh(jnp.asarray(a), 2, key=jax.random.key(0), tol=1e-10,
+                          block_size=block_size)
+    assert bool(res.converged)
+    np.testing.assert_allclose(res.eigenvalues, ref[:2], rtol=1e-10)
+    with pytest.raises(ValueError, match="basis_size"):
+        sl.lanczos_eigh(jnp.asarray(a), 2, key=jax.random.key(0), block_size=block_size,
+                        basis_size=(n - block_size) // block_size * block_size)
+
+
 def test_lanczos_flags_a_slightly_asymmetric_operator(rng, x64):
     # A = S + 1e-5 N: its Ritz pairs meet tol=1e-3 by their true residuals, but the
     # projection is not symmetric: `converged` must be False

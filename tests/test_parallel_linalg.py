@@ -407,7 +407,8 @@ def test_axis_name_lanczos_bad_inputs(mesh, x64):
         trace(lambda a, v: eig(a, v0=v), sq, jax.ShapeDtypeStruct((128, 1), jnp.float64))
     with pytest.raises(ValueError, match="callable `a` with `axis_name` needs `v0`"):
         trace(lambda a: eig(lambda x: x, key=key), sq)
-    with pytest.raises(ValueError, match=r"basis_size` \+ `block_size` = 256 \+ 2 exceeds n=256"):
+    with pytest.raises(ValueError,
+                       match=r"basis_size` \+ 2 x `block_size` = 256 \+ 2 x 2 exceeds n=256"):
         trace(lambda a: eig(a, key=key, block_size=2, basis_size=256), sq)
     # the shapes of a valid call: local eigenvectors, replicated eigenvalues
     out = jax.eval_shape(jax.shard_map(

@@ -88,8 +88,8 @@ def lanczos_eigh(
         with ``A``; a block helps when ``A`` times a block costs about as much as
         ``A`` times a vector, or for clustered eigenvalues).
       basis_size: Krylov basis size ``m`` (static, a multiple of ``block_size``,
-        ``m + block_size <= n``); default ``max(2 rank + b, 30, rank + 4 b)``
-        rounded up to a multiple of ``b`` (clamped to ``n - b``). A larger basis
+        ``m + 2 block_size <= n``); default ``max(2 rank + b, 30, rank + 4 b)``
+        rounded up to a multiple of ``b`` (clamped to ``n - 2 b``). A larger basis
         needs fewer products with ``A`` (ARPACK's default is
         ``max(2 rank + 1, 20)``; 30 made up to a quarter fewer products on the benchmark
         matrices) at a reorthogonalisation cost that grows like ``m``.
@@ -186,20 +186,23 @@ def lanczos_eigh(
     b = 1 if block_size is None else static_int(block_size, "block_size", 1)
     if basis_size is None:
         m = -(-max(2 * rank + b, 30, rank + 4 * b) // b) * b
-        m = min(m, (n - b) // b * b)  # the residual block must fit beside the basis
+        # the residual block and a new block must fit beside the basis: the fallback
+        # orthonormalisation takes a new block's complement of all m + b vectors
+        m = min(m, (n - 2 * b) // b * b)
     else:
         m = static_int(basis_size, "basis_size", 1)
         if m % b:
             raise ValueError(f"`basis_size`={m} must be a multiple of `block_size`={b}")
-        if m + b > n:
+        if m + 2 * b > n:
             raise ValueError(
-                f"`basis_size` + `block_size` = {m} + {b} exceeds n={n} for argument `a`"
+                f"`basis_size` + 2 x `block_size` = {m} + 2 x {b} exceeds n={n} for "
+                "argument `a` (the residual block and a new block must fit beside the basis)"
             )
     if m < rank + b:
         raise ValueError(
             f"a Lanczos basis of {m} vectors cannot hold rank={rank} Ritz vectors and a "
-            f"block of {b} for argument `a` (n={n}); raise `basis_size` (<= n - block_size) "
-            "or use a dense eigensolver"
+            f"block of {b} for argument `a` (n={n}); raise `basis_size` "
+            "(<= n - 2 x block_size) or use a dense eigensolver"
         )
     keep = m - b * max(1, (m - rank) // (2 * b))
     max_restarts = static_int(max_restarts, "max_restarts", 1)
