@@ -200,7 +200,7 @@ def lanczos_eigh(
             )
     if m < rank + b:
         raise ValueError(
-            f"a Lanczos basis of {m} vectors cannot hold rank={rank} Ritz vectors and a "
+            f"a Lanczos basis of {max(m, 0)} vectors cannot hold rank={rank} Ritz vectors and a "
             f"block of {b} for argument `a` (n={n}); raise `basis_size` "
             "(<= n - 2 x block_size) or use a dense eigensolver"
         )
