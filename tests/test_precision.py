@@ -143,3 +143,26 @@ def test_sharded_randomized_svd_runs_at_full_precision():
     a = jax.random.normal(KEY, (40, 30))
     _assert_highest(lambda a: subjax.parallel.sharded_randomized_svd(
         a, 4, key=KEY, mesh=mesh).s, a)
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "sparse_newton_sinkhorn"])
+@pytest.mark.parametrize("online", [False, True], ids=["dense", "online"])
+def test_ot_gradients_run_at_full_precision(solver, online):
+    # the implicit backward pass is traced after the forward call returned
+    x = jax.random.normal(KEY, (30, 3))
+    y = jax.random.normal(jax.random.key(1), (25, 3))
+
+    def loss(x):
+        geom = ot.PointCloud(x, y, block_size=8) if online else ot.cost_matrix(x, y)
+        res = getattr(ot, solver)(geom, epsilon=0.5, tol=1e-3)
+        return jnp.sum(res.f ** 2) + res.reg_ot_cost
+
+    _assert_highest(jax.grad(loss), x)
+
+
+def test_lanczos_and_cg_gradients_run_at_full_precision():
+    a = _spd(40)
+    b = jnp.ones(40)
+    _assert_highest(jax.grad(lambda a: jnp.sum(
+        linalg.lanczos_eigh(a, 2, key=KEY).eigenvectors ** 3)), a)
+    _assert_highest(jax.grad(lambda a: jnp.sum(linalg.cg(a, b).x)), a)

@@ -17,6 +17,7 @@ from subjax._core import (
     choice,
     compute_dtype,
     fixed_point_loop,
+    full_precision,
     positive,
     scalar,
     static_int,
@@ -280,7 +281,7 @@ def _lanczos_differentiable(op, v0, tol, statics, inv, sigma):
         a = jax.tree_util.tree_unflatten(treedef, leaves)
         return (_eigh_vjp(a, lam, vecs, g.eigenvalues, g.eigenvectors, leaves),)
 
-    run.defvjp(fwd, bwd)
+    run.defvjp(fwd, full_precision(bwd))  # traced after the forward call returned
     return run(leaves)
 
 

@@ -34,6 +34,7 @@ from subjax._core import (
     check_finite_if_concrete,
     exact_matmul,
     floating_array,
+    full_precision,
     is_concrete,
     positive,
     scalar,
@@ -539,6 +540,8 @@ def with_implicit_diff(forward, cost, a, b, eps, rho_a, rho_b, *, implicit_max_i
         ct_b2, ct_rho_b = vjp_cols(jnp.ones((), f.dtype))
         return ct_cost, ct_a, ct_b + ct_b2, ct_eps, ct_rho_a, ct_rho_b
 
-    solve.defvjp(fwd, bwd)
+    # the backward pass is traced after the forward call returned: its products ask
+    # for full precision themselves
+    solve.defvjp(fwd, full_precision(bwd))
     return solve(cost, a, b, eps, rho_a, rho_b)
 
