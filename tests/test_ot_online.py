@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subjax import ot
+from subjax import ot, testing
 
 SOLVERS = {
     "newton": ot.sinkhorn_newton,
@@ -215,20 +215,6 @@ def test_online_sns_with_a_poor_pattern_converges(x64):
     np.testing.assert_allclose(out.reg_ot_cost, ref.reg_ot_cost, rtol=1e-10)
 
 
-def _dot_precisions(jaxpr):
-    """The ``precision`` of every ``dot_general`` in a jaxpr, sub-jaxprs included."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(eqn.params["precision"])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
-                if hasattr(sub, "eqns"):
-                    out.extend(_dot_precisions(sub))
-    return out
-
-
 def test_float32_costs_and_plan_products_ask_for_full_precision():
     # On GPUs the default precision runs float32 products in TF32: an error of ~1e-3
     # in a cost divided by a small epsilon would pass for convergence error.
@@ -242,5 +228,5 @@ def test_float32_costs_and_plan_products_ask_for_full_precision():
                                                epsilon=eps, tol=1e-3).f,
                lambda x, y: ot.sinkhorn_newton(ot.cost_matrix(x, y), epsilon=eps,
                                                tol=1e-3).f):
-        precisions = _dot_precisions(jax.make_jaxpr(fn)(x, y).jaxpr)
+        precisions = testing.matmul_precisions(fn, x, y)
         assert precisions and all(p == highest for p in precisions), precisions
