@@ -166,3 +166,12 @@ def test_lanczos_and_cg_gradients_run_at_full_precision():
     _assert_highest(jax.grad(lambda a: jnp.sum(
         linalg.lanczos_eigh(a, 2, key=KEY).eigenvectors ** 3)), a)
     _assert_highest(jax.grad(lambda a: jnp.sum(linalg.cg(a, b).x)), a)
+
+
+def test_a_returned_product_function_runs_at_full_precision():
+    # make_fvp returns v -> F v, traced later on the caller's schedule
+    w = jax.random.normal(KEY, (5, 3))
+    x = jax.random.normal(jax.random.key(1), (8, 5))
+    fvp = subjax.fisher.make_fvp(lambda p, x: x @ p, w, x)
+    assert getattr(fvp, "_full_precision", False)
+    _assert_highest(fvp, jnp.ones_like(w))
