@@ -269,9 +269,10 @@ def suite_markdown(payload: dict) -> str:
         f"## {payload['suite']}",
         "",
         f"`{payload['command']}` — {env['platform']}, {env['cpu_count']} cpus, "
-        f"JAX {env['versions'].get('jax')} ({env['jax_backend']}), load average "
-        f"{payload['loadavg_start']} → {payload['loadavg_end']}, "
-        f"OPENBLAS_NUM_THREADS={payload['threads'].get('OPENBLAS_NUM_THREADS')}. "
+        f"JAX {env['versions'].get('jax')} ({env['jax_backend']}), "
+        + (f"load average {payload['loadavg_start']} → {payload['loadavg_end']}, "
+           if "loadavg_start" in payload else "")  # a published record drops it
+        + f"OPENBLAS_NUM_THREADS={payload['threads'].get('OPENBLAS_NUM_THREADS')}. "
         "Ratios are the reference's median time over the contender's "
         "(below 1: the reference is faster).",
         "",
