@@ -100,6 +100,38 @@ def test_randomized_svd_exactly_low_rank_structure():
     assert _orth_err(zero.u) < 1e-5
 
 
+def test_default_oversample_fills_whole_panels_and_fits(rng):
+    from subjax.linalg._validate import check_rank, default_oversample
+
+    for r in range(1, 80):
+        p = default_oversample(r)
+        assert 8 <= p < 16 and (r + p) % 8 == 0
+    assert check_rank(32, (1024, 1024), "a", None) == (32, 8)
+    assert check_rank(15, (256, 20), "a", None) == (15, 5)  # lowered to fit
+    a = jnp.asarray(rng.standard_normal((64, 20)), jnp.float32)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(sl.randomized_svd(a, 15, key=key).s,
+                                  sl.randomized_svd(a, 15, key=key, oversample=5).s)
+    sym = a.T @ a
+    np.testing.assert_array_equal(sl.randomized_eigh(sym, 15, key=key).eigenvalues,
+                                  sl.randomized_eigh(sym, 15, key=key, oversample=5).eigenvalues)
+
+
+def test_randomized_eigh_exhausted_krylov_space_is_rebuilt_robustly():
+    from subjax.linalg._orth import orth_fast
+
+    n = 100
+    a = jnp.diag(jnp.concatenate([jnp.array([3.0, -2.0, 1.0]), jnp.zeros(n - 3)]))
+    q0 = sl.orthonormalize(jax.random.normal(jax.random.key(1), (n, 16)))
+    # the second Krylov block has rank 3 < 16: the branch-free path rejects it ...
+    assert not bool(orth_fast(a @ q0, q0)[1])
+    # ... and the basis is rebuilt with the fallbacks: exact values, orthonormal vectors.
+    res = sl.randomized_eigh(a, 5, key=jax.random.key(0), oversample=11)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues)[:3], [3.0, -2.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues)[3:], 0.0, atol=1e-5)
+    assert _orth_err(res.eigenvectors) < 1e-5 and bool(res.converged)
+
+
 def test_randomized_svd_grad_matches_finite_differences(rng, x64):
     a, _, _, _ = _known_spectrum(rng, 40, 30, SPECTRA["fast"](30))
     a = jnp.asarray(a + 1e-3 * rng.standard_normal(a.shape))
@@ -267,7 +299,8 @@ def test_randomized_eigh_psd(psd, rng, x64):
     n = 200
     w = np.exp(-np.arange(n) / 5.0)
     a, q = _sym_known(rng, n, w)
-    res = sl.randomized_eigh(jnp.asarray(a), 8, key=jax.random.key(0), n_steps=3, psd=psd)
+    res = sl.randomized_eigh(jnp.asarray(a), 8, key=jax.random.key(0), n_steps=3, psd=psd,
+                             oversample=10)
     np.testing.assert_allclose(np.asarray(res.eigenvalues), w[:8], rtol=1e-6)
     assert _max_angle(res.eigenvectors[:, :4], q[:, :4]) < 1e-4
     assert _orth_err(res.eigenvectors) < 1e-10

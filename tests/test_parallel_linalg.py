@@ -117,7 +117,8 @@ def test_bad_inputs(mesh):
     with pytest.raises(ValueError, match=r"axis_name='data' is not an axis of the mesh"):
         sharded_randomized_svd(jnp.ones((256, 20)), 3, key=key, mesh=mesh, axis_name="data")
     with pytest.raises(ValueError, match=r"rank \+ oversample"):
-        sharded_randomized_svd(jnp.ones((256, 20)), 15, key=key, mesh=mesh, axis_name="rows")
+        sharded_randomized_svd(jnp.ones((256, 20)), 15, key=key, mesh=mesh, axis_name="rows",
+                               oversample=10)
     with pytest.raises(ValueError, match="`q0` must have shape"):
         sharded_subspace_iteration(jnp.ones((256, 20)), jnp.ones((255, 2)), mesh=mesh,
                                    axis_name="rows")

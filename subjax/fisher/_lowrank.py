@@ -80,7 +80,7 @@ def low_rank(
     labels=None,
     likelihood: str = "categorical",
     kind: str = "true",
-    oversample: int = 10,
+    oversample: int | None = None,
     n_steps: int = 4,
 ) -> LowRankFisher:
     """Top-``rank`` eigenpairs of the Fisher, matrix-free.
@@ -103,7 +103,8 @@ def low_rank(
     op, unravel = fisher_operator(
         apply_fn, params, inputs, labels=labels, likelihood=likelihood, kind=kind
     )
-    oversample = max(0, min(int(oversample), op.shape[0] - int(rank)))
+    if oversample is not None:
+        oversample = max(0, min(int(oversample), op.shape[0] - int(rank)))
     res = randomized_eigh(op, rank, key=key, oversample=oversample, n_steps=n_steps, psd=True)
     return LowRankFisher(res.eigenvalues, _to_tree(res.eigenvectors, unravel))
 

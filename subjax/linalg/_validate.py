@@ -70,13 +70,28 @@ def as_symmetric_operator(a, axis_name, name: str = "a") -> LinearOperator:
     return op
 
 
-def check_rank(rank, shape, name: str = "a", oversample: int = 0) -> tuple[int, int]:
-    """Static ``rank >= 1`` and ``oversample >= 0`` with ``rank + oversample <= min(shape)``."""
+def default_oversample(rank: int) -> int:
+    """Extra test vectors when the caller gives none: at least 8, rounded up so that the
+    block ``rank + oversample`` is a whole number of 8-column panels.
+
+    Matrix-product kernels work on panels of 8 (or 16) columns; a block of 42 columns
+    costs XLA's CPU GEMM more than one of 48, so the rounding is free accuracy.
+    """
+    return 8 + (-(rank + 8)) % 8
+
+
+def check_rank(rank, shape, name: str = "a", oversample: int | None = 0) -> tuple[int, int]:
+    """Static ``rank >= 1`` and ``oversample >= 0`` with ``rank + oversample <= min(shape)``.
+
+    ``oversample=None`` is :func:`default_oversample`, lowered to fit ``min(shape)``.
+    """
     rank = static_int(rank, "rank", 1)
-    oversample = static_int(oversample, "oversample", 0)
     mn = min(shape)
     if rank > mn:
         raise ValueError(f"rank={rank} exceeds min(m, n)={mn} for argument `{name}`")
+    if oversample is None:
+        return rank, min(default_oversample(rank), mn - rank)
+    oversample = static_int(oversample, "oversample", 0)
     if rank + oversample > mn:
         raise ValueError(
             f"rank + oversample = {rank} + {oversample} = {rank + oversample} exceeds "

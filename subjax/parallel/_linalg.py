@@ -101,7 +101,7 @@ def sharded_randomized_svd(
     key: jax.Array,
     mesh: Mesh,
     axis_name: str = "data",
-    oversample: int = 10,
+    oversample: int | None = None,
     n_steps: int | None = None,
     method: str = "block_krylov",
 ) -> RandomizedSVDResult:
@@ -124,7 +124,7 @@ def sharded_randomized_svd(
       key: ``jax.random`` key.
       mesh: the device mesh.
       axis_name: mesh axis the rows are split over.
-      oversample: extra sketch columns (static).
+      oversample: extra sketch columns (static); None: ``randomized_svd``'s default.
       n_steps: power / Krylov steps (static); ``None``: ``randomized_svd``'s
         default for the global shape.
       method: ``"block_krylov"`` or ``"subspace"`` (as in ``randomized_svd``).
