@@ -509,8 +509,14 @@ def _lanczos_impl(op, v0, tol, *, rank, b, m, keep, max_restarts, which, axis=No
         # thick restart: the `keep` wanted Ritz vectors, then the residual block q, with
         # A y_i = theta_i y_i + q^T coupling_i (coupling = L^T s_last); pairs whose
         # residual met the tolerance are locked (decoupled from the new directions)
-        y = s[:, :keep].T @ vr[:m]
-        vr = jnp.zeros((size, n), ct).at[:keep].set(y).at[keep : keep + b].set(vr[m:])
+        # one GEMM with the whole basis builds the next one: rows :keep the Ritz vectors
+        # (s^T on the first m rows), then the residual block (picked by an identity),
+        # zeros after. A product with the slice vr[:m] first copied it (XLA:CPU),
+        # and filling a fresh array cost as much again: ~1.3 ms against ~0.45 ms at
+        # n = 1e4, m = 30 in float64.
+        pick = jnp.zeros((size, size), ct).at[:keep, :m].set(s[:, :keep].T)
+        pick = pick.at[keep : keep + b, m:].set(jnp.eye(b, dtype=ct))
+        vr = pick @ vr
         coupling = t[m:, m - b : m] @ s[m - b :, :keep]
         locked = jnp.zeros((size,), bool).at[:keep].set(res[:keep] <= 0.5 * tol * norm)
         coupling = jnp.where(locked[None, :keep], jnp.zeros_like(coupling), coupling)
