@@ -117,15 +117,11 @@ def test_default_oversample_fills_whole_panels_and_fits(rng):
                                   sl.randomized_eigh(sym, 15, key=key, oversample=5).eigenvalues)
 
 
-def test_randomized_eigh_exhausted_krylov_space_is_rebuilt_robustly():
-    from subjax.linalg._orth import orth_fast
-
+def test_randomized_eigh_exhausted_krylov_space():
+    # the second Krylov block has rank 3 < 16: CholeskyQR alone fails on it, the
+    # fallbacks give exact values and orthonormal vectors
     n = 100
     a = jnp.diag(jnp.concatenate([jnp.array([3.0, -2.0, 1.0]), jnp.zeros(n - 3)]))
-    q0 = sl.orthonormalize(jax.random.normal(jax.random.key(1), (n, 16)))
-    # the second Krylov block has rank 3 < 16: the branch-free path rejects it ...
-    assert not bool(orth_fast(a @ q0, q0)[1])
-    # ... and the basis is rebuilt with the fallbacks: exact values, orthonormal vectors.
     res = sl.randomized_eigh(a, 5, key=jax.random.key(0), oversample=11)
     np.testing.assert_allclose(np.asarray(res.eigenvalues)[:3], [3.0, -2.0, 1.0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(res.eigenvalues)[3:], 0.0, atol=1e-5)

@@ -361,18 +361,6 @@ def _passes(y, kmat, shifts, axis=None):
     return q, r, ok & _all_devices(jnp.all(jnp.isfinite(q)), axis)
 
 
-def orth_fast(y, kmat=None, axis=None):
-    """The fast path of :func:`orth_robust` without its fallbacks: ``(q, ok)``.
-
-    Two projected Cholesky-QR passes and the acceptance test of :func:`orth_robust`;
-    ``ok`` False means ``q`` must not be used. No conditional: a caller that builds a
-    whole basis block by block can test the conjunction of the ``ok`` flags once and
-    rebuild with :func:`orth_robust` only when one failed.
-    """
-    q, _, ok = _passes(y, kmat, (False, False), axis)
-    return q, ok
-
-
 def orth_robust(y, kmat=None, axis=None):
     """Orthonormalization for the randomized solvers (internal).
 

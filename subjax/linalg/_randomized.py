@@ -30,7 +30,6 @@ from subjax.linalg._orth import (
     ORTH_METHODS,
     _all_devices,
     _rows,
-    orth_fast,
     orth_robust,
     orthonormalize,
     psum,
@@ -115,26 +114,6 @@ class EighResult(NamedTuple):
 def _orth_q(y, kmat=None, axis=None):
     """The ``q`` of :func:`orth_robust` (orthonormal basis of ``y`` minus ``span(kmat)``)."""
     return orth_robust(y, kmat, axis)[0]
-
-
-def _robust_orth(y, kmat=None, axis=None):
-    return _orth_q(y, kmat, axis), jnp.array(True)
-
-
-def _optimistic(build):
-    """Run ``build(orth)``, which returns ``(out, ok)``, with one branch for the whole basis.
-
-    ``orth(y, kmat, axis) -> (q, ok)``. The first run orthonormalizes every block by
-    the branch-free fast path (:func:`orth_fast`) and ANDs the acceptance flags; only
-    when a block failed is the basis rebuilt with :func:`orth_robust` and its
-    fallbacks. One ``lax.cond`` per basis instead of one or two per block: each
-    conditional stops XLA from fusing across it and makes the CPU runtime wait for
-    the predicate (a 6-block basis of 40 columns at ``n = 1024``: 14.1 ms with a
-    conditional per block against 12.7 ms without). Under ``vmap`` the conditional
-    becomes a select and both runs are paid, as every per-block conditional was.
-    """
-    out, ok = build(orth_fast)
-    return lax.cond(ok, lambda: out, lambda: build(_robust_orth)[0])
 
 
 def _gaussian(key, shape, dtype):
@@ -270,35 +249,23 @@ def _block_krylov(op: LinearOperator, y0, n_steps: int, axis=None):
     ``A`` (``q = n_steps``), exactly as many as ``q`` power iterations plus the final
     projection.
     """
-
-    def build(orth):
-        q, ok = orth(y0, None, axis)
-        qs, ws = [q], []
-        for _ in range(n_steps):
-            w = op.rmatmat(qs[-1])
-            ws.append(w)
-            p, ok_p = orth(w, None, None)
-            q, ok_q = orth(op.matmat(p), jnp.concatenate(qs, axis=1), axis)
-            qs.append(q)
-            ok = ok & ok_p & ok_q
-        ws.append(op.rmatmat(qs[-1]))
-        return (jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)), ok
-
-    return _optimistic(build)
+    qs = [_orth_q(y0, None, axis)]
+    ws = []
+    for _ in range(n_steps):
+        w = op.rmatmat(qs[-1])
+        ws.append(w)
+        y = op.matmat(_orth_q(w))
+        qs.append(_orth_q(y, jnp.concatenate(qs, axis=1), axis))
+    ws.append(op.rmatmat(qs[-1]))
+    return jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)
 
 
 def _power_range(op: LinearOperator, y0, n_steps: int, axis=None):
     """Subspace (power) iteration: ``Q = orth((A A^T)^q y0)`` (``2 q`` further products)."""
-
-    def build(orth):
-        q, ok = orth(y0, None, axis)
-        for _ in range(n_steps):
-            p, ok_p = orth(op.rmatmat(q), None, None)
-            q, ok_q = orth(op.matmat(p), None, axis)
-            ok = ok & ok_p & ok_q
-        return q, ok
-
-    return _optimistic(build)
+    q = _orth_q(y0, None, axis)
+    for _ in range(n_steps):
+        q = _orth_q(op.matmat(_orth_q(op.rmatmat(q))), None, axis)
+    return q
 
 
 # ----------------------------------------------------------------------------- API
@@ -625,16 +592,9 @@ def _nystrom(op: LinearOperator, q, y, rank: int, n_steps: int, axis):
     positive semidefinite).
     """
     ct = y.dtype
-
-    def power(orth):
-        qi, yi, ok = q, y, jnp.array(True)
-        for _ in range(n_steps):
-            qi, ok_i = orth(yi, None, axis)
-            yi = op.matmat(qi)
-            ok = ok & ok_i
-        return (qi, yi), ok
-
-    q, y = _optimistic(power)
+    for _ in range(n_steps):
+        q = _orth_q(y, None, axis)
+        y = op.matmat(q)
     core = psum(q.T @ y, axis)
     asym = _asymmetry(core)
     w0 = jnp.linalg.eigvalsh((core + core.T) * jnp.asarray(0.5, ct))
@@ -757,17 +717,13 @@ def _randomized_eigh_impl(op, key, tol, *, rank, oversample, n_steps, psd, which
         err = _relative_residual(lam, vecs, op.matmat(vecs), norm, axis)
     else:
         n_blocks = min(n_steps, max(n // l - 1, 0))
-
-        def build(orth):
-            qs, ws, ok = [q], [y], jnp.array(True)
-            for _ in range(n_blocks):
-                qn, ok_n = orth(ws[-1], jnp.concatenate(qs, axis=1), axis)
-                qs.append(qn)
-                ws.append(op.matmat(qn))
-                ok = ok & ok_n
-            return (jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1)), ok
-
-        ritz = _rayleigh_ritz_sym(*_optimistic(build), rank, which, axis)
+        qs, ws = [q], [y]
+        for _ in range(n_blocks):
+            qs.append(_orth_q(ws[-1], jnp.concatenate(qs, axis=1), axis))
+            ws.append(op.matmat(qs[-1]))
+        ritz = _rayleigh_ritz_sym(
+            jnp.concatenate(qs, axis=1), jnp.concatenate(ws, axis=1), rank, which, axis
+        )
         lam, vecs, asym, ok = ritz.theta, ritz.y, ritz.asym, jnp.array(True)
         err = _relative_residual(lam, vecs, ritz.ay, ritz.norm, axis)
     lam = lam * c
