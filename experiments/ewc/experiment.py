@@ -204,7 +204,7 @@ def _task_fisher(cfg: Config, method: str, params, key, x0, y, n):
     if method == "rank-1":
         return fisher.rank_one(denoise, params, inputs, labels=eps, likelihood="gaussian")
     return fisher.low_rank(denoise, params, inputs, cfg.rank, key=kr, labels=eps,
-                           likelihood="gaussian", kind="empirical")
+                           likelihood="gaussian", kind="empirical", oversample=10)
 
 
 def _stack(trees):
