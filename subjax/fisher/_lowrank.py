@@ -93,18 +93,20 @@ def low_rank(
       apply_fn, params, inputs, labels, likelihood, kind: as :func:`fisher_operator`.
       rank: number of eigenpairs (static).
       key: PRNG key for the test vectors.
-      oversample, n_steps: see :func:`subjax.linalg.randomized_eigh`.
+      oversample, n_steps: see :func:`subjax.linalg.randomized_eigh`; ``rank + oversample``
+        may not exceed the number of parameters (the default oversample is lowered to fit).
 
     Returns:
       :class:`LowRankFisher` with eigenvectors as a pytree (leading axis ``rank``).
     """
     from subjax.linalg import randomized_eigh
+    from subjax.linalg._validate import check_rank
 
     op, unravel = fisher_operator(
         apply_fn, params, inputs, labels=labels, likelihood=likelihood, kind=kind
     )
-    if oversample is not None:
-        oversample = max(0, min(int(oversample), op.shape[0] - int(rank)))
+    # the Fisher is (n_params, n_params): errors name the argument that sized it
+    rank, oversample = check_rank(rank, op.shape, "params", oversample)
     res = randomized_eigh(op, rank, key=key, oversample=oversample, n_steps=n_steps, psd=True)
     return LowRankFisher(res.eigenvalues, _to_tree(res.eigenvectors, unravel))
 
