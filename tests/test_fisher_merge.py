@@ -88,7 +88,6 @@ def test_low_rank_matches_dense_top_eigenpairs(x64, key):
     np.testing.assert_allclose(np.abs(np.sum(vecs * v[:, ::-1][:, :4], axis=0)), 1.0, rtol=1e-5)
 
 
-
 def test_low_rank_bad_sizes_name_params_and_oversample(x64, key):
     params, x, _ = _setup(key)
     n = _flat(params).size
@@ -101,6 +100,7 @@ def test_low_rank_bad_sizes_name_params_and_oversample(x64, key):
     # the default oversample is lowered to fit: rank n - 2 leaves it 2 columns
     lr = fisher.low_rank(mlp_apply, params, x, n - 2, key=key)
     assert lr.eigenvalues.shape == (n - 2,)
+
 
 def test_rank_one_mean_gradient_and_top(x64, key):
     params, x, y = _setup(key)

@@ -367,10 +367,10 @@ def sparse_rows_operator(a: Any, *, width: int | None = None, symmetric: bool = 
     (``A x`` is then ``width`` gathers of one entry per row and fused multiply-adds)
     and the entries beyond them as a row-sorted COO remainder added by one
     scatter. On XLA:CPU, where BCOO's product scatters every entry, this took
-    0.36-0.53x as long as a BCOO single-vector product on the five benchmark matrices
-    of docs/linalg.md (random sparse and graph Laplacians, 1e4 to 1e5 rows; 0.45-0.7x
-    on four and parity on the fifth in an earlier run). Built once on the host; its arrays are the
-    operator's operands.
+    0.36-0.53x as long as a BCOO single-vector product on the five benchmark
+    matrices of docs/linalg.md (random sparse and graph Laplacians, 1e4 to 1e5 rows;
+    0.45-0.7x on four and parity on the fifth in an earlier run). Built once on the
+    host; its arrays are the operator's operands.
 
     Args:
       a: ``(m, n)`` scipy sparse matrix (any format) or a concrete BCOO matrix.
